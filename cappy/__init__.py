@@ -1,0 +1,1 @@
+"""The `cappy` command: one entry point whose subcommands live in the packages that own them."""

@@ -1,0 +1,96 @@
+"""The export directory's manifest, `cappy_export.json`: what it holds and how it is checked.
+
+The schema is the contract between model_export (writer) and the service (reader); its fields are
+documented in the README ("The export directory").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from model_export.errors import ExportError
+
+MANIFEST = "cappy_export.json"
+FORMAT = "cappy-export"
+FORMAT_VERSION = 1
+VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+SCORE_SEMANTICS = {
+    "output": "logits",
+    "index": 0,
+    "activation": "none",
+    "description": (
+        "Cappy's raw regression output logits[:, 0], trained with an L2 loss on targets in [0, 1]; "
+        "not passed through a sigmoid, can fall slightly outside [0, 1]. Higher is better; ties "
+        "go to the lower index."
+    ),
+}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_directory(directory: Path) -> dict[str, str]:
+    """sha256 of every file below `directory` except the manifest, by relative POSIX path."""
+    return {
+        path.relative_to(directory).as_posix(): sha256_file(path)
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+
+
+def write(directory: Path, manifest: dict[str, Any]) -> Path:
+    path = directory / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def read(directory: Path) -> dict[str, Any]:
+    """Reads and structurally checks a manifest; ExportError with a one-line reason otherwise."""
+    if not directory.is_dir():
+        raise ExportError(f"{directory}: no such export directory")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ExportError(
+            f"{directory}: no {MANIFEST}; not an export directory (or an unfinished one)"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path}: unreadable manifest ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ExportError(f"{path}: not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportError(
+            f"{path}: format_version {manifest.get('format_version')!r} is not supported "
+            f"(expected {FORMAT_VERSION})"
+        )
+    for key in ("source", "max_length", "inputs", "models", "files", "parity"):
+        if key not in manifest:
+            raise ExportError(f"{path}: missing field {key!r}")
+    if "fp32" not in manifest["models"]:
+        raise ExportError(f"{path}: no fp32 model listed")
+    return manifest
+
+
+def check_files(directory: Path, manifest: dict[str, Any]) -> list[str]:
+    """Problems with the listed files (missing, changed) and with unlisted model files."""
+    problems = []
+    files: dict[str, str] = manifest["files"]
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif sha256_file(path) != expected:
+            problems.append(f"{name}: sha256 mismatch (file changed since export)")
+    for variant, entry in manifest["models"].items():
+        if entry.get("file") not in files:
+            problems.append(f"model {variant}: file {entry.get('file')!r} not in the hash list")
+    return problems

@@ -1,0 +1,341 @@
+"""`export` and `verify`: checkpoint -> verified export directory, and the re-check of one.
+
+An export is built in a hidden temporary sibling of the target and renamed into place only when
+every step passed, with the manifest written last: an interrupted or failed export never leaves a
+directory that looks valid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from model_export import manifest as mf
+from model_export import onnx_export, parity, source
+from model_export.errors import ExportError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    model: str = source.DEFAULT_MODEL
+    out: Path = Path("exports/cappy-large")
+    revision: str | None = None
+    fp16: bool = True
+    int8: bool = False
+    max_length: int | None = None
+    force: bool = False
+    progress: bool = True
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    manifest: dict[str, Any]
+    seconds: float
+
+
+class _Steps:
+    """A one-line progress display over named steps (stderr), silent when disabled."""
+
+    def __init__(self, names: list[str], enabled: bool) -> None:
+        self._bar = tqdm(
+            total=len(names),
+            disable=not enabled,
+            unit="step",
+            bar_format="{desc:<34} {bar:20} {n_fmt}/{total_fmt} [{elapsed}]",
+            leave=True,
+        )
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        self._bar.set_description_str(name)
+        yield
+        self._bar.update(1)
+
+    def close(self, done: bool) -> None:
+        if done:
+            self._bar.set_description_str("done")
+        self._bar.close()
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for dist in ("cappy-serve", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _architecture(model: Any) -> dict[str, Any]:
+    config = model.config
+    return {
+        "model_type": config.model_type,
+        "architectures": list(config.architectures or []),
+        "num_hidden_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+        "intermediate_size": getattr(config, "intermediate_size", None),
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "num_parameters": int(sum(p.numel() for p in model.parameters())),
+    }
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise ExportError(f"--out {out}: already exists (pass --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: exists and is not a directory")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.exists():
+        raise ExportError(f"--out {out}: parent directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"--out {out}: parent directory {parent} is not writable")
+
+
+class _Prober:
+    """Encoded probe sets and PyTorch reference scores, computed once and shared by all variants."""
+
+    def __init__(self, model: Any, tokenizer: Any, max_length: int) -> None:
+        self.sets = parity.probe_sets()
+        self.encoded = [parity.encode_set(tokenizer, s, max_length) for s in self.sets]
+        self.reference = parity.reference_scores(model, tokenizer, self.sets, max_length)
+        self.pairs = sum(len(s.candidates) for s in self.sets)
+
+    def measure(self, path: Path, variant: str) -> parity.ParityResult:
+        provider = _provider_for(variant)
+        try:
+            run = onnx_export.ort_runner(path, provider)
+        except Exception as exc:  # a provider that cannot run this graph: say so, never guess
+            return parity.not_measured(
+                f"{provider} cannot run it: {str(exc).splitlines()[0]}", len(self.sets), self.pairs
+            )
+        thresholds: dict[str, Any] = {
+            "fp32": {"max_abs_diff": parity.FP32_MAX_ABS_DIFF},
+            "fp16": {"min_argmax_agreement": parity.FP16_ARGMAX_AGREEMENT},
+            "int8": {},
+        }[variant]
+        return parity.compare(self.reference, run, self.encoded, provider=provider, **thresholds)
+
+
+def _provider_for(variant: str) -> str:
+    providers = onnx_export.available_providers()
+    if variant == "fp16" and "CUDAExecutionProvider" in providers:
+        return "CUDAExecutionProvider"
+    return "CPUExecutionProvider"
+
+
+def _parity_record(result: parity.ParityResult, variant: str) -> dict[str, Any]:
+    record = result.as_dict()
+    if variant == "fp32":
+        record["threshold_max_abs_diff"] = parity.FP32_MAX_ABS_DIFF
+    elif variant == "fp16":
+        record["threshold_argmax_agreement"] = parity.FP16_ARGMAX_AGREEMENT
+    return record
+
+
+def export(options: ExportOptions) -> ExportResult:
+    """Runs the whole export; ExportError with a one-line reason on bad input or failure."""
+    started = time.perf_counter()
+    out = options.out
+    _check_out(out, options.force)
+    ref = source.resolve(options.model, options.revision)
+    names = ["load checkpoint", "export ONNX (fp32)", "optimise graph", "parity fp32"]
+    if options.fp16:
+        names += ["convert fp16", "parity fp16"]
+    if options.int8:
+        names += ["quantise int8", "parity int8"]
+    names += ["save tokenizer + manifest"]
+    steps = _Steps(names, options.progress)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        with steps.step("load checkpoint"):
+            loaded = source.load(ref)
+            model, tokenizer = loaded.model, loaded.tokenizer
+            max_length = source.max_length_for(model.config, tokenizer, options.max_length)
+        work = scratch / "work"
+        work.mkdir()
+        final = scratch / "export"
+        final.mkdir()
+        inputs = onnx_export.input_names_for(tokenizer)
+        raw = work / "model.raw.onnx"
+        with steps.step("export ONNX (fp32)"):
+            onnx_export.export_fp32(model, tokenizer, inputs, raw)
+        prober = _Prober(model, tokenizer, max_length)
+        fp32_path = final / mf.VARIANT_FILES["fp32"]
+        fp32_entry: dict[str, Any] = {"file": fp32_path.name, "dtype": "float32"}
+        with steps.step("optimise graph"):
+            try:
+                fused = onnx_export.optimize(raw, fp32_path, model.config)
+                fp32_entry.update(optimized=True, fused_operators=fused)
+            except Exception as exc:  # keep the plain graph, and say why in the manifest
+                logger.warning("graph optimisation failed, keeping the unoptimised graph: %s", exc)
+                shutil.copyfile(raw, fp32_path)
+                fp32_entry.update(optimized=False, optimization_error=str(exc).splitlines()[0])
+        with steps.step("parity fp32"):
+            fp32_parity = prober.measure(fp32_path, "fp32")
+            if fp32_parity.status != "passed" and fp32_entry["optimized"]:
+                logger.warning(
+                    "optimised graph failed parity (%s); using the unoptimised graph",
+                    fp32_parity.reason,
+                )
+                shutil.copyfile(raw, fp32_path)
+                fp32_entry.update(
+                    optimized=False,
+                    optimization_error=f"optimised graph failed parity: {fp32_parity.reason}",
+                )
+                fp32_entry.pop("fused_operators", None)
+                fp32_parity = prober.measure(fp32_path, "fp32")
+            if fp32_parity.status != "passed":
+                raise ExportError(
+                    f"fp32 parity failed against PyTorch ({fp32_parity.reason}); nothing written"
+                )
+        models = {"fp32": fp32_entry}
+        parity_records = {"fp32": _parity_record(fp32_parity, "fp32")}
+        variants: list[tuple[str, str, Callable[[Path], dict[str, Any]]]] = []
+        if options.fp16:
+            variants.append(
+                ("fp16", "convert fp16", lambda p: onnx_export.convert_fp16(raw, p, model.config))
+            )
+        if options.int8:
+            variants.append(
+                ("int8", "quantise int8", lambda p: onnx_export.quantize_int8(fp32_path, p))
+            )
+        for variant, step_name, build in variants:
+            path = final / mf.VARIANT_FILES[variant]
+            with steps.step(step_name):
+                extra = build(path)
+            with steps.step(f"parity {variant}"):
+                result = prober.measure(path, variant)
+            parity_records[variant] = _parity_record(result, variant)
+            if result.status == "failed":
+                # A variant that disagrees with PyTorch is not shipped; its figures stay on record.
+                logger.warning("%s parity failed (%s): not shipped", variant, result.reason)
+                path.unlink()
+                continue
+            models[variant] = {
+                "file": path.name,
+                "dtype": "float16" if variant == "fp16" else "int8-dynamic",
+                "io_dtype": "float32",
+                **extra,
+            }
+        with steps.step("save tokenizer + manifest"):
+            tokenizer.save_pretrained(str(final))
+            manifest = {
+                "format": mf.FORMAT,
+                "format_version": mf.FORMAT_VERSION,
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "source": {
+                    "model": ref.model if ref.kind == "hub" else str(ref.path),
+                    "kind": ref.kind,
+                    "revision": ref.revision,
+                    "commit": loaded.commit,
+                },
+                "architecture": _architecture(model),
+                "exporter": "torch.onnx (TorchScript)",
+                "opset": onnx_export.OPSET,
+                "max_length": max_length,
+                "truncation": "longest_first",
+                "pair_order": ["instruction", "response"],
+                "inputs": inputs,
+                "output": onnx_export.OUTPUT_NAME,
+                "pad_token_id": int(tokenizer.pad_token_id),
+                "score": mf.SCORE_SEMANTICS,
+                "models": models,
+                "parity": {
+                    "reference": "PyTorch fp32, same tokenization, one padded batch per set",
+                    "pairs": prober.pairs,
+                    "candidate_sets": len(prober.sets),
+                    **parity_records,
+                },
+                "versions": _versions(),
+                "files": mf.hash_directory(final),
+                "export_seconds": round(time.perf_counter() - started, 2),
+            }
+            mf.write(final, manifest)
+        steps.close(done=True)
+        if out.exists():  # --force: replace only now that the new directory is complete
+            shutil.rmtree(out)
+        final.rename(out)
+        return ExportResult(out=out, manifest=manifest, seconds=time.perf_counter() - started)
+    finally:
+        steps.close(done=False)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@dataclass
+class VerifyReport:
+    directory: Path
+    problems: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(directory: Path, *, remeasure: bool = True, progress: bool = False) -> VerifyReport:
+    """Checks the manifest, the hashes and the recorded parity, then re-measures parity when the
+    source checkpoint is reachable without a download (a local path, or the local hub cache)."""
+    report = VerifyReport(directory)
+    manifest = mf.read(directory)
+    report.lines.append(f"manifest: {mf.MANIFEST} format {manifest['format_version']}")
+    problems = mf.check_files(directory, manifest)
+    report.problems += problems
+    report.lines.append(
+        f"hashes: {len(manifest['files'])} files" + (" ok" if not problems else " FAILED")
+    )
+    for variant in manifest["models"]:
+        record = manifest["parity"].get(variant, {})
+        status = record.get("status")
+        if status == "failed" or (variant == "fp32" and status != "passed"):
+            report.problems.append(f"parity {variant}: recorded status {status!r}")
+        report.lines.append(f"recorded parity {variant}: {_describe(record)}")
+    if not remeasure or report.problems:
+        return report
+    src = manifest["source"]
+    try:
+        ref = source.resolve(src["model"], src.get("commit") or src.get("revision"))
+        loaded = source.load(ref, local_only=True)
+    except ExportError as exc:
+        report.lines.append(f"re-measure: skipped, source not reachable ({exc})")
+        return report
+    prober = _Prober(loaded.model, loaded.tokenizer, int(manifest["max_length"]))
+    for variant, entry in tqdm(
+        list(manifest["models"].items()), desc="re-measure parity", disable=not progress
+    ):
+        result = prober.measure(directory / entry["file"], variant)
+        report.lines.append(f"re-measured parity {variant}: {_describe(result.as_dict())}")
+        if result.status == "failed":
+            report.problems.append(f"parity {variant} re-measured: {result.reason}")
+    return report
+
+
+def _describe(record: dict[str, Any]) -> str:
+    if record.get("status") == "not_measured":
+        return f"not measured ({record.get('reason')})"
+    diff = record.get("max_abs_diff")
+    agree = record.get("argmax_agreement")
+    diff_text = f"{diff:.2e}" if isinstance(diff, int | float) else "n/a"
+    agree_text = f"{agree:.4f}" if isinstance(agree, int | float) else "n/a"
+    return (
+        f"{record.get('status')}, max |diff| {diff_text}, argmax agreement {agree_text} "
+        f"on {record.get('candidate_sets')} sets / {record.get('pairs')} pairs "
+        f"({record.get('provider')})"
+    )

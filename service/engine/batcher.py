@@ -1,0 +1,755 @@
+"""The dynamic batcher: it owns the queue of tokenized pairs, forms model batches under a token
+budget, runs the model in one worker thread, and answers each request in the caller's order.
+
+How a request travels:
+
+1. `score()` tokenizes the request's pairs off the event loop, refuses it at once when the queue
+   is full (`Overloaded`), and queues one item per pair.
+2. One consumer task forms batches. A batch is seeded by the oldest queued item (so nothing
+   starves) and grown greedily with the queued items that add the least padding, taken from
+   length buckets next to the seed's, while rows x longest row stays within `max_batch_tokens`,
+   rows within `max_batch_size`, and no item would cost more than `padding_tolerance` padding
+   tokens per real token. Items whose request was cancelled or whose deadline passed are dropped
+   here, before they reach the model.
+3. The padded batch runs in a single worker thread (ONNX Runtime releases the GIL). While it
+   runs, the consumer pads and queues the next one as soon as a full batch is waiting, so the
+   model never waits on the event loop; a partial batch instead keeps filling until the model is
+   free. At most one batch runs and one more waits behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service import metrics
+from service.engine.errors import (
+    DeadlineExceeded,
+    EngineError,
+    EngineStopped,
+    InferenceFailed,
+    Overloaded,
+    RequestTooLarge,
+)
+from service.engine.types import EncodedPair, Scorer, pad_batch
+
+logger = logging.getLogger(__name__)
+
+Encoder = Callable[[Sequence[tuple[str, str]]], list[EncodedPair]]
+
+# Width of a length bucket in tokens: 64 buckets cover a 512-token model.
+_BUCKET_WIDTH = 8
+# Stale queue entries (taken or abandoned items not yet swept) tolerated before a full sweep.
+_STALE_SLACK = 4096
+# Weight of the newest batch in the throughput average used for Retry-After.
+_THROUGHPUT_ALPHA = 0.2
+_RETRY_AFTER_MIN_S = 0.1
+_RETRY_AFTER_MAX_S = 60.0
+_RETRY_AFTER_UNKNOWN_S = 1.0
+# Bucket steps of the three candidate sources of a batch: the seed's bucket, below, above.
+_SOURCE_STEPS = (0, -1, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherConfig:
+    """Batching and admission limits.
+
+    Attributes:
+        max_batch_tokens: padded tokens per batch (rows x longest row). A single pair longer than
+            this still runs, alone.
+        max_batch_size: rows per batch.
+        max_wait_ms: how long the oldest queued pair may wait for its batch to fill while the
+            model is idle. No wait when a full batch is queued or the model is busy.
+        max_queue_tokens: real tokens the queue may hold; a request that would exceed it is
+            refused with `Overloaded`, one that alone exceeds it with `RequestTooLarge`.
+        default_timeout_s: deadline of a request that brings none; None for no deadline.
+        padding_tolerance: an item joins a batch only if the padding it adds is at most this many
+            tokens per token of its own (1.0: a pair never costs more than about twice its
+            length). Padding is pure waste on CPU; `math.inf` fills batches by budget alone, which
+            suits a GPU that is not compute-bound.
+    """
+
+    max_batch_tokens: int = 16384
+    max_batch_size: int = 64
+    max_wait_ms: float = 5.0
+    max_queue_tokens: int = 262144
+    default_timeout_s: float | None = 30.0
+    padding_tolerance: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_tokens < 1:
+            raise ValueError("max_batch_tokens must be at least 1")
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        if self.max_wait_ms < 0:
+            raise ValueError("max_wait_ms must not be negative")
+        if self.max_queue_tokens < 1:
+            raise ValueError("max_queue_tokens must be at least 1")
+        if self.default_timeout_s is not None and self.default_timeout_s <= 0:
+            raise ValueError("default_timeout_s must be positive or None")
+        if self.padding_tolerance < 0:
+            raise ValueError("padding_tolerance must not be negative")
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredPair:
+    """One pair's result.
+
+    Attributes:
+        score: Cappy's raw regression output (not squashed; may fall slightly outside [0, 1]).
+        truncated: whether tokenization cut the pair to the model's max length.
+        tokens: tokens the model saw for this pair.
+    """
+
+    score: float
+    truncated: bool
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherStats:
+    """A snapshot of the batcher for /info and debugging."""
+
+    alive: bool
+    accepting: bool
+    queue_pairs: int
+    queue_tokens: int
+    pending_requests: int
+    batches_in_flight: int
+    batches_run: int
+    pairs_scored: int
+    tokens_per_second: float | None
+
+
+class _Request:
+    """One `score()` call: its future, its results so far, and its share of the queue."""
+
+    __slots__ = (
+        "deadline",
+        "done",
+        "encoded",
+        "future",
+        "queued_pairs",
+        "queued_tokens",
+        "remaining",
+        "scores",
+    )
+
+    def __init__(
+        self,
+        future: asyncio.Future[list[ScoredPair]],
+        encoded: list[EncodedPair],
+        tokens: int,
+        deadline: float | None,
+    ) -> None:
+        self.future = future
+        self.encoded = encoded
+        self.scores = [0.0] * len(encoded)
+        self.remaining = len(encoded)
+        self.queued_pairs = len(encoded)
+        self.queued_tokens = tokens
+        self.deadline = deadline
+        # Answered, failed or abandoned: its queued items are stale and its results unwanted.
+        self.done = False
+
+
+class _Item:
+    """One queued pair."""
+
+    __slots__ = ("arrival", "encoded", "index", "length", "request", "taken")
+
+    def __init__(
+        self, request: _Request, index: int, encoded: EncodedPair, length: int, arrival: float
+    ) -> None:
+        self.request = request
+        self.index = index
+        self.encoded = encoded
+        self.length = length
+        self.arrival = arrival
+        self.taken = False
+
+
+class _Batch:
+    """A padded batch handed to the worker thread."""
+
+    __slots__ = ("future", "items", "real_tokens")
+
+    def __init__(
+        self, items: list[_Item], future: asyncio.Future[tuple[np.ndarray, float, float]], real: int
+    ) -> None:
+        self.items = items
+        self.future = future
+        self.real_tokens = real
+
+
+def _bucket(length: int) -> int:
+    return max(length - 1, 0) // _BUCKET_WIDTH
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class DynamicBatcher:
+    """Batches concurrent scoring requests for one model.
+
+    Lifecycle: nothing runs before `start()`; `stop()` refuses new work, drains (or fails) what
+    was accepted, and ends the consumer task and the worker thread. Both are meant to be called
+    from the application's lifespan.
+
+    Args:
+        scorer: the model; `infer` is only ever called from the batcher's worker thread.
+        encode: tokenizes a request's pairs (instruction first); called in a thread.
+        config: batching and admission limits.
+    """
+
+    def __init__(
+        self, scorer: Scorer, encode: Encoder, config: BatcherConfig | None = None
+    ) -> None:
+        self._scorer = scorer
+        self._encode = encode
+        self._config = config or BatcherConfig()
+        # Every queued item in arrival order (finds the oldest), and the same items by length
+        # bucket, each bucket in arrival order (finds similar lengths). Taken and abandoned items
+        # are removed lazily when they reach the head, or by a sweep when too many pile up.
+        self._fifo: deque[_Item] = deque()
+        self._buckets: list[deque[_Item]] = []
+        self._bucket_entries = 0
+        self._queue_pairs = 0
+        self._queue_tokens = 0
+        self._requests: set[_Request] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._accepting = False
+        self._draining = False
+        self._in_flight = 0
+        self._batches_run = 0
+        self._pairs_scored = 0
+        self._tokens_per_s: float | None = None
+
+    # --- public API -----------------------------------------------------------------------------
+
+    @property
+    def config(self) -> BatcherConfig:
+        return self._config
+
+    @property
+    def alive(self) -> bool:
+        """Whether the consumer task is running (False before start, after stop, or if it died)."""
+        return self._task is not None and not self._task.done()
+
+    @property
+    def accepting(self) -> bool:
+        """Whether `score()` accepts new requests."""
+        return self._accepting and self.alive
+
+    @property
+    def queue_pairs(self) -> int:
+        """Pairs waiting for a batch."""
+        return self._queue_pairs
+
+    @property
+    def queue_tokens(self) -> int:
+        """Real tokens waiting for a batch."""
+        return self._queue_tokens
+
+    def is_overloaded(self) -> bool:
+        """Whether the queue is full, so that any new request would be refused."""
+        return self._queue_tokens >= self._config.max_queue_tokens
+
+    def stats(self) -> BatcherStats:
+        """A snapshot of the queue and of recent throughput."""
+        return BatcherStats(
+            alive=self.alive,
+            accepting=self.accepting,
+            queue_pairs=self._queue_pairs,
+            queue_tokens=self._queue_tokens,
+            pending_requests=len(self._requests),
+            batches_in_flight=self._in_flight,
+            batches_run=self._batches_run,
+            pairs_scored=self._pairs_scored,
+            tokens_per_second=self._tokens_per_s,
+        )
+
+    async def start(self) -> None:
+        """Starts the worker thread and the consumer task.
+
+        Raises:
+            RuntimeError: if it is already running.
+        """
+        if self.alive:
+            raise RuntimeError("the batcher is already running")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cappy-model")
+        self._draining = False
+        self._in_flight = 0
+        self._task = asyncio.create_task(self._consume(), name="cappy-batcher")
+        self._accepting = True
+
+    async def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stops accepting work, then ends the consumer task and the worker thread.
+
+        Args:
+            drain: score everything already accepted before stopping; otherwise fail it with
+                `EngineStopped`. A batch already running on the model always completes.
+            timeout: seconds to wait for the drain; what is still queued then is failed.
+        """
+        self._accepting = False
+        task = self._task
+        if task is not None and not task.done():
+            if drain:
+                self._draining = True
+                self._notify()
+                done, _ = await asyncio.wait([task], timeout=timeout)
+                if not done:
+                    logger.warning(
+                        "the batcher did not drain within %.1f s; failing %d queued pairs",
+                        timeout,
+                        self._queue_pairs,
+                    )
+            if not task.done():
+                task.cancel()
+                await asyncio.wait([task])
+        self._fail_all()
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            # Waits for a batch still running on the model; the session must not be torn down
+            # under it.
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+
+    async def score(
+        self, pairs: Sequence[tuple[str, str]], *, deadline: float | None = None
+    ) -> list[ScoredPair]:
+        """Scores (instruction, response) pairs, batched with concurrent requests.
+
+        Cancelling the awaiting task (the client went away) drops the request's queued pairs
+        before they reach the model.
+
+        Args:
+            pairs: the pairs to score; any number up to what `max_queue_tokens` holds.
+            deadline: absolute `time.monotonic()` by which the answer is needed; None means now
+                plus `default_timeout_s`.
+
+        Returns:
+            One result per pair, in the order of `pairs`.
+
+        Raises:
+            Overloaded: the queue is full (at once, before any work is queued).
+            RequestTooLarge: the request alone needs more than `max_queue_tokens` tokens.
+            DeadlineExceeded: the deadline passed first; the request's queued pairs are dropped.
+            EngineStopped: the batcher is not running or is shutting down.
+            InferenceFailed: the model raised on a batch holding one of these pairs.
+        """
+        if not self.accepting:
+            raise EngineStopped()
+        if not pairs:
+            return []
+        config = self._config
+        now = time.monotonic()
+        if deadline is None and config.default_timeout_s is not None:
+            deadline = now + config.default_timeout_s
+        if deadline is not None and deadline <= now:
+            raise DeadlineExceeded()
+        if self.is_overloaded():
+            raise self._overloaded(0)
+
+        started = time.perf_counter()
+        encoded = await asyncio.to_thread(self._encode, pairs)
+        metrics.TOKENIZE_TIME.observe(time.perf_counter() - started)
+        if len(encoded) != len(pairs):
+            raise RuntimeError(f"encode returned {len(encoded)} items for {len(pairs)} pairs")
+        tokens = sum(pair.length for pair in encoded)
+        if tokens > config.max_queue_tokens:
+            metrics.REQUESTS_REJECTED.labels(reason="too_large").inc()
+            raise RequestTooLarge(tokens, config.max_queue_tokens)
+        if self._queue_tokens + tokens > config.max_queue_tokens:
+            raise self._overloaded(tokens)
+        if not self.accepting:
+            raise EngineStopped()
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            raise DeadlineExceeded()
+
+        request = _Request(asyncio.get_running_loop().create_future(), encoded, tokens, deadline)
+        self._requests.add(request)
+        self._enqueue(request, now)
+        self._notify()
+        try:
+            async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
+                return await request.future
+        except TimeoutError:
+            self._abandon(request, "deadline")
+            raise DeadlineExceeded() from None
+        except asyncio.CancelledError:
+            self._abandon(request, "cancelled")
+            raise
+
+    # --- admission and queue bookkeeping --------------------------------------------------------
+
+    def _overloaded(self, tokens: int) -> Overloaded:
+        """Counts a refusal and estimates when enough of the queue will have drained."""
+        metrics.REQUESTS_REJECTED.labels(reason="overloaded").inc()
+        excess = self._queue_tokens + tokens - self._config.max_queue_tokens
+        rate = self._tokens_per_s
+        if not rate:
+            retry_after = _RETRY_AFTER_UNKNOWN_S
+        else:
+            retry_after = min(_RETRY_AFTER_MAX_S, max(_RETRY_AFTER_MIN_S, excess / rate))
+        return Overloaded(retry_after)
+
+    def _enqueue(self, request: _Request, now: float) -> None:
+        buckets = self._buckets
+        fifo = self._fifo
+        for index, pair in enumerate(request.encoded):
+            length = pair.length
+            item = _Item(request, index, pair, length, now)
+            bucket = _bucket(length)
+            while bucket >= len(buckets):
+                buckets.append(deque())
+            buckets[bucket].append(item)
+            fifo.append(item)
+        self._bucket_entries += len(request.encoded)
+        self._queue_pairs += request.queued_pairs
+        self._queue_tokens += request.queued_tokens
+        self._set_queue_gauges()
+
+    def _abandon(self, request: _Request, reason: str, error: EngineError | None = None) -> None:
+        """Ends a request that will not be answered with scores: its queued items become stale
+        (skipped before the model) and `error`, if any, is raised to its caller."""
+        if request.done:
+            return
+        request.done = True
+        self._requests.discard(request)
+        if request.queued_pairs:
+            metrics.PAIRS_DROPPED.labels(reason=reason).inc(request.queued_pairs)
+            self._queue_pairs -= request.queued_pairs
+            self._queue_tokens -= request.queued_tokens
+            request.queued_pairs = request.queued_tokens = 0
+            self._set_queue_gauges()
+        if error is not None and not request.future.done():
+            request.future.set_exception(error)
+
+    def _fail_all(self) -> None:
+        for request in list(self._requests):
+            self._abandon(request, "stopped", EngineStopped())
+        self._clear_queue()
+
+    def _clear_queue(self) -> None:
+        self._fifo.clear()
+        for bucket in self._buckets:
+            bucket.clear()
+        self._bucket_entries = 0
+
+    def _sweep_if_stale(self) -> None:
+        """Drops stale entries once they outnumber live ones (amortized O(1) per item); lazy
+        removal alone would keep abandoned items forever in buckets that are rarely visited."""
+        limit = 2 * self._queue_pairs + _STALE_SLACK
+        if len(self._fifo) <= limit and self._bucket_entries <= limit:
+            return
+
+        def live(item: _Item) -> bool:
+            return not item.taken and not item.request.done
+
+        self._fifo = deque(filter(live, self._fifo))
+        for index, bucket in enumerate(self._buckets):
+            self._buckets[index] = deque(filter(live, bucket))
+        self._bucket_entries = sum(len(bucket) for bucket in self._buckets)
+
+    def _set_queue_gauges(self) -> None:
+        metrics.QUEUE_PAIRS.set(self._queue_pairs)
+        metrics.QUEUE_TOKENS.set(self._queue_tokens)
+
+    def _notify(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- the consumer ---------------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("the batcher's consumer died; failing every pending request")
+        finally:
+            self._accepting = False
+            self._fail_all()
+
+    async def _run(self) -> None:
+        config = self._config
+        max_wait = config.max_wait_ms / 1000.0
+        in_flight: deque[_Batch] = deque()
+        while True:
+            while in_flight and in_flight[0].future.done():
+                self._complete(in_flight.popleft())
+            if self._queue_pairs == 0:
+                if self._fifo or self._bucket_entries:
+                    self._clear_queue()  # only stale entries left
+                if self._draining and not in_flight:
+                    return
+                await self._wait(in_flight, None)
+                continue
+            if len(in_flight) >= 2:
+                await self._wait(in_flight, None)
+                continue
+            now = time.monotonic()
+            full = (
+                self._queue_pairs >= config.max_batch_size
+                or self._queue_tokens >= config.max_batch_tokens
+            )
+            if not full and not self._draining:
+                if in_flight:
+                    # The model is busy: let the partial batch keep filling until it is free.
+                    await self._wait(in_flight, None)
+                    continue
+                oldest = self._peek_oldest(now)
+                if oldest is None:
+                    continue  # everything queued had expired
+                launch_at = oldest.arrival + max_wait
+                if now < launch_at:
+                    await self._wait(in_flight, launch_at - now)
+                    continue
+            items = self._take_batch(now)
+            if not items:
+                if self._queue_pairs:
+                    raise RuntimeError(
+                        "queue bookkeeping is inconsistent: pairs counted, none queued"
+                    )
+                continue
+            batch = self._submit(items)
+            if batch is not None:
+                in_flight.append(batch)
+
+    async def _wait(self, in_flight: deque[_Batch], timeout: float | None) -> None:
+        """Sleeps until new work is queued, the running batch completes, stop() is called, or
+        `timeout` seconds pass."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        waits: list[asyncio.Future[Any]] = [waiter]
+        if in_flight:
+            waits.append(in_flight[0].future)
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._waiter = None
+
+    def _is_expired(self, item: _Item, now: float) -> bool:
+        deadline = item.request.deadline
+        if deadline is not None and deadline <= now:
+            self._abandon(item.request, "deadline", DeadlineExceeded())
+            return True
+        return False
+
+    def _peek_oldest(self, now: float) -> _Item | None:
+        fifo = self._fifo
+        while fifo:
+            item = fifo[0]
+            if item.taken or item.request.done or self._is_expired(item, now):
+                fifo.popleft()
+                continue
+            return item
+        return None
+
+    def _head(self, bucket: int, now: float) -> _Item | None:
+        """The oldest live item of a bucket, dropping stale and expired ones before it."""
+        queue = self._buckets[bucket]
+        while queue:
+            item = queue[0]
+            if item.taken or item.request.done or self._is_expired(item, now):
+                queue.popleft()
+                self._bucket_entries -= 1
+                continue
+            return item
+        return None
+
+    def _take(self, item: _Item) -> None:
+        item.taken = True
+        request = item.request
+        request.queued_pairs -= 1
+        request.queued_tokens -= item.length
+        self._queue_pairs -= 1
+        self._queue_tokens -= item.length
+
+    def _scan(self, cursors: list[int], source: int, now: float) -> _Item | None:
+        """The next live item of a candidate source, moving its bucket cursor away from the
+        seed's bucket past empty buckets (source 0, the seed's own bucket, never moves)."""
+        step = _SOURCE_STEPS[source]
+        bucket = cursors[source]
+        n_buckets = len(self._buckets)
+        while 0 <= bucket < n_buckets:
+            item = self._head(bucket, now)
+            if item is not None or step == 0:
+                cursors[source] = bucket
+                return item
+            bucket += step
+        return None
+
+    def _take_batch(self, now: float) -> list[_Item] | None:
+        """Removes the next batch from the queue: the oldest item plus the neighbours in length
+        that add the least padding, within the budget and the padding tolerance.
+
+        Candidates come from three sources: the seed's own bucket, the nearest non-empty bucket
+        below it and the nearest above, each in arrival order. A source whose next item is
+        unacceptable is closed, since the items behind it (further away in length) would be
+        worse. Cost per batch: O(rows + buckets), whatever the depth of the queue.
+        """
+        self._sweep_if_stale()
+        seed = self._peek_oldest(now)
+        if seed is None:
+            return None
+        config = self._config
+        budget = config.max_batch_tokens
+        max_rows = config.max_batch_size
+        tolerance = config.padding_tolerance
+        self._fifo.popleft()
+        self._take(seed)
+        items = [seed]
+        width = seed.length
+        home = _bucket(width)
+        cursors = [home, home - 1, home + 1]
+        heads = [self._scan(cursors, source, now) for source in range(3)]
+        while len(items) < max_rows:
+            rows = len(items)
+            if (rows + 1) * width > budget:
+                break  # not even an item as long as the widest fits any more
+            best: _Item | None = None
+            best_source = -1
+            best_cost = 0
+            for source, candidate in enumerate(heads):
+                if candidate is None:
+                    continue
+                length = candidate.length
+                # Padding added: the candidate's own, or widening every row already in.
+                cost = width - length if length <= width else rows * (length - width)
+                if (
+                    best is None
+                    or cost < best_cost
+                    or (cost == best_cost and candidate.arrival < best.arrival)
+                ):
+                    best, best_source, best_cost = candidate, source, cost
+            if best is None:
+                break
+            length = best.length
+            new_width = length if length > width else width
+            if (rows + 1) * new_width > budget or best_cost > tolerance * length:
+                heads[best_source] = None
+                continue
+            self._buckets[cursors[best_source]].popleft()
+            self._bucket_entries -= 1
+            self._take(best)
+            items.append(best)
+            width = new_width
+            heads[best_source] = self._scan(cursors, best_source, now)
+        self._set_queue_gauges()
+        return items
+
+    def _submit(self, items: list[_Item]) -> _Batch | None:
+        """Pads a batch and queues it on the worker thread; None if padding failed."""
+        try:
+            feeds = pad_batch(
+                [item.encoded for item in items],
+                self._scorer.pad_token_id,
+                self._scorer.input_names,
+            )
+        except Exception as exc:
+            self._fail_batch(items, exc)
+            return None
+        rows = len(items)
+        width = max(item.length for item in items)
+        real = sum(item.length for item in items)
+        padded = rows * width
+        metrics.BATCH_SIZE.observe(rows)
+        metrics.BATCH_TOKENS.observe(padded)
+        metrics.BATCH_PADDING.observe((padded - real) / padded if padded else 0.0)
+        assert self._executor is not None
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._infer, feeds)
+        # After a hard stop nobody reads the outcome; reading it here keeps asyncio from logging
+        # "exception was never retrieved".
+        future.add_done_callback(_retrieve)
+        self._in_flight += 1
+        return _Batch(items, future, real)
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, float, float]:
+        """Runs in the worker thread."""
+        started = time.monotonic()
+        scores = self._scorer.infer(feeds)
+        return scores, started, time.monotonic()
+
+    def _complete(self, batch: _Batch) -> None:
+        """Hands a finished batch's scores to their requests (on the event loop)."""
+        self._in_flight -= 1
+        items = batch.items
+        future = batch.future
+        if future.cancelled():  # only by a hard stop, which fails every request anyway
+            return
+        error = future.exception()
+        if error is not None:
+            self._fail_batch(items, error)
+            return
+        raw, started, finished = future.result()
+        try:
+            values = np.asarray(raw, dtype=np.float64).reshape(-1)
+            if values.shape[0] != len(items):
+                raise ValueError(f"{values.shape[0]} scores came back for {len(items)} rows")
+        except Exception as exc:
+            self._fail_batch(items, exc)
+            return
+
+        elapsed = finished - started
+        self._batches_run += 1
+        self._pairs_scored += len(items)
+        metrics.INFERENCE_TIME.observe(elapsed)
+        metrics.PAIRS_SCORED.inc(len(items))
+        metrics.TOKENS_SCORED.inc(batch.real_tokens)
+        if elapsed > 0:
+            rate = batch.real_tokens / elapsed
+            previous = self._tokens_per_s
+            self._tokens_per_s = (
+                rate if previous is None else previous + _THROUGHPUT_ALPHA * (rate - previous)
+            )
+        truncated = 0
+        queue_time = metrics.QUEUE_TIME
+        for item, value in zip(items, values.tolist(), strict=True):
+            queue_time.observe(started - item.arrival)
+            request = item.request
+            if item.encoded.truncated:
+                truncated += 1
+            if request.done:
+                continue
+            request.scores[item.index] = value
+            request.remaining -= 1
+            if request.remaining == 0:
+                self._resolve(request)
+        if truncated:
+            metrics.PAIRS_TRUNCATED.inc(truncated)
+
+    def _resolve(self, request: _Request) -> None:
+        request.done = True
+        self._requests.discard(request)
+        if not request.future.done():
+            request.future.set_result(
+                [
+                    ScoredPair(score, pair.truncated, pair.length)
+                    for score, pair in zip(request.scores, request.encoded, strict=True)
+                ]
+            )
+
+    def _fail_batch(self, items: list[_Item], cause: BaseException) -> None:
+        """Fails the requests of a batch the model could not score; the batcher keeps going."""
+        logger.error("model inference failed on a batch of %d pairs", len(items), exc_info=cause)
+        for request in dict.fromkeys(item.request for item in items):
+            if not request.done:
+                error = InferenceFailed()
+                error.__cause__ = cause
+                self._abandon(request, "failed", error)

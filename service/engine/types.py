@@ -1,0 +1,68 @@
+"""Types shared by the engine's parts: an encoded (instruction, response) pair, the padded batch
+fed to a model, and the Scorer protocol every execution backend implements."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedPair:
+    """One tokenized pair: `<s> instruction </s></s> response </s>` for RoBERTa (model-specific).
+
+    Attributes:
+        input_ids: int64 token ids, unpadded.
+        token_type_ids: int64 segment ids, or None when the model takes none (RoBERTa).
+        truncated: whether truncation to the export's `max_length` removed tokens.
+    """
+
+    input_ids: np.ndarray
+    token_type_ids: np.ndarray | None
+    truncated: bool
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def pad_batch(
+    items: Sequence[EncodedPair], pad_token_id: int, input_names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Right-pads `items` to the longest one and returns the model feeds named `input_names`."""
+    width = max(item.length for item in items)
+    rows = len(items)
+    input_ids = np.full((rows, width), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((rows, width), dtype=np.int64)
+    token_type_ids = np.zeros((rows, width), dtype=np.int64)
+    for row, item in enumerate(items):
+        n = item.length
+        input_ids[row, :n] = item.input_ids
+        attention_mask[row, :n] = 1
+        if item.token_type_ids is not None:
+            token_type_ids[row, :n] = item.token_type_ids
+    feeds = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "token_type_ids": token_type_ids,
+    }
+    return {name: feeds[name] for name in input_names}
+
+
+class Scorer(Protocol):
+    """An execution backend holding one exported Cappy model.
+
+    `infer` is blocking and thread-safe enough to be called from one worker thread at a time;
+    it returns the raw regression output (logits[:, 0]) as float32, one value per row.
+    """
+
+    name: str
+    input_names: Sequence[str]
+    pad_token_id: int
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray: ...
+
+    def warmup(self) -> None: ...

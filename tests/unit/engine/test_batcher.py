@@ -1,0 +1,484 @@
+"""DynamicBatcher against a fake model that records every batch it receives.
+
+The fake tokenizer turns each word into one token (digits keep their value, other words become
+1), so a pair's length and its score (the sum of its ids) are known in advance, and a marker
+number in a response shows whether that pair ever reached the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.engine.batcher import BatcherConfig, DynamicBatcher, ScoredPair
+from service.engine.errors import (
+    DeadlineExceeded,
+    EngineStopped,
+    InferenceFailed,
+    Overloaded,
+    RequestTooLarge,
+)
+from service.engine.types import EncodedPair
+from service.metrics import REGISTRY
+
+MAX_LENGTH = 512
+CLS, SEP = 101, 102
+
+
+def encode(pairs: Sequence[tuple[str, str]]) -> list[EncodedPair]:
+    out = []
+    for instruction, response in pairs:
+        ids = [CLS, *map(_word_id, instruction.split()), SEP, *map(_word_id, response.split()), SEP]
+        truncated = len(ids) > MAX_LENGTH
+        out.append(EncodedPair(np.asarray(ids[:MAX_LENGTH], dtype=np.int64), None, truncated))
+    return out
+
+
+def _word_id(word: str) -> int:
+    return int(word) if word.isdigit() else 1
+
+
+def pair(length: int, marker: int = 7) -> tuple[str, str]:
+    """A pair that encodes to exactly `length` tokens (>= 5), its response ending in `marker`."""
+    assert length >= 5
+    return "q", " ".join(["w"] * (length - 5) + [str(marker)])
+
+
+def expected_score(p: tuple[str, str]) -> float:
+    return float(encode([p])[0].input_ids.sum())
+
+
+class FakeScorer:
+    """Scores a row as the sum of its ids; records each batch; can be held or made to fail."""
+
+    name = "fake"
+    input_names = ("input_ids", "attention_mask")
+    pad_token_id = 0
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.batches: list[list[np.ndarray]] = []  # per batch, each row's unpadded ids
+        self.shapes: list[tuple[int, int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_on = fail_on
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        self.shapes.append(ids.shape)
+        self.batches.append([row[m.astype(bool)] for row, m in zip(ids, mask, strict=True)])
+        assert self.gate.wait(10), "the test never released the model"
+        if self.fail_on is not None and (ids == self.fail_on).any():
+            raise RuntimeError("secret internal detail")
+        return (ids * mask).sum(axis=1).astype(np.float32)
+
+    def warmup(self) -> None:
+        pass
+
+    def hold(self) -> None:
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.gate.set()
+
+    def saw(self, marker: int) -> bool:
+        return any((row == marker).any() for batch in self.batches for row in batch)
+
+    def rows_with(self, marker: int) -> int:
+        return sum(int((row == marker).any()) for batch in self.batches for row in batch)
+
+
+@contextlib.asynccontextmanager
+async def running(scorer: FakeScorer, **config: Any) -> AsyncIterator[DynamicBatcher]:
+    batcher = DynamicBatcher(scorer, encode, BatcherConfig(**config))
+    await batcher.start()
+    try:
+        yield batcher
+    finally:
+        scorer.release()
+        await batcher.stop(drain=False)
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not reached in time"
+        await asyncio.sleep(0.001)
+
+
+async def hold_model(batcher: DynamicBatcher, scorer: FakeScorer) -> asyncio.Task[Any]:
+    """Occupies the model with a one-pair batch that blocks until `scorer.release()`."""
+    scorer.hold()
+    seen = len(scorer.batches)
+    task = asyncio.create_task(batcher.score([pair(5, marker=1)]))
+    await eventually(lambda: len(scorer.batches) > seen)
+    return task
+
+
+async def queue_request(
+    batcher: DynamicBatcher, pairs: list[tuple[str, str]], **kwargs: Any
+) -> asyncio.Task[list[ScoredPair]]:
+    """Starts a request and returns once its pairs are queued (or already taken into a batch)."""
+    before = batcher.stats().pending_requests
+    task = asyncio.create_task(batcher.score(pairs, **kwargs))
+    await eventually(lambda: batcher.stats().pending_requests > before)
+    return task
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def padding_fraction(shapes: list[tuple[int, int]], real_tokens: int) -> float:
+    padded = sum(rows * width for rows, width in shapes)
+    return (padded - real_tokens) / padded
+
+
+def fifo_shapes(lengths: list[int], budget: int, max_rows: int) -> list[tuple[int, int]]:
+    """Batches a plain FIFO queue would form under the same limits."""
+    shapes: list[tuple[int, int]] = []
+    rows = width = 0
+    for length in lengths:
+        new_width = max(width, length)
+        if rows and (rows + 1 > max_rows or (rows + 1) * new_width > budget):
+            shapes.append((rows, width))
+            rows, new_width = 0, length
+        rows, width = rows + 1, new_width
+    shapes.append((rows, width))
+    return shapes
+
+
+# --- batching ------------------------------------------------------------------------------------
+
+
+async def test_random_workload_respects_budget_and_keeps_order() -> None:
+    scorer = FakeScorer()
+    budget, max_rows = 400, 8
+    rng = random.Random(0)
+    requests = [
+        [
+            pair(rng.choice([rng.randint(5, 60), rng.randint(5, 300)]), rng.randint(2, 9_000))
+            for _ in range(rng.randint(1, 30))
+        ]
+        for _ in range(60)
+    ]
+    requests.append([pair(600, marker=5), pair(450), pair(6)])  # longer than the budget, truncated
+
+    async def client(pairs: list[tuple[str, str]]) -> list[ScoredPair]:
+        await asyncio.sleep(rng.random() * 0.02)
+        return await batcher.score(pairs)
+
+    async with running(
+        scorer, max_batch_tokens=budget, max_batch_size=max_rows, max_wait_ms=2
+    ) as batcher:
+        results = await asyncio.gather(*(client(pairs) for pairs in requests))
+        assert batcher.queue_pairs == batcher.queue_tokens == 0
+
+    for pairs, scored in zip(requests, results, strict=True):
+        assert [s.score for s in scored] == [expected_score(p) for p in pairs]
+        assert [s.tokens for s in scored] == [min(len(p[1].split()) + 4, MAX_LENGTH) for p in pairs]
+    assert results[-1][0].truncated and results[-1][0].tokens == MAX_LENGTH
+    assert not results[-1][1].truncated
+    for rows, width in scorer.shapes:
+        assert rows <= max_rows
+        assert rows * width <= budget or rows == 1
+    assert sum(rows for rows, _ in scorer.shapes) == sum(map(len, requests))
+
+
+async def test_concurrent_requests_share_batches() -> None:
+    scorer = FakeScorer()
+    async with running(scorer, max_wait_ms=50) as batcher:
+        requests = [[pair(10 + i, marker=100 + i), pair(12, marker=200 + i)] for i in range(8)]
+        results = await asyncio.gather(*(batcher.score(p) for p in requests))
+    assert [[s.score for s in r] for r in results] == [
+        [expected_score(p) for p in pairs] for pairs in requests
+    ]
+    assert len(scorer.batches) < len(requests)
+
+
+async def test_requests_queued_while_model_busy_are_batched_together() -> None:
+    scorer = FakeScorer()
+    async with running(scorer, max_wait_ms=0) as batcher:
+        first = await hold_model(batcher, scorer)
+        tasks = [await queue_request(batcher, [pair(8, marker=300 + i)]) for i in range(6)]
+        scorer.release()
+        await first
+        await asyncio.gather(*tasks)
+    assert len(scorer.batches) == 2
+    assert scorer.shapes[1] == (6, 8)
+
+
+async def test_huge_request_is_split_and_answered_in_order() -> None:
+    scorer = FakeScorer()
+    rng = random.Random(1)
+    pairs = [pair(rng.randint(5, 120), marker=i + 2) for i in range(2000)]
+    async with running(scorer, max_batch_tokens=2048, max_batch_size=32) as batcher:
+        scored = await batcher.score(pairs)
+    assert [s.score for s in scored] == [expected_score(p) for p in pairs]
+    assert len(scorer.batches) >= 2000 / 32
+    assert all(rows <= 32 and rows * width <= 2048 for rows, width in scorer.shapes)
+
+
+@pytest.mark.parametrize("tolerance", [1.0, math.inf])
+async def test_length_grouping_cuts_padding_against_fifo(tolerance: float) -> None:
+    scorer = FakeScorer()
+    rng = random.Random(2)
+    budget, max_rows = 1024, 16
+    requests = [[pair(rng.choice([6, 12, 40, 90, 200])) for _ in range(8)] for _ in range(30)]
+    async with running(
+        scorer, max_batch_tokens=budget, max_batch_size=max_rows, padding_tolerance=tolerance
+    ) as batcher:
+        first = await hold_model(batcher, scorer)
+        tasks = [await queue_request(batcher, pairs) for pairs in requests]
+        scorer.release()
+        await asyncio.gather(first, *tasks)
+
+    lengths = [len(p[1].split()) + 4 for pairs in requests for p in pairs]
+    shapes = scorer.shapes[1:]  # the holding batch aside
+    assert all(rows <= max_rows and rows * width <= budget for rows, width in shapes)
+    grouped = padding_fraction(shapes, sum(lengths))
+    fifo = padding_fraction(fifo_shapes(lengths, budget, max_rows), sum(lengths))
+    assert fifo > 0.4
+    assert grouped < fifo / 3, (grouped, fifo)
+
+
+async def test_oldest_pair_is_not_starved_by_shorter_ones() -> None:
+    scorer = FakeScorer()
+    async with running(scorer, max_batch_tokens=2048, max_batch_size=16) as batcher:
+        first = await hold_model(batcher, scorer)
+        long_one = await queue_request(batcher, [pair(300, marker=4242)])
+        short = [await queue_request(batcher, [pair(6)] * 16) for _ in range(5)]
+        scorer.release()
+        await asyncio.gather(first, long_one, *short)
+    assert any((row == 4242).any() for row in scorer.batches[1])
+
+
+# --- dropping work before the model --------------------------------------------------------------
+
+
+async def test_cancelled_request_never_reaches_the_model() -> None:
+    scorer = FakeScorer()
+    dropped = metric("cappy_pairs_dropped_total", reason="cancelled")
+    async with running(scorer) as batcher:
+        first = await hold_model(batcher, scorer)
+        doomed = await queue_request(batcher, [pair(9, marker=999), pair(30, marker=999)])
+        doomed.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        assert batcher.queue_pairs == batcher.queue_tokens == 0
+        scorer.release()
+        await first
+        assert [s.score for s in await batcher.score([pair(9, marker=8)])] == [
+            expected_score(pair(9, marker=8))
+        ]
+    assert not scorer.saw(999)
+    assert metric("cappy_pairs_dropped_total", reason="cancelled") == dropped + 2
+
+
+async def test_expired_deadline_raises_and_never_reaches_the_model() -> None:
+    scorer = FakeScorer()
+    async with running(scorer) as batcher:
+        first = await hold_model(batcher, scorer)
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await batcher.score([pair(9, marker=998)], deadline=time.monotonic() + 0.05)
+        assert time.monotonic() - started < 1.0
+        assert batcher.queue_pairs == 0
+        scorer.release()
+        await first
+        await batcher.score([pair(9)])
+        with pytest.raises(DeadlineExceeded):
+            await batcher.score([pair(9, marker=998)], deadline=time.monotonic() - 1)
+    assert not scorer.saw(998)
+
+
+async def test_default_timeout_applies_without_a_deadline() -> None:
+    scorer = FakeScorer()
+    async with running(scorer, default_timeout_s=0.05) as batcher:
+        first = await hold_model(batcher, scorer)
+        with pytest.raises(DeadlineExceeded):
+            await batcher.score([pair(9, marker=997)])
+        scorer.release()
+        with pytest.raises(DeadlineExceeded):
+            await first  # the holding request had the same default deadline
+    assert not scorer.saw(997)
+
+
+async def test_consumer_drops_items_whose_deadline_passed_while_queued() -> None:
+    """The consumer checks deadlines too, for when the caller's timer has not fired yet."""
+    scorer = FakeScorer()
+    async with running(scorer) as batcher:
+        first = await hold_model(batcher, scorer)
+        late = await queue_request(batcher, [pair(9, marker=996)], deadline=time.monotonic() + 5)
+        ok = await queue_request(batcher, [pair(9)])
+        for item in list(batcher._fifo):  # the deadline passes without the loop seeing a timer
+            item.request.deadline = time.monotonic() - 1
+            break
+        scorer.release()
+        await first
+        with pytest.raises(DeadlineExceeded):
+            await late
+        await ok
+    assert not scorer.saw(996)
+
+
+# --- admission -----------------------------------------------------------------------------------
+
+
+async def test_overload_is_refused_at_once_with_retry_after() -> None:
+    scorer = FakeScorer()
+    rejected = metric("cappy_requests_rejected_total", reason="overloaded")
+    async with running(scorer, max_queue_tokens=60) as batcher:
+        first = await hold_model(batcher, scorer)  # running, so no longer queued
+        queued = await queue_request(batcher, [pair(10)] * 5)
+        assert batcher.queue_tokens == 50 and not batcher.is_overloaded()
+
+        started = time.monotonic()
+        with pytest.raises(Overloaded) as refused:
+            await batcher.score([pair(10)] * 2)
+        assert time.monotonic() - started < 0.5
+        assert refused.value.retry_after > 0
+
+        # Never fits, however empty the queue: not worth a retry, so not Overloaded.
+        with pytest.raises(RequestTooLarge) as too_large:
+            await batcher.score([pair(10)] * 7)
+        assert too_large.value.tokens == 70 and too_large.value.limit == 60
+
+        last = await queue_request(batcher, [pair(10)])  # exactly fills the queue
+        assert batcher.is_overloaded()
+        with pytest.raises(Overloaded):
+            await batcher.score([pair(5)])  # refused before tokenization
+
+        scorer.release()
+        await asyncio.gather(first, queued, last)
+        assert not batcher.is_overloaded()
+        assert len(await batcher.score([pair(10)] * 6)) == 6
+    assert metric("cappy_requests_rejected_total", reason="overloaded") == rejected + 2
+
+
+async def test_retry_after_follows_measured_throughput() -> None:
+    scorer = FakeScorer()
+    async with running(scorer, max_queue_tokens=100) as batcher:
+        await batcher.score([pair(50)] * 2)  # measures a throughput
+        first = await hold_model(batcher, scorer)
+        await queue_request(batcher, [pair(50)] * 2)
+        with pytest.raises(Overloaded) as refused:
+            await batcher.score([pair(50)])
+        assert 0 < refused.value.retry_after <= 60
+        scorer.release()
+        await first
+
+
+# --- failures and lifecycle ----------------------------------------------------------------------
+
+
+async def test_model_exception_fails_only_that_request() -> None:
+    scorer = FakeScorer(fail_on=666)
+    async with running(scorer, max_batch_size=1) as batcher:
+        bad, good = await asyncio.gather(
+            batcher.score([pair(9, marker=666)]),
+            batcher.score([pair(9), pair(11)]),
+            return_exceptions=True,
+        )
+        assert isinstance(bad, InferenceFailed)
+        assert "secret" not in str(bad)
+        assert isinstance(bad.__cause__, RuntimeError)
+        assert isinstance(good, list) and len(good) == 2
+        assert batcher.alive
+        assert len(await batcher.score([pair(12)])) == 1
+
+
+async def test_stop_drains_accepted_work_then_refuses_new_work() -> None:
+    scorer = FakeScorer()
+    batcher = DynamicBatcher(scorer, encode, BatcherConfig())
+    await batcher.start()
+    first = await hold_model(batcher, scorer)
+    queued = [await queue_request(batcher, [pair(6 + i)] * 3) for i in range(3)]
+    stopping = asyncio.create_task(batcher.stop(drain=True))
+    await eventually(lambda: not batcher.accepting)
+    with pytest.raises(EngineStopped):
+        await batcher.score([pair(6)])
+    scorer.release()
+    await stopping
+    assert [len(r) for r in await asyncio.gather(first, *queued)] == [1, 3, 3, 3]
+    assert not batcher.alive
+    with pytest.raises(EngineStopped):
+        await batcher.score([pair(6)])
+
+
+async def test_stop_without_drain_fails_queued_work() -> None:
+    scorer = FakeScorer()
+    batcher = DynamicBatcher(scorer, encode, BatcherConfig())
+    await batcher.start()
+    first = await hold_model(batcher, scorer)
+    queued = await queue_request(batcher, [pair(6, marker=995)])
+    stopping = asyncio.create_task(batcher.stop(drain=False))
+    with pytest.raises(EngineStopped):
+        await queued
+    with pytest.raises(EngineStopped):
+        await first
+    scorer.release()  # the running batch finishes before stop() returns
+    await stopping
+    assert not scorer.saw(995)
+    assert not batcher.alive
+
+
+async def test_nothing_runs_before_start() -> None:
+    scorer = FakeScorer()
+    batcher = DynamicBatcher(scorer, encode, BatcherConfig())
+    assert not batcher.alive and not batcher.accepting
+    with pytest.raises(EngineStopped):
+        await batcher.score([pair(6)])
+    await batcher.stop()  # harmless
+    await batcher.start()
+    try:
+        assert await batcher.score([]) == []
+        assert len(await batcher.score([pair(6)])) == 1
+    finally:
+        await batcher.stop()
+
+
+async def test_dead_consumer_fails_pending_and_new_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scorer = FakeScorer()
+    async with running(scorer, max_wait_ms=20) as batcher:
+
+        def broken(_now: float) -> None:
+            raise RuntimeError("consumer bug")
+
+        monkeypatch.setattr(batcher, "_take_batch", broken)
+        with pytest.raises(EngineStopped):
+            await batcher.score([pair(6)])
+        assert not batcher.alive
+        with pytest.raises(EngineStopped):
+            await batcher.score([pair(6)])
+    assert scorer.batches == []
+
+
+# --- overhead ------------------------------------------------------------------------------------
+
+
+async def test_queue_overhead_stays_small_with_thousands_queued() -> None:
+    """Forming batches from a deep queue must cost microseconds per pair, not O(queue) each."""
+    scorer = FakeScorer()
+    rng = random.Random(3)
+    requests = [[pair(rng.randint(5, 200)) for _ in range(64)] for _ in range(80)]
+    async with running(scorer, max_queue_tokens=10**7) as batcher:
+        first = await hold_model(batcher, scorer)
+        tasks = [asyncio.create_task(batcher.score(pairs)) for pairs in requests]
+        await eventually(lambda: batcher.stats().pending_requests == 1 + len(requests))
+        started = time.perf_counter()
+        scorer.release()
+        await asyncio.gather(first, *tasks)
+        elapsed = time.perf_counter() - started
+    # ~5,000 pairs; the fake model is nearly free, so this is the batcher's own cost.
+    assert elapsed < 2.5, f"{elapsed:.2f} s for {64 * 80} pairs"
