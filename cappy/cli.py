@@ -1,4 +1,7 @@
-"""`cappy <subcommand>`: dispatches to model_export (export, verify) and, later, the service."""
+"""`cappy <subcommand>`: dispatches to model_export (export, verify) and the service (serve).
+
+Each package registers its own subcommands; heavy imports (torch, uvicorn) happen only inside
+the subcommand that needs them, so `cappy serve` never loads torch."""
 
 from __future__ import annotations
 
@@ -9,17 +12,23 @@ from collections.abc import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     from model_export import cli as export_cli
+    from service import cli as service_cli
 
     parser = argparse.ArgumentParser(
         prog="cappy", description="Serve and export Cappy, the instruction-response scorer."
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     export_cli.add_parsers(subparsers)
+    service_cli.add_parsers(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from service import cli as service_cli
+
+        return service_cli.run(args)
     from model_export import cli as export_cli
 
     return export_cli.run(args)

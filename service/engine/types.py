@@ -59,9 +59,14 @@ class Scorer(Protocol):
     it returns the raw regression output (logits[:, 0]) as float32, one value per row.
     """
 
-    name: str
-    input_names: Sequence[str]
-    pad_token_id: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def input_names(self) -> Sequence[str]: ...
+
+    @property
+    def pad_token_id(self) -> int: ...
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray: ...
 

@@ -1,0 +1,128 @@
+"""`create_app(settings)`: wires settings, the scoring runtime, routers, exception handlers and
+middleware into a FastAPI app. Nothing else lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import metadata
+from pathlib import Path
+
+from fastapi import Depends, FastAPI
+
+from service.deps import require_api_key
+from service.engine.batcher import BatcherConfig
+from service.engine.runtime import RuntimeConfig, ScoringRuntime
+from service.errors import register_exception_handlers
+from service.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.routes import health, proxy, scoring
+from service.settings import Settings, get_settings
+from service.upstream.best_of_n import BestOfN, ProxyConfig
+from service.upstream.client import UpstreamClient, UpstreamConfig
+from service.upstream.recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("cappy-serve")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def runtime_config(settings: Settings) -> RuntimeConfig:
+    return RuntimeConfig(
+        export_dir=Path(settings.model).expanduser(),
+        device=settings.device,
+        engine=settings.engine,
+        precision=settings.precision,
+        threads=settings.threads,
+        batcher=BatcherConfig(
+            max_batch_tokens=settings.max_batch_tokens,
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue_tokens=settings.max_queue_tokens,
+            default_timeout_s=settings.request_timeout_s,
+        ),
+    )
+
+
+def proxy_state(settings: Settings, runtime: ScoringRuntime) -> proxy.ProxyState | None:
+    """The best-of-N proxy over one shared upstream client, or None without an upstream.
+
+    Raises:
+        RecipeError: CAPPY_PROXY_RECIPE is invalid (fail at start, not at the first request).
+    """
+    if not settings.upstream_base_url:
+        return None
+    recipe = Recipe.from_setting(settings.proxy_recipe, max_samples=settings.proxy_max_samples)
+    key = settings.upstream_api_key
+    client = UpstreamClient(
+        UpstreamConfig(
+            base_url=settings.upstream_base_url,
+            api_key=key.get_secret_value() if key is not None else None,
+            api_key_header=settings.upstream_api_key_header,
+            timeout_s=settings.upstream_timeout_s,
+            max_in_flight=settings.upstream_max_in_flight,
+            max_attempts=settings.upstream_max_attempts,
+        )
+    )
+
+    async def score(instruction: str, texts: list[str]) -> list[float]:
+        # The same batcher as /select: proxy traffic batches with everything else.
+        results = await runtime.score([(instruction, text) for text in texts])
+        return [r.score for r in results]
+
+    best_of_n = BestOfN(
+        client,
+        score,
+        ProxyConfig(
+            n_support=settings.upstream_n_support,
+            top_k_support=settings.upstream_top_k_support,
+            timeout_s=settings.proxy_timeout_s,
+        ),
+    )
+    return proxy.ProxyState(client=client, best_of_n=best_of_n, recipe=recipe)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app for an export directory (`settings.model`); `cappy serve` resolves checkpoints
+    and hub ids to one before calling this."""
+    settings = settings or get_settings()
+    runtime = ScoringRuntime(runtime_config(settings))
+    upstream = proxy_state(settings, runtime)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Load in the background: the port opens at once, /health answers, /ready stays 503
+        # until the model is loaded and warm.
+        loading = asyncio.create_task(runtime.start())
+        try:
+            yield
+        finally:
+            await loading
+            await runtime.stop(timeout=settings.graceful_shutdown_s)
+            if upstream is not None:
+                await upstream.client.aclose()
+
+    app = FastAPI(
+        title="cappy-serve",
+        version=_version(),
+        description="Cappy (instruction, response) scoring: /score, /select, /v1/rerank; an "
+        "OpenAI-compatible best-of-N proxy: /v1/chat/completions, /v1/completions, /v1/models.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.runtime = runtime
+    app.state.proxy = upstream
+    register_exception_handlers(app)
+    app.include_router(health.router)
+    app.include_router(health.info_router, dependencies=[Depends(require_api_key)])
+    app.include_router(scoring.router, dependencies=[Depends(require_api_key)])
+    app.include_router(proxy.router, dependencies=[Depends(require_api_key)])
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware)
+    return app

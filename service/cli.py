@@ -1,0 +1,94 @@
+"""`cappy serve`: settings from the environment (CAPPY_*), overridden by flags; resolves --model
+to an export directory, then runs uvicorn with graceful shutdown."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+# flag -> (settings field, type, help)
+_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "--model": ("model", str, "export directory, local checkpoint or hub id"),
+    "--host": ("host", str, "bind address"),
+    "--port": ("port", int, "bind port"),
+    "--device": ("device", str, "auto | cuda | cpu"),
+    "--engine": ("engine", str, "auto | onnxruntime | openvino"),
+    "--precision": ("precision", str, "auto | fp32 | fp16 | int8 | bf16"),
+    "--threads": ("threads", int, "CPU inference threads"),
+    "--max-batch-tokens": ("max_batch_tokens", int, "padded tokens per batch"),
+    "--max-batch-size": ("max_batch_size", int, "pairs per batch"),
+    "--max-wait-ms": ("max_wait_ms", float, "batch fill wait"),
+    "--max-queue-tokens": ("max_queue_tokens", int, "queued tokens before 429"),
+    "--cache-dir": ("cache_dir", Path, "where exports of checkpoints are kept"),
+    "--model-name": ("model_name", str, "name the API reports for the scorer"),
+    "--log-level": ("log_level", str, "debug | info | warning | error"),
+}
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve the scorer over HTTP",
+        description="Serve /score, /select, /v1/rerank. Every flag also reads from the "
+        "environment as CAPPY_<NAME> (e.g. CAPPY_MAX_BATCH_TOKENS); flags win.",
+    )
+    for flag, (_, kind, text) in _FLAGS.items():
+        serve.add_argument(flag, type=kind, default=None, help=text)
+    serve.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.model_source import ModelSourceError, resolve_export_dir
+    from service.settings import Settings
+
+    overrides = {
+        field: getattr(args, flag.lstrip("-").replace("-", "_"))
+        for flag, (field, _, _) in _FLAGS.items()
+        if getattr(args, flag.lstrip("-").replace("-", "_")) is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        print(f"error: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        export_dir = resolve_export_dir(settings.model, settings.cache_dir)
+    except ModelSourceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    settings = settings.model_copy(
+        update={
+            "model": str(export_dir),
+            "model_name": settings.model_name or _display_name(settings.model),
+        }
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
+        access_log=settings.log_level == "debug",
+    )
+    return 0
+
+
+def _display_name(model: str) -> str:
+    """`btan2/cappy-large` -> `cappy-large`; a path -> its last component."""
+    return model.rstrip("/").split("/")[-1] or model
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(args.handler(args))

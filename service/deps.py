@@ -1,0 +1,64 @@
+"""Typed accessors for what routes need (settings, the scoring runtime) and the API-key check."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.engine.runtime import ScoringRuntime
+from service.errors import ApiError, not_ready
+from service.metrics import REQUESTS_REJECTED
+from service.settings import Settings
+
+
+def get_settings_dep(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_runtime(request: Request) -> ScoringRuntime:
+    runtime: ScoringRuntime = request.app.state.runtime
+    return runtime
+
+
+def get_ready_runtime(runtime: Annotated[ScoringRuntime, Depends(get_runtime)]) -> ScoringRuntime:
+    """The runtime, or 503 while the model loads, after a failed load, or while shutting down."""
+    if runtime.ready:
+        return runtime
+    if runtime.loading:
+        raise not_ready("The scorer is loading; retry shortly.")
+    REQUESTS_REJECTED.labels(reason="not_ready").inc()
+    raise not_ready("The scorer is not available.")
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+RuntimeDep = Annotated[ScoringRuntime, Depends(get_runtime)]
+ReadyRuntimeDep = Annotated[ScoringRuntime, Depends(get_ready_runtime)]
+
+
+def require_api_key(request: Request, settings: SettingsDep) -> None:
+    """`Authorization: Bearer <key>` against CAPPY_API_KEYS, compared in constant time.
+
+    Every configured key is compared (no early exit), so timing says nothing about which key or
+    how much of it matched. Keys are never logged.
+    """
+    keys = settings.api_key_list()
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(token.encode(), key.encode())
+    if scheme.lower() != "bearer" or not token or not matched:
+        REQUESTS_REJECTED.labels(reason="unauthorized").inc()
+        raise ApiError(
+            401,
+            "Missing or invalid API key: send `Authorization: Bearer <key>`.",
+            type="authentication_error",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

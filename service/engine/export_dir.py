@@ -1,0 +1,254 @@
+"""Reading an export directory (the contract written by `model_export`): the manifest
+`cappy_export.json`, the sha256 of every listed file, and the parity recorded at export time.
+
+The service refuses a directory whose manifest is missing or malformed, whose files are missing or
+changed, or whose fp32 parity did not pass; a precision variant whose parity failed is refused when
+asked for. Every refusal is an `ExportDirError` whose message names the directory and the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "cappy_export.json"
+FORMAT = "cappy-export"
+SUPPORTED_FORMAT_VERSIONS = (1,)
+Variant = Literal["fp32", "fp16", "int8"]
+VARIANTS: tuple[Variant, ...] = ("fp32", "fp16", "int8")
+_KNOWN_INPUTS = {"input_ids", "attention_mask", "token_type_ids"}
+_HASH_CHUNK = 1 << 20
+
+
+class ExportDirError(Exception):
+    """The export directory cannot be served; `str(exc)` says which directory and why."""
+
+
+class ModelEntry(BaseModel):
+    """One ONNX graph of the export (`models.<variant>`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    file: str = Field(description="File name of the graph, relative to the export directory.")
+    dtype: str | None = Field(default=None, description="Weight/compute type of the graph.")
+
+
+class ParityRecord(BaseModel):
+    """Parity of one variant with PyTorch fp32, measured at export time (`parity.<variant>`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["passed", "failed", "not_measured"]
+    max_abs_diff: float | None = None
+    argmax_agreement: float | None = None
+    reason: str | None = None
+
+
+class Manifest(BaseModel):
+    """The fields of cappy_export.json that the service relies on; other fields are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: Literal["cappy-export"]
+    format_version: int
+    source: dict[str, object] = Field(description="Where the checkpoint came from.")
+    architecture: dict[str, object] | None = None
+    max_length: int = Field(ge=4, description="Truncation length of a pair, specials included.")
+    inputs: list[str] = Field(min_length=1, description="Graph input names, in order.")
+    output: str = "logits"
+    pad_token_id: int | None = None
+    models: dict[str, ModelEntry]
+    parity: dict[str, object]
+    files: dict[str, str] = Field(description="sha256 (hex) of every file, by relative path.")
+
+    @field_validator("format_version")
+    @classmethod
+    def _supported_version(cls, value: int) -> int:
+        if value not in SUPPORTED_FORMAT_VERSIONS:
+            raise ValueError(
+                f"format_version {value} is not supported (supported: {SUPPORTED_FORMAT_VERSIONS})"
+            )
+        return value
+
+    @field_validator("inputs")
+    @classmethod
+    def _known_inputs(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - _KNOWN_INPUTS)
+        if unknown:
+            raise ValueError(f"unsupported graph inputs {unknown}")
+        if "input_ids" not in value:
+            raise ValueError("the graph must take input_ids")
+        return value
+
+    def parity_of(self, variant: str) -> ParityRecord | None:
+        raw = self.parity.get(variant)
+        if raw is None:
+            return None
+        return ParityRecord.model_validate(raw)
+
+
+@dataclass(frozen=True)
+class ExportDir:
+    """A verified export directory.
+
+    Attributes:
+        path: the directory (resolved).
+        manifest: the validated manifest.
+    """
+
+    path: Path
+    manifest: Manifest
+
+    @classmethod
+    def load(cls, path: str | Path, *, verify_hashes: bool = True) -> ExportDir:
+        """Reads and verifies an export directory.
+
+        Args:
+            path: the export directory.
+            verify_hashes: check every listed file's sha256 (streamed); only tests turn it off.
+
+        Raises:
+            ExportDirError: no manifest, malformed manifest, missing or changed files, or fp32
+                parity not "passed".
+        """
+        directory = Path(path).expanduser().resolve()
+        if not directory.is_dir():
+            raise ExportDirError(f"{directory}: no such export directory")
+        manifest_path = directory / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise ExportDirError(
+                f"{directory}: no {MANIFEST_NAME}; not an export directory (or an unfinished one). "
+                "Create one with `cappy export --model MODEL --out DIR`."
+            )
+        try:
+            raw = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ExportDirError(f"{manifest_path}: unreadable manifest ({exc})") from exc
+        try:
+            manifest = Manifest.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise ExportDirError(f"{manifest_path}: invalid manifest ({problems})") from exc
+
+        if "fp32" not in manifest.models:
+            raise ExportDirError(f"{manifest_path}: no fp32 model listed under 'models'")
+        for variant, entry in manifest.models.items():
+            if entry.file not in manifest.files:
+                raise ExportDirError(
+                    f"{manifest_path}: model {variant} file {entry.file!r} has no sha256 in 'files'"
+                )
+        if verify_hashes:
+            problems = _check_files(directory, manifest.files)
+            if problems:
+                raise ExportDirError(
+                    f"{directory}: files do not match the manifest: {'; '.join(problems)}"
+                )
+        fp32 = _parity_or_error(manifest, "fp32", manifest_path)
+        if fp32 is None or fp32.status != "passed":
+            status = "missing" if fp32 is None else fp32.status
+            reason = f" ({fp32.reason})" if fp32 is not None and fp32.reason else ""
+            raise ExportDirError(
+                f"{directory}: fp32 parity with PyTorch is {status}{reason}; refusing to serve it"
+            )
+        logger.info(
+            "export directory %s: %s, max_length %d, variants %s",
+            directory,
+            (manifest.architecture or {}).get("model_type", "unknown architecture"),
+            manifest.max_length,
+            sorted(manifest.models),
+        )
+        return cls(path=directory, manifest=manifest)
+
+    @property
+    def max_length(self) -> int:
+        return self.manifest.max_length
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.manifest.inputs)
+
+    @property
+    def output_name(self) -> str:
+        return self.manifest.output
+
+    def has_variant(self, precision: str) -> bool:
+        """Whether `precision` is shipped and its parity did not fail."""
+        if precision not in self.manifest.models:
+            return False
+        record = self.manifest.parity_of(precision)
+        return record is None or record.status != "failed"
+
+    def parity(self, precision: str) -> ParityRecord | None:
+        """The recorded parity of a variant, or None when none was recorded."""
+        return self.manifest.parity_of(precision)
+
+    def model_path(self, precision: str) -> Path:
+        """The ONNX graph of `precision` ("fp32", "fp16" or "int8").
+
+        Raises:
+            ExportDirError: unknown precision, variant not in this export, or its parity failed.
+        """
+        if precision not in VARIANTS:
+            raise ExportDirError(
+                f"unknown precision {precision!r}; an export holds {', '.join(VARIANTS)}"
+            )
+        entry = self.manifest.models.get(precision)
+        if entry is None:
+            record = self.manifest.parity_of(precision)
+            why = (
+                f" (its parity {record.status}: {record.reason})"
+                if record is not None and record.status == "failed"
+                else ""
+            )
+            raise ExportDirError(
+                f"{self.path}: no {precision} model in this export{why}; "
+                f"available: {', '.join(sorted(self.manifest.models))}"
+            )
+        record = self.manifest.parity_of(precision)
+        if record is not None and record.status == "failed":
+            raise ExportDirError(
+                f"{self.path}: the {precision} model failed parity with PyTorch "
+                f"({record.reason or 'no reason recorded'}); refusing to serve it"
+            )
+        return self.path / entry.file
+
+
+def _parity_or_error(manifest: Manifest, variant: str, where: Path) -> ParityRecord | None:
+    try:
+        return manifest.parity_of(variant)
+    except ValidationError as exc:
+        raise ExportDirError(f"{where}: invalid parity record for {variant} ({exc})") from exc
+
+
+def _check_files(directory: Path, files: Mapping[str, str]) -> list[str]:
+    problems = []
+    for name, expected in files.items():
+        path = (directory / name).resolve()
+        if directory not in path.parents:
+            problems.append(f"{name}: outside the export directory")
+        elif not path.is_file():
+            problems.append(f"{name}: missing")
+        elif sha256_file(path) != expected.lower():
+            problems.append(f"{name}: sha256 mismatch (changed since export)")
+    return problems
+
+
+def sha256_file(path: Path, chunk: int = _HASH_CHUNK) -> str:
+    """sha256 hex digest of a file, read in chunks (exports hold GB-sized graphs)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

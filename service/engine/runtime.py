@@ -1,0 +1,110 @@
+"""The scoring runtime: one export directory loaded into a tokenizer, a scorer and the dynamic
+batcher, with an explicit lifecycle (load and warm up, then serve; drain, then stop)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.engine.batcher import BatcherConfig, DynamicBatcher, ScoredPair
+from service.engine.export_dir import ExportDir
+from service.engine.scorer import load_scorer
+from service.engine.tokenize import PairTokenizer
+from service.engine.types import Scorer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    export_dir: Path
+    device: str = "auto"
+    engine: str = "auto"
+    precision: str = "auto"
+    threads: int | None = None
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+
+
+class ScoringRuntime:
+    """Loads the model off the event loop; `ready` turns true only after warm-up."""
+
+    def __init__(self, config: RuntimeConfig) -> None:
+        self.config = config
+        self.export: ExportDir | None = None
+        self.tokenizer: PairTokenizer | None = None
+        self.scorer: Scorer | None = None
+        self.batcher: DynamicBatcher | None = None
+        self.load_error: str | None = None
+        self.load_seconds: float | None = None
+        self._warm = False
+
+    @property
+    def ready(self) -> bool:
+        return self._warm and self.batcher is not None and self.batcher.alive
+
+    @property
+    def loading(self) -> bool:
+        return not self._warm and self.load_error is None
+
+    def _load_blocking(self) -> None:
+        started = time.perf_counter()
+        export = ExportDir.load(self.config.export_dir)
+        tokenizer = PairTokenizer.from_dir(
+            export.path,
+            max_length=export.max_length,
+            with_token_type_ids="token_type_ids" in export.input_names,
+        )
+        scorer = load_scorer(
+            export,
+            device=self.config.device,  # type: ignore[arg-type]
+            engine=self.config.engine,  # type: ignore[arg-type]
+            precision=self.config.precision,  # type: ignore[arg-type]
+            threads=self.config.threads,
+        )
+        scorer.warmup()
+        self.export, self.tokenizer, self.scorer = export, tokenizer, scorer
+        self.load_seconds = time.perf_counter() - started
+        logger.info(
+            "scorer %s loaded and warm in %.1f s (max_length %d)",
+            scorer.name,
+            self.load_seconds,
+            export.max_length,
+        )
+
+    async def start(self) -> None:
+        """Loads, warms up and starts the batcher; records a load failure instead of raising."""
+        try:
+            await asyncio.to_thread(self._load_blocking)
+            assert self.scorer is not None and self.tokenizer is not None
+            self.batcher = DynamicBatcher(self.scorer, self.tokenizer.encode, self.config.batcher)
+            await self.batcher.start()
+            self._warm = True
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            logger.error("the scorer failed to load: %s", self.load_error)
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Finishes the work already accepted, then stops the batcher."""
+        self._warm = False
+        if self.batcher is not None:
+            await self.batcher.stop(drain=True, timeout=timeout)
+
+    async def score(
+        self, pairs: Sequence[tuple[str, str]], *, deadline: float | None = None
+    ) -> list[ScoredPair]:
+        assert self.batcher is not None
+        return await self.batcher.score(pairs, deadline=deadline)
+
+    def describe(self) -> dict[str, Any]:
+        scorer = self.scorer
+        return {
+            "engine": getattr(scorer, "name", None),
+            "device": getattr(scorer, "device", None),
+            "precision": getattr(scorer, "precision", None),
+            "load_seconds": None if self.load_seconds is None else round(self.load_seconds, 2),
+        }

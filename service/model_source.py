@@ -1,0 +1,64 @@
+"""`--model` for serving: an export directory is used as is; a local checkpoint or a hub id is
+exported once (by `cappy export` in a subprocess: the service never imports torch) into the
+cache directory and reused on the next start."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "cappy_export.json"
+
+
+class ModelSourceError(Exception):
+    """`--model` cannot be turned into an export directory; the message says why."""
+
+
+def _fingerprint(model: str) -> str:
+    """Identifies what would be exported: a hub id, or a local checkpoint's files and mtimes
+    (a changed checkpoint gets a new export)."""
+    path = Path(model).expanduser()
+    digest = hashlib.sha256()
+    if path.is_dir():
+        digest.update(str(path.resolve()).encode())
+        for item in sorted(path.iterdir()):
+            if item.is_file():
+                stat = item.stat()
+                digest.update(f"{item.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    else:
+        digest.update(model.encode())
+    return digest.hexdigest()[:12]
+
+
+def cache_path(model: str, cache_dir: Path) -> Path:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "--", model.strip("/~.")).strip("-") or "model"
+    return cache_dir / f"{name[-80:]}-{_fingerprint(model)}"
+
+
+def resolve_export_dir(model: str, cache_dir: Path, *, timeout_s: float = 3600) -> Path:
+    """The export directory to serve for `model`, exporting it first if needed."""
+    path = Path(model).expanduser()
+    if (path / MANIFEST).is_file():
+        return path
+    target = cache_path(model, cache_dir)
+    if (target / MANIFEST).is_file():
+        logger.info("using the cached export %s for %s", target, model)
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("exporting %s to %s (once; later starts reuse it)", model, target)
+    command = [sys.executable, "-m", "cappy", "export", "--model", model, "--out", str(target)]
+    try:
+        done = subprocess.run(
+            command, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ModelSourceError(f"exporting {model} took longer than {timeout_s:.0f} s") from exc
+    if done.returncode != 0 or not (target / MANIFEST).is_file():
+        raise ModelSourceError(f"could not export {model} (see the error above)")
+    return target

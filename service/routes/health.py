@@ -1,0 +1,69 @@
+"""Liveness, readiness, model information and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service import metrics
+from service.deps import RuntimeDep, SettingsDep
+from service.routes.scoring import model_name
+
+router = APIRouter(tags=["operations"])
+# /info describes the deployment: behind the API key like the scoring routes.
+info_router = APIRouter(tags=["operations"])
+
+
+@router.get("/health")
+async def health(runtime: RuntimeDep) -> JSONResponse:
+    """Liveness: 503 once the model failed to load or the batcher died, else 200."""
+    if runtime.load_error is not None:
+        return JSONResponse({"status": "failed", "reason": "model failed to load"}, 503)
+    if runtime.batcher is not None and not runtime.batcher.alive and not runtime.loading:
+        return JSONResponse({"status": "unhealthy", "reason": "batcher stopped"}, 503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/ready")
+async def ready(runtime: RuntimeDep) -> JSONResponse:
+    """Readiness: 200 only when the model is loaded, warmed up and the batcher is alive."""
+    if runtime.ready:
+        return JSONResponse({"status": "ready"})
+    status = "loading" if runtime.loading else "unavailable"
+    return JSONResponse({"status": status}, 503, headers={"Retry-After": "5"})
+
+
+@info_router.get("/info")
+async def info(runtime: RuntimeDep, settings: SettingsDep) -> dict[str, Any]:
+    """The served model, its export manifest, the engine and the request limits."""
+    export = runtime.export
+    manifest = export.manifest if export is not None else None
+    return {
+        "model": model_name(runtime, settings),
+        "ready": runtime.ready,
+        "source": manifest.source if manifest else None,
+        "architecture": manifest.architecture if manifest else None,
+        "max_length": manifest.max_length if manifest else None,
+        "inputs": manifest.inputs if manifest else None,
+        "parity": manifest.parity if manifest else None,
+        "runtime": runtime.describe(),
+        "score": "raw regression output logits[:, 0] (no sigmoid); ties to the lower index",
+        "limits": {
+            "max_items_per_request": settings.max_items_per_request,
+            "max_text_chars": settings.max_text_chars,
+            "max_body_bytes": settings.max_body_bytes,
+            "max_batch_tokens": settings.max_batch_tokens,
+            "max_batch_size": settings.max_batch_size,
+            "max_wait_ms": settings.max_wait_ms,
+            "max_queue_tokens": settings.max_queue_tokens,
+            "request_timeout_s": settings.request_timeout_s,
+        },
+    }
+
+
+@router.get("/metrics")
+async def prometheus_metrics() -> Response:
+    return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)

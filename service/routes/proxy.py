@@ -1,0 +1,161 @@
+"""The OpenAI-compatible best-of-N proxy: /v1/chat/completions, /v1/completions, /v1/models.
+
+The proxy's state (one upstream client, one BestOfN, the configured recipe) is built in the
+app's lifespan when CAPPY_UPSTREAM_BASE_URL is set; without it these routes answer 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from service.cancellation import ClientDisconnected, cancel_on_disconnect
+from service.deps import ReadyRuntimeDep, SettingsDep
+from service.errors import ApiError, envelope_for
+from service.routes.scoring import model_name
+from service.schemas.common import error_responses
+from service.schemas.openai import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelList,
+)
+from service.settings import Settings
+from service.upstream.best_of_n import BestOfN, build_response, sse_stream
+from service.upstream.client import UpstreamClient
+from service.upstream.recipe import Recipe, resolve_options
+
+router = APIRouter(tags=["proxy"])
+_ERRORS = error_responses(400, 401, 404, 429, 500, 502, 503, 504)
+# A failure this early still gets a real status line instead of an in-stream error event.
+_STREAM_GRACE_S = 0.5
+
+
+@dataclass
+class ProxyState:
+    client: UpstreamClient
+    best_of_n: BestOfN
+    recipe: Recipe
+
+
+def get_proxy(request: Request) -> ProxyState:
+    proxy: ProxyState | None = getattr(request.app.state, "proxy", None)
+    if proxy is None:
+        raise ApiError(
+            404,
+            "The proxy is not configured: set CAPPY_UPSTREAM_BASE_URL.",
+            type="not_found_error",
+            code="proxy_not_configured",
+        )
+    return proxy
+
+
+ProxyDep = Annotated[ProxyState, Depends(get_proxy)]
+
+
+def _caller_key(request: Request, settings: Settings) -> str | None:
+    """The caller's bearer token, forwarded upstream only when configured to (and never when
+    the token is one of this service's own API keys)."""
+    if not settings.upstream_forward_client_key or settings.api_key_list():
+        return None
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+async def _answer(
+    body: ChatCompletionRequest | CompletionRequest,
+    request: Request,
+    proxy: ProxyState,
+    settings: Settings,
+) -> Response:
+    options = resolve_options(
+        body.cappy,
+        default_recipe=proxy.recipe,
+        default_min_candidates=settings.proxy_min_candidates,
+        max_samples=settings.proxy_max_samples,
+    )
+    BestOfN.validate(body)
+    work = proxy.best_of_n.select(body, options, api_key=_caller_key(request, settings))
+    if not body.stream:
+        try:
+            selection = await cancel_on_disconnect(request, work)
+        except ClientDisconnected:
+            raise ApiError(499, "Client closed the request.", code="client_closed") from None
+        answer = build_response(selection).model_dump(mode="json", exclude_none=True)
+        return JSONResponse(answer, headers=selection.headers())
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=_STREAM_GRACE_S)
+    if done and task.exception() is not None:
+        raise task.exception()  # type: ignore[misc]
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    if done:
+        headers.update(task.result().headers())
+    stream = sse_stream(
+        task,
+        include_usage=include_usage,
+        keepalive_s=settings.proxy_stream_keepalive_s,
+        error_envelope=envelope_for,
+    )
+    return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses=_ERRORS,
+    summary="Best-of-N chat completion",
+)
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+    proxy: ProxyDep,
+    _: ReadyRuntimeDep,
+    settings: SettingsDep,
+) -> Response:
+    """Samples the upstream with the recipe (default: the paper's 17), scores every sample
+    against the conversation with Cappy and answers with the best; `stream` streams it."""
+    return await _answer(body, request, proxy, settings)
+
+
+@router.post(
+    "/v1/completions",
+    response_model=CompletionResponse,
+    responses=_ERRORS,
+    summary="Best-of-N text completion",
+)
+async def completions(
+    body: CompletionRequest,
+    request: Request,
+    proxy: ProxyDep,
+    _: ReadyRuntimeDep,
+    settings: SettingsDep,
+) -> Response:
+    """Like /v1/chat/completions for a plain prompt."""
+    return await _answer(body, request, proxy, settings)
+
+
+@router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+async def list_models(
+    request: Request, settings: SettingsDep, runtime: ReadyRuntimeDep
+) -> dict[str, Any]:
+    """The upstream's models (passed through) plus the scorer."""
+    models: list[dict[str, Any]] = []
+    proxy: ProxyState | None = getattr(request.app.state, "proxy", None)
+    if proxy is not None:
+        upstream = await proxy.client.list_models(api_key=_caller_key(request, settings))
+        models = [m for m in upstream.get("data", []) if isinstance(m, dict)]
+    models.append(
+        {
+            "id": model_name(runtime, settings),
+            "object": "model",
+            "created": 0,
+            "owned_by": "cappy-serve",
+        }
+    )
+    return {"object": "list", "data": models}

@@ -1,0 +1,189 @@
+"""The scoring routes: /score (pairs -> scores), /select (best candidate), /v1/rerank (Cohere /
+Jina shape). Thin handlers: validate limits, score through the batcher, shape the answer."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+
+from fastapi import APIRouter, Request, Response
+
+from service.cancellation import ClientDisconnected, cancel_on_disconnect
+from service.deps import ReadyRuntimeDep, SettingsDep
+from service.engine.batcher import ScoredPair
+from service.engine.runtime import ScoringRuntime
+from service.errors import ApiError
+from service.schemas.common import Usage, error_responses
+from service.schemas.scoring import (
+    DocumentText,
+    PairScore,
+    RankedCandidate,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    RerankUsage,
+    ScoreRequest,
+    ScoreResponse,
+    SelectRequest,
+    SelectResponse,
+)
+from service.settings import Settings
+
+router = APIRouter(tags=["scoring"])
+_ERRORS = error_responses(400, 401, 413, 429, 500, 503, 504)
+
+
+def model_name(runtime: ScoringRuntime, settings: Settings) -> str:
+    if settings.model_name:
+        return settings.model_name
+    if runtime.export is not None:
+        source = str(runtime.export.manifest.source.get("model") or "cappy")
+        return source.rstrip("/").split("/")[-1]
+    return "cappy"
+
+
+def _check_count(count: int, param: str, settings: Settings) -> None:
+    if count > settings.max_items_per_request:
+        raise ApiError(
+            400,
+            f"{param}: {count} items, more than the limit of {settings.max_items_per_request}.",
+            param=param,
+            code="too_many_items",
+        )
+
+
+def _check_text(text: str, param: str, settings: Settings) -> None:
+    if len(text) > settings.max_text_chars:
+        raise ApiError(
+            400,
+            f"{param}: {len(text)} characters, more than the limit of {settings.max_text_chars}.",
+            param=param,
+            code="text_too_long",
+        )
+
+
+def _check_not_blank(text: str, param: str) -> None:
+    if not text.strip():
+        raise ApiError(400, f"{param}: must not be empty.", param=param, code="empty_field")
+
+
+async def _score(
+    request: Request,
+    response: Response,
+    runtime: ScoringRuntime,
+    settings: Settings,
+    pairs: Sequence[tuple[str, str]],
+) -> list[ScoredPair]:
+    started = time.perf_counter()
+    deadline = time.monotonic() + settings.request_timeout_s
+    try:
+        results = await cancel_on_disconnect(request, runtime.score(pairs, deadline=deadline))
+    except ClientDisconnected:
+        # Nobody reads this answer; 499 is what proxies log for a client that went away.
+        raise ApiError(499, "Client closed the request.", code="client_closed") from None
+    response.headers["x-compute-time"] = f"{(time.perf_counter() - started) * 1000:.1f}"
+    response.headers["x-pairs"] = str(len(pairs))
+    return results
+
+
+def _ranking(results: Sequence[ScoredPair]) -> list[int]:
+    """Indices best first; ties go to the lower index."""
+    return sorted(range(len(results)), key=lambda i: (-results[i].score, i))
+
+
+def _usage(results: Sequence[ScoredPair]) -> Usage:
+    tokens = sum(r.tokens for r in results)
+    return Usage(prompt_tokens=tokens, total_tokens=tokens)
+
+
+@router.post("/score", response_model=ScoreResponse, responses=_ERRORS)
+async def score(
+    body: ScoreRequest,
+    request: Request,
+    response: Response,
+    runtime: ReadyRuntimeDep,
+    settings: SettingsDep,
+) -> ScoreResponse:
+    """Scores each (instruction, response) pair; answers in the request's order."""
+    _check_count(len(body.pairs), "pairs", settings)
+    for i, pair in enumerate(body.pairs):
+        _check_not_blank(pair.instruction, f"pairs.{i}.instruction")
+        _check_text(pair.instruction, f"pairs.{i}.instruction", settings)
+        _check_text(pair.response, f"pairs.{i}.response", settings)
+    pairs = [(p.instruction, p.response) for p in body.pairs]
+    results = await _score(request, response, runtime, settings, pairs)
+    return ScoreResponse(
+        model=model_name(runtime, settings),
+        data=[
+            PairScore(index=i, score=r.score, truncated=r.truncated) for i, r in enumerate(results)
+        ],
+        usage=_usage(results),
+    )
+
+
+@router.post("/select", response_model=SelectResponse, responses=_ERRORS)
+async def select(
+    body: SelectRequest,
+    request: Request,
+    response: Response,
+    runtime: ReadyRuntimeDep,
+    settings: SettingsDep,
+) -> SelectResponse:
+    """Scores every candidate against the instruction and answers with the best one."""
+    _check_not_blank(body.instruction, "instruction")
+    _check_text(body.instruction, "instruction", settings)
+    _check_count(len(body.candidates), "candidates", settings)
+    for i, candidate in enumerate(body.candidates):
+        _check_text(candidate, f"candidates.{i}", settings)
+    pairs = [(body.instruction, c) for c in body.candidates]
+    results = await _score(request, response, runtime, settings, pairs)
+    order = _ranking(results)
+    best = order[0]
+    top = order[: body.top_n] if body.top_n else order
+    return SelectResponse(
+        model=model_name(runtime, settings),
+        index=best,
+        candidate=body.candidates[best],
+        score=results[best].score,
+        ranking=[
+            RankedCandidate(index=i, score=results[i].score, truncated=results[i].truncated)
+            for i in top
+        ],
+        usage=_usage(results),
+    )
+
+
+@router.post(
+    "/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True, responses=_ERRORS
+)
+async def rerank(
+    body: RerankRequest,
+    request: Request,
+    response: Response,
+    runtime: ReadyRuntimeDep,
+    settings: SettingsDep,
+) -> RerankResponse:
+    """Cohere v2 / Jina rerank: documents by Cappy score against the query, best first."""
+    _check_not_blank(body.query, "query")
+    _check_text(body.query, "query", settings)
+    _check_count(len(body.documents), "documents", settings)
+    texts = [d.text if isinstance(d, DocumentText) else d for d in body.documents]
+    for i, text in enumerate(texts):
+        _check_text(text, f"documents.{i}", settings)
+    results = await _score(request, response, runtime, settings, [(body.query, t) for t in texts])
+    order = _ranking(results)
+    top = order[: body.top_n] if body.top_n else order
+    return RerankResponse(
+        id=str(uuid.uuid4()),
+        model=model_name(runtime, settings),
+        results=[
+            RerankResult(
+                index=i,
+                relevance_score=results[i].score,
+                document=DocumentText(text=texts[i]) if body.return_documents else None,
+            )
+            for i in top
+        ],
+        usage=RerankUsage(total_tokens=sum(r.tokens for r in results)),
+    )

@@ -1,0 +1,158 @@
+"""The service's one typed settings object: environment variables with the prefix `CAPPY_`
+(e.g. `CAPPY_MAX_BATCH_TOKENS=8192`), overridden by `cappy serve` flags and by tests."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; the README's settings table lists the same names."""
+
+    model_config = SettingsConfigDict(env_prefix="CAPPY_", extra="ignore", frozen=True)
+
+    # --- model -----------------------------------------------------------------------------------
+    model: str = Field(
+        "btan2/cappy-large",
+        description="Export directory, local Hugging Face checkpoint or hub id. A checkpoint or "
+        "hub id is exported once into `cache_dir` and reused.",
+    )
+    cache_dir: Path = Field(
+        Path("~/.cache/cappy-serve/exports").expanduser(),
+        description="Where exports of checkpoints and hub ids are kept between starts.",
+    )
+    model_name: str | None = Field(
+        None, description="Name the API reports for the scorer (default: the model's name)."
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto: CUDA when ONNX Runtime sees a GPU, else CPU."
+    )
+    engine: Literal["auto", "onnxruntime", "openvino"] = Field(
+        "auto",
+        description="auto: ONNX Runtime CUDA on GPU; on CPU the fastest faithful engine "
+        "(OpenVINO bf16 where the CPU has native bf16, else ONNX Runtime fp32).",
+    )
+    precision: Literal["auto", "fp32", "fp16", "int8", "bf16"] = Field(
+        "auto", description="auto: fp16 on GPU, bf16 or fp32 on CPU (see engine)."
+    )
+    threads: int | None = Field(
+        None, ge=1, le=256, description="CPU inference threads (default: usable cores)."
+    )
+
+    # --- batcher ---------------------------------------------------------------------------------
+    max_batch_tokens: int = Field(
+        8192, ge=64, le=1_048_576, description="Padded tokens per batch (rows x longest row)."
+    )
+    max_batch_size: int = Field(64, ge=1, le=4096, description="Pairs per batch.")
+    max_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="How long a batch may wait to fill while the model idles."
+    )
+    max_queue_tokens: int = Field(
+        400_000,
+        ge=512,
+        description="Tokens the queue may hold; beyond it requests get 429 with Retry-After.",
+    )
+    request_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="Deadline of a scoring request, queueing included."
+    )
+
+    # --- request limits --------------------------------------------------------------------------
+    max_items_per_request: int = Field(
+        1024,
+        ge=1,
+        le=100_000,
+        description="Most pairs in one /score request, candidates in /select, documents in "
+        "/v1/rerank.",
+    )
+    max_text_chars: int = Field(
+        50_000, ge=1, description="Longest instruction, response, query or document (characters)."
+    )
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Largest request body (bytes); beyond it 413."
+    )
+
+    # --- HTTP ------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Bind address (0.0.0.0 in containers).")
+    port: int = Field(8000, ge=1, le=65535, description="Bind port.")
+    api_keys: SecretStr | None = Field(
+        None,
+        description="Comma-separated API keys; when set every route but /health, /ready and "
+        "/metrics wants `Authorization: Bearer <key>`.",
+    )
+    graceful_shutdown_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+
+    # --- best-of-N proxy (/v1/chat/completions, /v1/completions, /v1/models) --------------------
+    upstream_base_url: str | None = Field(
+        None,
+        description="OpenAI-compatible upstream API root incl. version, e.g. "
+        "https://api.openai.com/v1. Unset: the proxy routes answer 404.",
+    )
+    upstream_api_key: SecretStr | None = Field(None, description="Key sent to the upstream.")
+    upstream_forward_client_key: bool = Field(
+        False,
+        description="Send the caller's own bearer token upstream instead of upstream_api_key "
+        "(only when CAPPY_API_KEYS is unset: the bearer then is the upstream key).",
+    )
+    upstream_api_key_header: str = Field(
+        "authorization", description="Header for the upstream key (Azure: api-key)."
+    )
+    upstream_timeout_s: float = Field(
+        60.0, gt=0, description="One upstream call, retries included."
+    )
+    upstream_max_in_flight: int = Field(
+        64, ge=1, le=4096, description="Global cap on upstream calls in flight."
+    )
+    upstream_max_attempts: int = Field(3, ge=1, le=10, description="Attempts per upstream call.")
+    upstream_n_support: Literal["auto", "yes", "no"] = Field(
+        "auto", description="Does the upstream honour n > 1 (auto: detect, top up if short)."
+    )
+    upstream_top_k_support: Literal["auto", "yes", "no"] = Field(
+        "auto", description="Does the upstream accept top_k (auto: detect, else substitute)."
+    )
+    proxy_recipe: str | None = Field(
+        None,
+        description="JSON list of decodings, e.g. "
+        '[{"name": "temp_0.9", "count": 4, "temperature": 0.9}]; unset: the paper\'s 17.',
+    )
+    proxy_max_samples: int = Field(
+        64, ge=1, le=256, description="Most samples one request may ask."
+    )
+    proxy_min_candidates: int = Field(
+        1, ge=1, description="Fewest samples that must arrive to answer (else 502/504)."
+    )
+    proxy_timeout_s: float = Field(
+        120.0, gt=0, description="Deadline for gathering one request's samples."
+    )
+    proxy_stream_keepalive_s: float = Field(
+        10.0, gt=0, description="SSE keep-alive comment interval while samples are gathered."
+    )
+
+    @field_validator("cache_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.max_queue_tokens < self.max_batch_tokens:
+            raise ValueError("max_queue_tokens must be at least max_batch_tokens")
+        return self
+
+    def api_key_list(self) -> list[str]:
+        if self.api_keys is None:
+            return []
+        return [key.strip() for key in self.api_keys.get_secret_value().split(",") if key.strip()]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,118 @@
+"""Engine fixtures: a tiny random RoBERTa scorer exported to ONNX with plain torch.onnx.export and
+a hand-written manifest, so the engine's tests do not depend on model_export's pipeline.
+
+torch and transformers are used here, in tests only; the service never imports them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+MAX_LENGTH = 512
+
+
+@dataclass(frozen=True)
+class TinyExport:
+    """An export directory of the tiny RoBERTa plus the checkpoint it came from."""
+
+    path: Path
+    checkpoint: Path
+    input_names: tuple[str, ...]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_manifest(directory: Path, **overrides: Any) -> dict[str, Any]:
+    """A manifest shaped like model_export's (format cappy-export v1) for `directory`."""
+    files = {
+        p.relative_to(directory).as_posix(): _sha256(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != "cappy_export.json"
+    }
+    manifest: dict[str, Any] = {
+        "format": "cappy-export",
+        "format_version": 1,
+        "source": {"model": "tiny-roberta", "kind": "local", "revision": None},
+        "architecture": {"model_type": "roberta", "architectures": ["RobertaForSequenceClassification"]},
+        "opset": 17,
+        "max_length": MAX_LENGTH,
+        "truncation": "longest_first",
+        "pair_order": ["instruction", "response"],
+        "inputs": ["input_ids", "attention_mask"],
+        "output": "logits",
+        "pad_token_id": 1,
+        "score": {"output": "logits", "index": 0, "activation": "none"},
+        "models": {"fp32": {"file": "model.onnx", "dtype": "float32"}},
+        "parity": {"fp32": {"status": "passed", "max_abs_diff": 1e-6, "argmax_agreement": 1.0}},
+        "files": files,
+    }
+    manifest.update(overrides)
+    (directory / "cappy_export.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return manifest
+
+
+def export_onnx(model: Any, input_names: list[str], path: Path) -> None:
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args: torch.Tensor) -> torch.Tensor:
+            return self.inner(**dict(zip(input_names, args, strict=True))).logits
+
+    sample = tuple(torch.ones((2, 7), dtype=torch.int64) for _ in input_names)
+    axes = {name: {0: "batch", 1: "sequence"} for name in input_names}
+    axes["logits"] = {0: "batch"}
+    with torch.inference_mode():
+        torch.onnx.export(
+            Logits(model),
+            sample,
+            str(path),
+            input_names=input_names,
+            output_names=["logits"],
+            dynamic_axes=axes,
+            opset_version=17,
+            dynamo=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_export(tmp_path_factory: pytest.TempPathFactory) -> TinyExport:
+    """Tiny RoBERTa (2 layers, hidden 32) -> model.onnx + tokenizer + manifest."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tests.support.checkpoints import build_tiny_roberta
+
+    root = tmp_path_factory.mktemp("engine")
+    checkpoint = build_tiny_roberta(root / "checkpoint")
+    shutil.rmtree(checkpoint / "_bpe", ignore_errors=True)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(checkpoint), attn_implementation="eager"
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    out = root / "export"
+    out.mkdir()
+    input_names = ["input_ids", "attention_mask"]
+    export_onnx(model, input_names, out / "model.onnx")
+    tokenizer.save_pretrained(str(out))
+    write_manifest(out, pad_token_id=int(tokenizer.pad_token_id))
+    return TinyExport(path=out, checkpoint=checkpoint, input_names=tuple(input_names))
+
+
+@pytest.fixture
+def export_copy(tiny_engine_export: TinyExport, tmp_path: Path) -> Path:
+    """A private copy of the tiny export that a test may damage."""
+    target = tmp_path / "export"
+    shutil.copytree(tiny_engine_export.path, target)
+    return target

@@ -1,0 +1,168 @@
+"""Scorers against PyTorch on the tiny RoBERTa: ONNX Runtime and OpenVINO fp32 within 1e-4,
+OpenVINO bf16 within a bf16-sized tolerance, across padded batches of mixed lengths."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.engine.export_dir import ExportDir, ExportDirError
+from service.engine.scorer import (
+    OnnxScorer,
+    OpenVinoScorer,
+    ScorerError,
+    cuda_available,
+    load_scorer,
+    openvino_bf16_supported,
+)
+from service.engine.tokenize import PairTokenizer
+from service.engine.types import pad_batch
+from tests.unit.engine.conftest import TinyExport
+
+WORDS = "the model answers a question about rivers mountains history code music".split()
+
+
+def batches_of_pairs() -> list[list[tuple[str, str]]]:
+    """Candidate sets of very different lengths, so every batch carries padding."""
+    rng = np.random.default_rng(1)
+
+    def words(n: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    sets = []
+    for size in (1, 3, 8, 17):
+        instruction = words(int(rng.integers(3, 40)))
+        sets.append([(instruction, words(int(rng.integers(0, 120)))) for _ in range(size)])
+    sets.append([(words(600), "yes"), ("Answer.", words(5)), ("", "")])  # truncated + tiny
+    sets.append([("Réponds en français 中文 🌤️", "Bleu ✓"), ("q", words(200))])
+    return sets
+
+
+@pytest.fixture(scope="module")
+def export(tiny_engine_export: TinyExport) -> ExportDir:
+    return ExportDir.load(tiny_engine_export.path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(export: ExportDir) -> PairTokenizer:
+    return PairTokenizer.from_dir(export.path, max_length=export.max_length,
+                                  with_token_type_ids=False)
+
+
+@pytest.fixture(scope="module")
+def cases(
+    tiny_engine_export: TinyExport, tokenizer: PairTokenizer, export: ExportDir
+) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """(feeds, PyTorch fp32 scores) per padded batch."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(tiny_engine_export.checkpoint), attn_implementation="eager"
+    ).eval()
+    out = []
+    for pairs in batches_of_pairs():
+        feeds = pad_batch(tokenizer.encode(pairs), tokenizer.pad_token_id, export.input_names)
+        with torch.inference_mode():
+            logits = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits
+        out.append((feeds, logits[:, 0].float().numpy()))
+    return out
+
+
+def assert_close(scorer: object, cases: list, atol: float, rtol: float = 0.0) -> None:
+    for feeds, expected in cases:
+        got = scorer.infer(feeds)  # type: ignore[attr-defined]
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, atol=atol, rtol=rtol)
+
+
+def common(export: ExportDir, tokenizer: PairTokenizer) -> dict:
+    return {"input_names": export.input_names, "pad_token_id": tokenizer.pad_token_id}
+
+
+def test_onnxruntime_cpu_fp32_matches_pytorch(export, tokenizer, cases) -> None:
+    scorer = OnnxScorer(export.model_path("fp32"), device="cpu", **common(export, tokenizer))
+    scorer.warmup()
+    assert scorer.providers == ["CPUExecutionProvider"]
+    assert_close(scorer, cases, atol=1e-4)
+
+
+def test_openvino_fp32_matches_pytorch(export, tokenizer, cases) -> None:
+    scorer = OpenVinoScorer(export.model_path("fp32"), precision="fp32", **common(export, tokenizer))
+    scorer.warmup()
+    assert scorer.precision == "fp32"
+    assert_close(scorer, cases, atol=1e-4)
+
+
+@pytest.mark.skipif(not openvino_bf16_supported(), reason="no native bf16 on this CPU")
+def test_openvino_bf16_close_to_pytorch(export, tokenizer, cases) -> None:
+    scorer = OpenVinoScorer(export.model_path("fp32"), precision="bf16", **common(export, tokenizer))
+    assert scorer.precision == "bf16"
+    spread = max(float(np.ptp(expected)) for _, expected in cases)
+    # bf16 keeps 8 mantissa bits: about 0.4% relative error per op, a few % of the spread at worst.
+    assert_close(scorer, cases, atol=0.05 * spread, rtol=0.02)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"seq_multiple": 16},
+        {"hint": "THROUGHPUT", "num_streams": 2, "threads": 2, "split_streams": True},
+    ],
+    ids=["pad-to-16", "two-streams-split"],
+)
+def test_openvino_options_do_not_change_scores(export, tokenizer, cases, options) -> None:
+    scorer = OpenVinoScorer(
+        export.model_path("fp32"), precision="fp32", **options, **common(export, tokenizer)
+    )
+    assert_close(scorer, cases, atol=1e-4)
+
+
+def test_score_does_not_depend_on_batch_padding(export, tokenizer) -> None:
+    scorer = OnnxScorer(export.model_path("fp32"), device="cpu", **common(export, tokenizer))
+    pairs = [("short", "a"), ("a much longer instruction " * 10, "and a longer answer " * 20)]
+    encoded = tokenizer.encode(pairs)
+    together = scorer.infer(pad_batch(encoded, tokenizer.pad_token_id, export.input_names))
+    alone = np.concatenate(
+        [scorer.infer(pad_batch([e], tokenizer.pad_token_id, export.input_names)) for e in encoded]
+    )
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_load_scorer_cpu_choices(export) -> None:
+    auto = load_scorer(export, device="cpu")
+    expected = "openvino-cpu-bf16" if openvino_bf16_supported() else "onnxruntime-cpu-fp32"
+    assert auto.name == expected
+    assert load_scorer(export, device="cpu", engine="onnxruntime").name == "onnxruntime-cpu-fp32"
+    assert load_scorer(export, "cpu", "openvino", "fp32").name == "openvino-cpu-fp32"
+    with pytest.raises(ScorerError, match="fp16"):
+        load_scorer(export, device="cpu", engine="onnxruntime", precision="fp16")
+    with pytest.raises(ScorerError, match="bf16 or fp32"):
+        load_scorer(export, device="cpu", engine="openvino", precision="int8")
+    with pytest.raises(ExportDirError, match="no int8 model"):
+        load_scorer(export, device="cpu", engine="onnxruntime", precision="int8")
+
+
+def test_service_engine_imports_no_torch_transformers_or_fastapi() -> None:
+    code = (
+        "import sys; import service.engine.scorer, service.engine.tokenize, "
+        "service.engine.export_dir; "
+        "bad = [m for m in ('torch', 'transformers', 'fastapi') if m in sys.modules]; "
+        "print(bad, file=sys.stderr); sys.exit(1 if bad else 0)"
+    )
+    root = Path(__file__).resolve().parents[3]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU")
+def test_onnxruntime_cuda_matches_pytorch(export, tokenizer, cases) -> None:
+    scorer = OnnxScorer(export.model_path("fp32"), device="cuda", **common(export, tokenizer))
+    scorer.warmup()
+    assert scorer.providers[0] == "CUDAExecutionProvider"
+    assert_close(scorer, cases, atol=1e-3, rtol=1e-3)

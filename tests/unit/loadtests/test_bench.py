@@ -1,0 +1,488 @@
+"""loadtests/bench.py: statistics, the /metrics parser and diff, and the load loop end to end
+against a small fake server (in-process, and as a subprocess for --self-contained). One slow test
+drives a real `cappy serve` on the tiny export."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from loadtests import bench
+
+# A stand-in for cappy-serve: /health, /ready, /info, /metrics and /select. The best candidate
+# is the longest (ties to the lower index); a candidate containing "FAIL" answers 500. Runs
+# in-process (make_server) and as a script (python fake_server.py --model X --host H --port P).
+FAKE_SERVER = r'''
+import json, os, signal, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+LOCK = threading.Lock()
+STATE = {"batches": 0, "pairs": 0, "pad_sum": 0.0, "queue": [], "rejected": 0}
+QUEUE_BOUNDS = (0.001, 0.01, 0.1, 1.0)
+
+
+def metrics_text():
+    with LOCK:
+        lines = ["# HELP cappy_batch_size Pairs per model batch.",
+                 "# TYPE cappy_batch_size histogram",
+                 'cappy_batch_size_bucket{le="+Inf"} %d' % STATE["batches"],
+                 "cappy_batch_size_count %d" % STATE["batches"],
+                 "cappy_batch_size_sum %d" % STATE["pairs"],
+                 "cappy_batch_tokens_count %d" % STATE["batches"],
+                 "cappy_batch_tokens_sum %d" % (STATE["pairs"] * 10),
+                 "cappy_batch_padding_fraction_count %d" % STATE["batches"],
+                 "cappy_batch_padding_fraction_sum %f" % STATE["pad_sum"],
+                 "cappy_pairs_scored_total %d" % STATE["pairs"]]
+        for bound in QUEUE_BOUNDS:
+            n = sum(1 for q in STATE["queue"] if q <= bound)
+            lines.append('cappy_queue_time_seconds_bucket{le="%s"} %d' % (bound, n))
+        lines.append('cappy_queue_time_seconds_bucket{le="+Inf"} %d' % len(STATE["queue"]))
+        lines.append("cappy_queue_time_seconds_count %d" % len(STATE["queue"]))
+        lines.append("cappy_queue_time_seconds_sum %f" % sum(STATE["queue"]))
+        lines.append('cappy_requests_rejected_total{reason="overloaded"} %d' % STATE["rejected"])
+    return "\n".join(lines) + "\n"
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def answer(self, status, body, content_type="application/json"):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path in ("/health", "/ready"):
+            self.answer(200, {"status": "ok"})
+        elif self.path == "/info":
+            self.answer(200, {"model": "fake", "runtime": {"engine": "fake"},
+                              "limits": {"max_wait_ms": os.environ.get("CAPPY_MAX_WAIT_MS")}})
+        elif self.path == "/metrics":
+            self.answer(200, metrics_text().encode(), "text/plain; version=0.0.4")
+        else:
+            self.answer(404, {"error": "not found"})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path != "/select":
+            self.answer(404, {"error": "not found"})
+            return
+        candidates = body["candidates"]
+        if any("FAIL" in c for c in candidates):
+            with LOCK:
+                STATE["rejected"] += 1
+            self.answer(500, {"error": {"message": "boom"}})
+            return
+        best = max(range(len(candidates)), key=lambda i: (len(candidates[i]), -i))
+        with LOCK:
+            STATE["batches"] += 1
+            STATE["pairs"] += len(candidates)
+            STATE["pad_sum"] += 0.25
+            STATE["queue"].extend([0.005] * len(candidates))
+        self.answer(200, {"index": best, "candidate": candidates[best]})
+
+
+def make_server(host="127.0.0.1", port=0):
+    return ThreadingHTTPServer((host, port), Handler)
+
+
+if __name__ == "__main__":
+    args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+    server = make_server(args["--host"], int(args["--port"]))
+    def stop(*_):
+        threading.Thread(target=server.shutdown).start()
+    signal.signal(signal.SIGTERM, stop)
+    server.serve_forever()
+    server.server_close()
+'''
+
+METRICS_BEFORE = """\
+# HELP cappy_batch_size Pairs per model batch.
+# TYPE cappy_batch_size histogram
+cappy_batch_size_bucket{le="1.0"} 2.0
+cappy_batch_size_bucket{le="+Inf"} 4.0
+cappy_batch_size_sum 20.0
+cappy_batch_size_count 4.0
+cappy_batch_tokens_sum 1000.0
+cappy_batch_tokens_count 4.0
+cappy_batch_padding_fraction_sum 0.4
+cappy_batch_padding_fraction_count 4.0
+cappy_queue_time_seconds_bucket{le="0.001"} 0.0
+cappy_queue_time_seconds_bucket{le="0.01"} 10.0
+cappy_queue_time_seconds_bucket{le="0.1"} 20.0
+cappy_queue_time_seconds_bucket{le="+Inf"} 20.0
+cappy_queue_time_seconds_sum 0.5
+cappy_queue_time_seconds_count 20.0
+cappy_requests_rejected_total{reason="overloaded"} 1.0
+cappy_request_duration_seconds_count{route="/select",status="200"} 4.0
+"""
+
+METRICS_AFTER = """\
+# HELP cappy_batch_size Pairs per model batch.
+# TYPE cappy_batch_size histogram
+cappy_batch_size_bucket{le="1.0"} 2.0
+cappy_batch_size_bucket{le="+Inf"} 14.0
+cappy_batch_size_sum 340.0
+cappy_batch_size_count 14.0
+cappy_batch_tokens_sum 11000.0
+cappy_batch_tokens_count 14.0
+cappy_batch_padding_fraction_sum 2.4
+cappy_batch_padding_fraction_count 14.0
+cappy_queue_time_seconds_bucket{le="0.001"} 0.0
+cappy_queue_time_seconds_bucket{le="0.01"} 10.0
+cappy_queue_time_seconds_bucket{le="0.1"} 120.0
+cappy_queue_time_seconds_bucket{le="+Inf"} 120.0
+cappy_queue_time_seconds_sum 5.5
+cappy_queue_time_seconds_count 120.0
+cappy_requests_rejected_total{reason="overloaded"} 4.0
+cappy_requests_rejected_total{reason="deadline"} 2.0
+cappy_pairs_dropped_total{reason="cancelled"} 0.0
+cappy_request_duration_seconds_count{route="/select",status="200"} 14.0
+"""
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 95, 99, 100])
+def test_percentile_matches_numpy_linear(q: float) -> None:
+    values = [float(v) for v in np.random.default_rng(7).exponential(30.0, size=101)]
+    assert bench.percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_percentile_edge_cases() -> None:
+    assert bench.percentile([], 50) is None
+    assert bench.percentile([4.0], 99) == 4.0
+    assert bench.percentile([1.0, 2.0], 50) == 1.5
+    with pytest.raises(ValueError):
+        bench.percentile([1.0], 101)
+
+
+def test_histogram_quantile_interpolates_like_prometheus() -> None:
+    buckets = [(0.01, 10.0), (0.1, 110.0), (math.inf, 110.0)]
+    # rank 55 of 110: 45 into the 100 of the (0.01, 0.1] bucket.
+    assert bench.histogram_quantile(0.5, buckets) == pytest.approx(0.01 + 0.09 * 45 / 100)
+    assert bench.histogram_quantile(0.05, buckets) == pytest.approx(0.01 * 5.5 / 10)
+    # Falls in +Inf: the largest finite bound.
+    assert bench.histogram_quantile(0.99, [(0.1, 1.0), (math.inf, 10.0)]) == 0.1
+    assert bench.histogram_quantile(0.5, [(0.1, 0.0), (math.inf, 0.0)]) is None
+    assert bench.histogram_quantile(0.5, []) is None
+
+
+# --- /metrics parsing and difference ------------------------------------------------------------
+
+
+def test_parse_metrics_reads_names_labels_and_values() -> None:
+    text = (
+        "# HELP x help\n# TYPE x counter\n"
+        'cappy_requests_rejected_total{reason="overloaded"} 3.0\n'
+        'odd_total{path="/a,b}c",quote="say \\"hi\\""} 2 1700000000000\n'
+        'cappy_batch_size_bucket{le="+Inf"} 7.0\n'
+        "plain_gauge 1.5e3\n"
+        "\n"
+    )
+    samples = bench.parse_metrics(text)
+    assert samples[("cappy_requests_rejected_total", frozenset({("reason", "overloaded")}))] == 3
+    assert samples[("odd_total", frozenset({("path", "/a,b}c"), ("quote", 'say "hi"')}))] == 2
+    assert samples[("cappy_batch_size_bucket", frozenset({("le", "+Inf")}))] == 7
+    assert samples[("plain_gauge", frozenset())] == 1500
+
+
+def test_parse_metrics_reads_the_real_registry() -> None:
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    registry = CollectorRegistry()
+    histogram = Histogram("cappy_batch_size", "x", buckets=(1, 8, 64), registry=registry)
+    counter = Counter("cappy_requests_rejected_total", "x", ["reason"], registry=registry)
+    for size in (1, 8, 40):
+        histogram.observe(size)
+    counter.labels(reason="overloaded").inc(2)
+    samples = bench.parse_metrics(generate_latest(registry).decode())
+    assert samples[("cappy_batch_size_count", frozenset())] == 3
+    assert samples[("cappy_batch_size_sum", frozenset())] == 49
+    assert samples[("cappy_batch_size_bucket", frozenset({("le", "8.0")}))] == 2
+    assert samples[("cappy_requests_rejected_total", frozenset({("reason", "overloaded")}))] == 2
+
+
+def test_metrics_diff_reports_the_interval_only() -> None:
+    before = bench.parse_metrics(METRICS_BEFORE)
+    after = bench.parse_metrics(METRICS_AFTER)
+    figures = bench.metrics_diff(before, after)
+    assert figures["batches"] == 10
+    assert figures["mean_batch_size"] == 32.0  # (340 - 20) / 10
+    assert figures["mean_batch_tokens"] == 1000.0
+    assert figures["mean_padding_fraction"] == 0.2
+    assert figures["queue_time_mean_ms"] == 50.0  # 5.0 s over 100 pairs
+    # All 100 new observations sit in (0.01, 0.1]: the median is halfway through it.
+    assert figures["queue_time_p50_ms_est"] == pytest.approx(55.0)
+    assert figures["rejected"] == {"overloaded": 3, "deadline": 2}
+    assert figures["pairs_dropped"] == {}
+
+
+def test_metrics_diff_of_an_idle_server_and_of_a_restart() -> None:
+    same = bench.parse_metrics(METRICS_AFTER)
+    idle = bench.metrics_diff(same, same)
+    assert idle["batches"] == 0 and idle["mean_batch_size"] is None
+    assert idle["queue_time_p50_ms_est"] is None
+    restarted = bench.metrics_diff(same, bench.parse_metrics(METRICS_BEFORE))
+    assert "error" in restarted
+
+
+# --- workload, schedule, agreement, settings ----------------------------------------------------
+
+
+def _write_workload(path: Path, items: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
+    return path
+
+
+def test_load_workload_and_limit(tmp_path: Path) -> None:
+    items = [{"id": i, "instruction": "q", "candidates": ["a"] * (i + 1)} for i in range(5)]
+    path = _write_workload(tmp_path / "w.jsonl", items)
+    assert [r["id"] for r in bench.load_workload(path)] == [0, 1, 2, 3, 4]
+    assert len(bench.load_workload(path, limit=2)) == 2
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "q"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="candidates"):
+        bench.load_workload(tmp_path / "bad.jsonl")
+
+
+def test_schedule_is_bounded() -> None:
+    workload = [{"id": i} for i in range(3)]
+    assert [r["id"] for r in bench.schedule(workload, None, cycle=False)] == [0, 1, 2]
+    assert [r["id"] for r in bench.schedule(workload, 2, cycle=False)] == [0, 1]
+    assert [r["id"] for r in bench.schedule(workload, 7, cycle=True)] == [0, 1, 2, 0, 1, 2, 0]
+    assert sum(1 for _ in bench.schedule(workload, None, cycle=True)) == 3 * bench.MAX_CYCLES
+
+
+def test_argmax_agreement_counts_single_candidates_apart() -> None:
+    outcomes = [
+        bench.Outcome(id=1, pairs=4, status=200, latency_s=0.1, index=2),
+        bench.Outcome(id=2, pairs=4, status=200, latency_s=0.1, index=0),
+        bench.Outcome(id=3, pairs=1, status=200, latency_s=0.1, index=0),
+        bench.Outcome(id=4, pairs=4, status=200, latency_s=0.1, index=1),
+    ]
+    result = bench.argmax_agreement(outcomes, {"1": 2, "2": 3, "3": 0})
+    assert result["agreement"] == 0.5
+    assert result["compared"] == 2
+    assert result["single_candidate"] == 1
+    assert result["not_in_reference"] == 1
+    assert result["disagreeing_ids"] == [2]
+
+
+def test_serve_env_maps_settings() -> None:
+    env = bench.serve_env(["max_batch_size=64", "max-wait-ms=0"], base={"PATH": "/bin"})
+    assert env == {"PATH": "/bin", "CAPPY_MAX_BATCH_SIZE": "64", "CAPPY_MAX_WAIT_MS": "0"}
+    with pytest.raises(SystemExit):
+        bench.serve_env(["nonsense"], base={})
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "http://localhost:1", "http://[::1]:9"])
+def test_loopback_targets_are_accepted(url: str) -> None:
+    bench.check_loopback(url)
+
+
+@pytest.mark.parametrize("url", ["http://10.0.0.1:8000", "http://example.com", "http://0.0.0.0:1"])
+def test_other_targets_are_refused(url: str) -> None:
+    with pytest.raises(SystemExit, match="loopback"):
+        bench.check_loopback(url)
+
+
+def test_batches_by_length_respects_the_token_budget() -> None:
+    lengths = [10, 300, 20, 5, 300, 40]
+    batches = bench._batches_by_length(lengths, max_tokens=600)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 600
+
+
+# --- end to end against the fake server ---------------------------------------------------------
+
+
+@pytest.fixture
+def fake_server_module(tmp_path: Path) -> tuple[dict[str, Any], Path]:
+    script = tmp_path / "fake_server.py"
+    script.write_text(FAKE_SERVER, encoding="utf-8")
+    namespace: dict[str, Any] = {"__name__": "fake_server"}
+    exec(compile(FAKE_SERVER, str(script), "exec"), namespace)
+    return namespace, script
+
+
+@pytest.fixture
+def fake_url(fake_server_module: tuple[dict[str, Any], Path]) -> Iterator[str]:
+    namespace, _ = fake_server_module
+    server = namespace["make_server"]()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _workload(tmp_path: Path) -> tuple[Path, Path]:
+    items = [
+        {"id": i, "instruction": f"q{i}", "candidates": ["x" * ((i + k) % 5 + 1) for k in range(n)]}
+        for i, n in enumerate([1, 4, 17, 4, 1, 17, 4, 4, 64, 1])
+    ]
+    items.append({"id": 99, "instruction": "q", "candidates": ["FAIL", "ok"]})
+    workload = _write_workload(tmp_path / "w.jsonl", items)
+    reference = tmp_path / "ref.jsonl"
+    rows = []
+    for item in items:
+        c = item["candidates"]
+        best = max(range(len(c)), key=lambda i: (len(c[i]), -i))
+        if item["id"] == 3:
+            best = (best + 1) % len(c)  # one deliberate disagreement
+        rows.append({"id": item["id"], "index": best})
+    reference.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return workload, reference
+
+
+def test_bench_end_to_end_prints_one_json_line(
+    fake_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workload, reference = _workload(tmp_path)
+    code = bench.main([
+        "--url", fake_url, "--requests", str(workload), "--concurrency", "3",
+        "--warmup", "2", "--check-argmax", str(reference), "--label", "fake",
+    ])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    figures = json.loads(lines[0])
+    assert figures["label"] == "fake"
+    assert figures["concurrency"] == 3
+    assert figures["requests"] == 10  # the 11th answers 500
+    assert figures["pairs"] == 1 + 4 + 17 + 4 + 1 + 17 + 4 + 4 + 64 + 1
+    assert figures["errors"] == {"500": 1}
+    latency = figures["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
+    assert figures["requests_per_s"] > 0 and figures["pairs_per_s"] > 0
+    # The fake records one batch per answered request: warm-up requests are not in the diff.
+    server = figures["server"]
+    assert server["batches"] == 10
+    assert server["mean_batch_size"] == pytest.approx(117 / 10)
+    assert server["mean_padding_fraction"] == 0.25
+    assert server["queue_time_mean_ms"] == pytest.approx(5.0)
+    assert 1.0 <= server["queue_time_p50_ms_est"] <= 10.0
+    assert server["rejected"] == {"overloaded": 1}
+    argmax = figures["argmax"]
+    assert argmax["compared"] == 7 and argmax["single_candidate"] == 3
+    assert argmax["agreement"] == pytest.approx(6 / 7, abs=1e-5)
+    assert argmax["disagreeing_ids"] == [3]
+    assert figures["server_info"]["runtime"] == {"engine": "fake"}
+
+
+def test_bench_limit_and_duration_are_bounds(fake_url: str, tmp_path: Path) -> None:
+    workload = bench.load_workload(_workload(tmp_path)[0])
+    limited = bench.asyncio.run(bench.benchmark(fake_url, workload, concurrency=2, limit=25))
+    assert limited["requests"] + sum(limited["errors"].values()) == 25
+    timed = bench.asyncio.run(
+        bench.benchmark(fake_url, workload, concurrency=2, duration_s=0.3)
+    )
+    assert timed["seconds"] < 5
+    assert timed["requests"] > 0
+
+
+def test_bench_refuses_a_non_loopback_target(tmp_path: Path) -> None:
+    workload, _ = _workload(tmp_path)
+    with pytest.raises(SystemExit, match="loopback"):
+        bench.main(["--url", "http://192.168.1.10:8000", "--requests", str(workload)])
+
+
+def test_self_contained_starts_and_sigterms_the_server(
+    fake_server_module: tuple[dict[str, Any], Path], tmp_path: Path
+) -> None:
+    _, script = fake_server_module
+    workload = bench.load_workload(_workload(tmp_path)[0], limit=5)
+    with bench.running_server(
+        tmp_path, ["max_wait_ms=0"], ready_timeout_s=30, server=[sys.executable, str(script)]
+    ) as url:
+        assert url.startswith("http://127.0.0.1:")
+        figures = bench.asyncio.run(bench.benchmark(url, workload, concurrency=2))
+    assert figures["requests"] == 5
+    assert figures["server_info"]["limits"] == {"max_wait_ms": "0"}
+    # The server is gone: its port refuses connections.
+    with pytest.raises(bench.httpx.ConnectError):
+        bench.httpx.get(url + "/health", timeout=2)
+
+
+def test_self_contained_reports_a_server_that_dies(tmp_path: Path) -> None:
+    script = tmp_path / "dies.py"
+    script.write_text("import sys; print('no model here'); sys.exit(3)\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="no model here"), bench.running_server(
+        tmp_path, [], ready_timeout_s=30, server=[sys.executable, str(script)]
+    ):
+        pass
+
+
+# --- a real cappy serve on the tiny export ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_against_a_real_server_and_reference(
+    tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items = [
+        {"id": i, "instruction": f"Question {i}: what is {i} plus {i}?",
+         "candidates": [f"answer {i + k} " * (k + 1) for k in range(n)]}
+        for i, n in enumerate([1, 4, 17, 4, 9, 2])
+    ]
+    workload = _write_workload(tmp_path / "w.jsonl", items)
+    # The reference from the export's own source checkpoint (torch) and from its model.onnx.
+    torch_ref, onnx_ref = tmp_path / "torch.jsonl", tmp_path / "onnx.jsonl"
+    assert bench.main(["reference", "--export", str(tiny_export), "--requests", str(workload),
+                       "--out", str(torch_ref)]) == 0
+    assert bench.main(["reference", "--export", str(tiny_export), "--backend", "onnx",
+                       "--requests", str(workload), "--out", str(onnx_ref)]) == 0
+    capsys.readouterr()
+    torch_rows = [json.loads(line) for line in torch_ref.read_text().splitlines()]
+    onnx_rows = [json.loads(line) for line in onnx_ref.read_text().splitlines()]
+    assert [r["id"] for r in torch_rows] == list(range(6))
+    for t, o in zip(torch_rows, onnx_rows, strict=True):
+        assert np.allclose(t["scores"], o["scores"], atol=1e-4)
+
+    assert bench.main([
+        "--self-contained", "--export", str(tiny_export), "--requests", str(workload),
+        "--concurrency", "4", "--warmup", "2", "--check-argmax", str(torch_ref),
+        "--serve-arg", "engine=onnxruntime", "--serve-arg", "precision=fp32",
+        "--serve-arg", "max_wait_ms=1",
+    ]) == 0
+    figures = json.loads(capsys.readouterr().out.strip())
+    assert figures["requests"] == 6 and figures["errors"] == {}
+    assert figures["pairs"] == 37
+    assert figures["server"]["pairs_scored"] == 37
+    assert figures["server"]["mean_batch_size"] > 0
+    assert figures["server_info"]["runtime"]["engine"]
+    assert figures["argmax"]["compared"] == 5
+    # fp32 against fp32 on a random tiny model: near-ties may flip, most must agree.
+    assert figures["argmax"]["agreement"] >= 0.6
+    assert figures["serve_args"] == ["engine=onnxruntime", "precision=fp32", "max_wait_ms=1"]
+
+
+def test_module_entry_point_prints_help() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtests.bench", "--help"],
+        capture_output=True, text=True, timeout=60, cwd=Path(bench.__file__).parents[1],
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--self-contained" in done.stdout
+    assert signal.SIGTERM  # the module's stop signal exists on this platform
