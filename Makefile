@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 MODEL ?= btan2/cappy-large
 OUT ?= exports/cappy-large
 
-.PHONY: install test lint export verify clean
+.PHONY: install serve test lint export verify clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ $(STAMP): pyproject.toml
 	touch $@
 
 install: $(STAMP)
+
+## The main job: serve MODEL (an export directory, a checkpoint or a hub id; exported once).
+serve: $(STAMP)
+	$(BIN)/cappy serve --model "$(MODEL)" $(SERVE_ARGS)
 
 ## The test suite (what CI runs): everything that can run on this machine.
 test: $(STAMP)

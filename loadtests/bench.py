@@ -93,8 +93,9 @@ def rerank_body(item: dict[str, Any], top_n: int | None = 3) -> dict[str, Any]:
 
 def score_body(item: dict[str, Any]) -> dict[str, Any]:
     """The POST /score body for one workload line: one pair per candidate."""
-    return {"pairs": [{"instruction": item["instruction"], "response": c}
-                      for c in item["candidates"]]}
+    return {
+        "pairs": [{"instruction": item["instruction"], "response": c} for c in item["candidates"]]
+    }
 
 
 def schedule(
@@ -274,10 +275,14 @@ def metrics_diff(before: dict[Sample, float], after: dict[Sample, float]) -> dic
         return {"error": "the server's counters went down between scrapes (restarted?)"}
     queue_mean = mean("cappy_queue_time_seconds")
     inference_mean = mean("cappy_inference_time_seconds")
-    rejected = {k: int(v) for k, v in _by_label(diff, "cappy_requests_rejected_total", "reason")
-                .items() if v}
-    dropped = {k: int(v) for k, v in _by_label(diff, "cappy_pairs_dropped_total", "reason")
-               .items() if v}
+    rejected = {
+        k: int(v)
+        for k, v in _by_label(diff, "cappy_requests_rejected_total", "reason").items()
+        if v
+    }
+    dropped = {
+        k: int(v) for k, v in _by_label(diff, "cappy_pairs_dropped_total", "reason").items() if v
+    }
     return {
         "batches": int(batches),
         "mean_batch_size": _round(mean("cappy_batch_size"), 2),
@@ -341,8 +346,9 @@ async def _send(client: httpx.AsyncClient, item: dict[str, Any]) -> Outcome:
     try:
         response = await client.post("/select", json=select_body(item))
     except httpx.HTTPError as exc:
-        return Outcome(item["id"], pairs, 0, time.perf_counter() - started,
-                       error=type(exc).__name__)
+        return Outcome(
+            item["id"], pairs, 0, time.perf_counter() - started, error=type(exc).__name__
+        )
     latency = time.perf_counter() - started
     index = None
     if response.status_code == 200:
@@ -381,8 +387,9 @@ def summarize(result: RunResult, reference: dict[str, int] | None = None) -> dic
     """Client-side figures of a run."""
     ok = [o for o in result.outcomes if o.status == 200]
     latencies_ms = [o.latency_s * 1000 for o in ok]
-    errors = Counter(str(o.status if o.status else o.error) for o in result.outcomes
-                     if o.status != 200)
+    errors = Counter(
+        str(o.status if o.status else o.error) for o in result.outcomes if o.status != 200
+    )
     pairs = sum(o.pairs for o in ok)
     seconds = result.seconds
     figures: dict[str, Any] = {
@@ -460,8 +467,11 @@ async def server_info(client: httpx.AsyncClient) -> dict[str, Any] | None:
         info = response.json()
     except (httpx.HTTPError, ValueError):
         return None
-    return {"model": info.get("model"), "runtime": info.get("runtime"),
-            "limits": info.get("limits")}
+    return {
+        "model": info.get("model"),
+        "runtime": info.get("runtime"),
+        "limits": info.get("limits"),
+    }
 
 
 async def benchmark(
@@ -505,7 +515,8 @@ async def benchmark(
         load_after = os.getloadavg()[0]
     figures: dict[str, Any] = {"concurrency": concurrency, **summarize(run, reference)}
     figures["server"] = (
-        metrics_diff(before, after) if before is not None and after is not None
+        metrics_diff(before, after)
+        if before is not None and after is not None
         else {"error": "/metrics not readable"}
     )
     if info is not None:
@@ -556,7 +567,10 @@ def running_server(
     command = [*prefix, "--model", str(export), "--host", "127.0.0.1", "--port", str(port)]
     log = tempfile.NamedTemporaryFile("w+", prefix="cappy-serve-", suffix=".log", delete=False)
     process = subprocess.Popen(
-        command, env=env, stdout=log, stderr=subprocess.STDOUT,
+        command,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         cwd=Path(__file__).resolve().parents[1],
     )
     url = f"http://127.0.0.1:{port}"
@@ -575,8 +589,7 @@ def running_server(
         if process.returncode == 0:
             Path(log.name).unlink(missing_ok=True)
         else:
-            print(f"cappy serve exited with {process.returncode}; log: {log.name}",
-                  file=sys.stderr)
+            print(f"cappy serve exited with {process.returncode}; log: {log.name}", file=sys.stderr)
 
 
 def _wait_ready(
@@ -649,15 +662,21 @@ class _TorchReference:
 
     def lengths(self, instruction: str, candidates: Sequence[str]) -> list[int]:
         encoded = self.tokenizer(
-            [instruction] * len(candidates), list(candidates),
-            truncation="longest_first", max_length=self.max_length,
+            [instruction] * len(candidates),
+            list(candidates),
+            truncation="longest_first",
+            max_length=self.max_length,
         )
         return [len(ids) for ids in encoded["input_ids"]]
 
     def score(self, instruction: str, candidates: Sequence[str]) -> list[float]:
         batch = self.tokenizer(
-            [instruction] * len(candidates), list(candidates), truncation="longest_first",
-            max_length=self.max_length, padding=True, return_tensors="pt",
+            [instruction] * len(candidates),
+            list(candidates),
+            truncation="longest_first",
+            max_length=self.max_length,
+            padding=True,
+            return_tensors="pt",
         )
         with self.torch.inference_mode():
             logits = self.model(**batch).logits
@@ -729,8 +748,12 @@ def write_reference(argv: Sequence[str]) -> int:
     parser.add_argument("--export", default=None, help="export directory")
     parser.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto")
     parser.add_argument("--limit", type=int, default=None, help="first N requests only")
-    parser.add_argument("--max-length", type=int, default=None,
-                        help="truncation length (default: the export's, else 512)")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="truncation length (default: the export's, else 512)",
+    )
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -751,8 +774,10 @@ def write_reference(argv: Sequence[str]) -> int:
     scorer: _TorchReference | _OnnxReference
     if backend == "torch":
         if checkpoint is None:
-            raise SystemExit("error: --backend torch needs --checkpoint (or an export whose "
-                             "manifest names a local checkpoint)")
+            raise SystemExit(
+                "error: --backend torch needs --checkpoint (or an export whose "
+                "manifest names a local checkpoint)"
+            )
         scorer = _TorchReference(checkpoint, max_length, args.threads)
     else:
         if export is None:
@@ -764,9 +789,12 @@ def write_reference(argv: Sequence[str]) -> int:
     partial = out.with_name(out.name + ".partial")
     started = time.perf_counter()
     total_pairs = sum(len(r["candidates"]) for r in workload)
-    with open(partial, "w", encoding="utf-8") as handle, tqdm(
-        total=total_pairs, unit="pair", desc=f"reference ({backend} fp32)", file=sys.stderr
-    ) as progress:
+    with (
+        open(partial, "w", encoding="utf-8") as handle,
+        tqdm(
+            total=total_pairs, unit="pair", desc=f"reference ({backend} fp32)", file=sys.stderr
+        ) as progress,
+    ):
         for item in workload:
             candidates = item["candidates"]
             lengths = scorer.lengths(item["instruction"], candidates)
@@ -779,11 +807,22 @@ def write_reference(argv: Sequence[str]) -> int:
             best = min(range(len(scores)), key=lambda i: (-scores[i], i))
             ordered = sorted(scores, reverse=True)
             margin = ordered[0] - ordered[1] if len(ordered) > 1 else None
-            handle.write(json.dumps({"id": item["id"], "index": best, "scores": scores,
-                                     "margin": margin}) + "\n")
+            handle.write(
+                json.dumps({"id": item["id"], "index": best, "scores": scores, "margin": margin})
+                + "\n"
+            )
     partial.replace(out)
-    print(json.dumps({"reference": str(out), "backend": scorer.name, "requests": len(workload),
-                      "pairs": total_pairs, "seconds": round(time.perf_counter() - started, 1)}))
+    print(
+        json.dumps(
+            {
+                "reference": str(out),
+                "backend": scorer.name,
+                "requests": len(workload),
+                "pairs": total_pairs,
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+        )
+    )
     return 0
 
 
@@ -798,22 +837,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--url", default=None, help="a running server (loopback only)")
-    target.add_argument("--self-contained", action="store_true",
-                        help="start `cappy serve --model EXPORT` on a free port for the run")
+    target.add_argument(
+        "--self-contained",
+        action="store_true",
+        help="start `cappy serve --model EXPORT` on a free port for the run",
+    )
     parser.add_argument("--export", default=None, help="export directory (--self-contained)")
-    parser.add_argument("--serve-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="server setting for --self-contained, e.g. max_batch_size=64 "
-                        "(sent as CAPPY_MAX_BATCH_SIZE); repeatable")
+    parser.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="server setting for --self-contained, e.g. max_batch_size=64 "
+        "(sent as CAPPY_MAX_BATCH_SIZE); repeatable",
+    )
     parser.add_argument("--requests", default=str(DEFAULT_REQUESTS), help="workload JSONL")
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--limit", type=int, default=None, help="timed requests (default: the "
-                        "workload once; with --duration, no limit but the time)")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="timed requests (default: the workload once; with --duration, no limit but the time)",
+    )
     parser.add_argument("--duration", type=float, default=None, help="seconds of timed load")
     parser.add_argument("--warmup", type=int, default=0, help="untimed requests sent first")
-    parser.add_argument("--check-argmax", default=None, metavar="FILE",
-                        help="reference JSONL of {id, index} (see the reference subcommand)")
-    parser.add_argument("--api-key", default=os.environ.get("CAPPY_BENCH_API_KEY"),
-                        help="sent as Authorization: Bearer (env CAPPY_BENCH_API_KEY)")
+    parser.add_argument(
+        "--check-argmax",
+        default=None,
+        metavar="FILE",
+        help="reference JSONL of {id, index} (see the reference subcommand)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("CAPPY_BENCH_API_KEY"),
+        help="sent as Authorization: Bearer (env CAPPY_BENCH_API_KEY)",
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="per-request timeout (s)")
     parser.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S)
     parser.add_argument("--label", default=None, help="free text copied into the JSON line")
@@ -837,17 +895,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     reference = load_reference(args.check_argmax) if args.check_argmax else None
 
     def run(url: str) -> dict[str, Any]:
-        return asyncio.run(benchmark(
-            url, workload, concurrency=args.concurrency, limit=args.limit,
-            duration_s=args.duration, warmup=args.warmup, api_key=args.api_key,
-            reference=reference, timeout_s=args.timeout,
-        ))
+        return asyncio.run(
+            benchmark(
+                url,
+                workload,
+                concurrency=args.concurrency,
+                limit=args.limit,
+                duration_s=args.duration,
+                warmup=args.warmup,
+                api_key=args.api_key,
+                reference=reference,
+                timeout_s=args.timeout,
+            )
+        )
 
     if args.self_contained:
         if not args.export:
             raise SystemExit("error: --self-contained needs --export DIR")
-        with running_server(args.export, args.serve_arg, ready_timeout_s=args.ready_timeout,
-                            api_key=args.api_key) as url:
+        with running_server(
+            args.export, args.serve_arg, ready_timeout_s=args.ready_timeout, api_key=args.api_key
+        ) as url:
             figures = run(url)
         figures["serve_args"] = list(args.serve_arg)
     else:

@@ -67,8 +67,9 @@ class CappyUser(FastHttpUser):
 
     def _post(self, path: str, body: dict[str, Any], pairs: int) -> None:
         # Requests are named by route and candidate count: 1, 4, 17 and 64 in the bench workload.
-        with self.client.post(path, json=body, name=f"{path} [{pairs}]",
-                              catch_response=True) as response:
+        with self.client.post(
+            path, json=body, name=f"{path} [{pairs}]", catch_response=True
+        ) as response:
             if response.status_code == 429:
                 response.failure("429 overloaded")
             elif response.status_code != 200:

@@ -169,6 +169,9 @@ class Selection:
     failures: list[SampleFailure] = field(default_factory=list)
     substituted: list[str] = field(default_factory=list)
     duration_s: float = 0.0
+    gather_s: float = 0.0  # fan-out wall time: first call sent to last sample in
+    slowest_call_s: float = 0.0  # the longest single upstream call
+    scoring_s: float = 0.0  # scoring every candidate with Cappy (through the batcher)
 
     @property
     def best(self) -> Candidate:
@@ -180,6 +183,9 @@ class Selection:
             "x-cappy-candidates": str(len(self.candidates)),
             "x-cappy-samples-planned": str(self.planned),
             "x-cappy-winning-decoding": self.best.decoding,
+            "x-cappy-gather-ms": f"{self.gather_s * 1000:.1f}",
+            "x-cappy-slowest-call-ms": f"{self.slowest_call_s * 1000:.1f}",
+            "x-cappy-scoring-ms": f"{self.scoring_s * 1000:.1f}",
         }
         if self.substituted:
             headers["x-cappy-substituted"] = ",".join(self.substituted)
@@ -403,6 +409,7 @@ class _Fanout:
         self.substituted: set[str] = set()
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.slowest_call_s = 0.0  # the longest single upstream call (retries included)
 
     def next_seed(self) -> int:
         seed = (self._seed_base + self._seed_count) % _SEED_SPACE
@@ -455,6 +462,7 @@ class _Fanout:
     async def _call(self, job: _Job) -> _Outcome:
         body = self.body_for(job)
         client = self.owner.client
+        started = time.perf_counter()
         try:
             if self.kind == "chat":
                 payload = await client.chat_completions(body, api_key=self.api_key)
@@ -462,6 +470,8 @@ class _Fanout:
                 payload = await client.completions(body, api_key=self.api_key)
         except UpstreamError as error:
             return _Outcome(job, error=error)
+        finally:
+            self.slowest_call_s = max(self.slowest_call_s, time.perf_counter() - started)
         return _Outcome(job, payload=payload)
 
     async def run(self, timeout_s: float) -> None:
@@ -680,6 +690,7 @@ class BestOfN:
         )
         planned = fanout.plan(options.recipe.decodings)
         await fanout.run(self.config.timeout_s)
+        gather_s = time.perf_counter() - started
 
         candidates = [fanout.samples[s] for s in sorted(fanout.samples)]
         failures = [fanout.failures[s] for s in sorted(fanout.failures) if s not in fanout.samples]
@@ -702,7 +713,9 @@ class BestOfN:
                 len(candidates),
             )
 
+        scoring_started = time.perf_counter()
         scores = [float(s) for s in await self.score(instruction, [c.text for c in candidates])]
+        scoring_s = time.perf_counter() - scoring_started
         if len(scores) != len(candidates):
             raise RuntimeError(
                 f"score returned {len(scores)} scores for {len(candidates)} candidates"
@@ -741,6 +754,9 @@ class BestOfN:
             failures=failures,
             substituted=[d.name for d in options.recipe.decodings if d.name in fanout.substituted],
             duration_s=duration,
+            gather_s=gather_s,
+            slowest_call_s=fanout.slowest_call_s,
+            scoring_s=scoring_s,
         )
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from loadtests import bench
 # A stand-in for cappy-serve: /health, /ready, /info, /metrics and /select. The best candidate
 # is the longest (ties to the lower index); a candidate containing "FAIL" answers 500. Runs
 # in-process (make_server) and as a script (python fake_server.py --model X --host H --port P).
-FAKE_SERVER = r'''
+FAKE_SERVER = r"""
 import json, os, signal, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -110,7 +109,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, stop)
     server.serve_forever()
     server.server_close()
-'''
+"""
 
 METRICS_BEFORE = """\
 # HELP cappy_batch_size Pairs per model batch.
@@ -359,10 +358,22 @@ def test_bench_end_to_end_prints_one_json_line(
     fake_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     workload, reference = _workload(tmp_path)
-    code = bench.main([
-        "--url", fake_url, "--requests", str(workload), "--concurrency", "3",
-        "--warmup", "2", "--check-argmax", str(reference), "--label", "fake",
-    ])
+    code = bench.main(
+        [
+            "--url",
+            fake_url,
+            "--requests",
+            str(workload),
+            "--concurrency",
+            "3",
+            "--warmup",
+            "2",
+            "--check-argmax",
+            str(reference),
+            "--label",
+            "fake",
+        ]
+    )
     assert code == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
@@ -394,9 +405,7 @@ def test_bench_limit_and_duration_are_bounds(fake_url: str, tmp_path: Path) -> N
     workload = bench.load_workload(_workload(tmp_path)[0])
     limited = bench.asyncio.run(bench.benchmark(fake_url, workload, concurrency=2, limit=25))
     assert limited["requests"] + sum(limited["errors"].values()) == 25
-    timed = bench.asyncio.run(
-        bench.benchmark(fake_url, workload, concurrency=2, duration_s=0.3)
-    )
+    timed = bench.asyncio.run(bench.benchmark(fake_url, workload, concurrency=2, duration_s=0.3))
     assert timed["seconds"] < 5
     assert timed["requests"] > 0
 
@@ -427,8 +436,11 @@ def test_self_contained_starts_and_sigterms_the_server(
 def test_self_contained_reports_a_server_that_dies(tmp_path: Path) -> None:
     script = tmp_path / "dies.py"
     script.write_text("import sys; print('no model here'); sys.exit(3)\n", encoding="utf-8")
-    with pytest.raises(SystemExit, match="no model here"), bench.running_server(
-        tmp_path, [], ready_timeout_s=30, server=[sys.executable, str(script)]
+    with (
+        pytest.raises(SystemExit, match="no model here"),
+        bench.running_server(
+            tmp_path, [], ready_timeout_s=30, server=[sys.executable, str(script)]
+        ),
     ):
         pass
 
@@ -441,17 +453,46 @@ def test_against_a_real_server_and_reference(
     tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     items = [
-        {"id": i, "instruction": f"Question {i}: what is {i} plus {i}?",
-         "candidates": [f"answer {i + k} " * (k + 1) for k in range(n)]}
+        {
+            "id": i,
+            "instruction": f"Question {i}: what is {i} plus {i}?",
+            "candidates": [f"answer {i + k} " * (k + 1) for k in range(n)],
+        }
         for i, n in enumerate([1, 4, 17, 4, 9, 2])
     ]
     workload = _write_workload(tmp_path / "w.jsonl", items)
     # The reference from the export's own source checkpoint (torch) and from its model.onnx.
     torch_ref, onnx_ref = tmp_path / "torch.jsonl", tmp_path / "onnx.jsonl"
-    assert bench.main(["reference", "--export", str(tiny_export), "--requests", str(workload),
-                       "--out", str(torch_ref)]) == 0
-    assert bench.main(["reference", "--export", str(tiny_export), "--backend", "onnx",
-                       "--requests", str(workload), "--out", str(onnx_ref)]) == 0
+    assert (
+        bench.main(
+            [
+                "reference",
+                "--export",
+                str(tiny_export),
+                "--requests",
+                str(workload),
+                "--out",
+                str(torch_ref),
+            ]
+        )
+        == 0
+    )
+    assert (
+        bench.main(
+            [
+                "reference",
+                "--export",
+                str(tiny_export),
+                "--backend",
+                "onnx",
+                "--requests",
+                str(workload),
+                "--out",
+                str(onnx_ref),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     torch_rows = [json.loads(line) for line in torch_ref.read_text().splitlines()]
     onnx_rows = [json.loads(line) for line in onnx_ref.read_text().splitlines()]
@@ -459,12 +500,30 @@ def test_against_a_real_server_and_reference(
     for t, o in zip(torch_rows, onnx_rows, strict=True):
         assert np.allclose(t["scores"], o["scores"], atol=1e-4)
 
-    assert bench.main([
-        "--self-contained", "--export", str(tiny_export), "--requests", str(workload),
-        "--concurrency", "4", "--warmup", "2", "--check-argmax", str(torch_ref),
-        "--serve-arg", "engine=onnxruntime", "--serve-arg", "precision=fp32",
-        "--serve-arg", "max_wait_ms=1",
-    ]) == 0
+    assert (
+        bench.main(
+            [
+                "--self-contained",
+                "--export",
+                str(tiny_export),
+                "--requests",
+                str(workload),
+                "--concurrency",
+                "4",
+                "--warmup",
+                "2",
+                "--check-argmax",
+                str(torch_ref),
+                "--serve-arg",
+                "engine=onnxruntime",
+                "--serve-arg",
+                "precision=fp32",
+                "--serve-arg",
+                "max_wait_ms=1",
+            ]
+        )
+        == 0
+    )
     figures = json.loads(capsys.readouterr().out.strip())
     assert figures["requests"] == 6 and figures["errors"] == {}
     assert figures["pairs"] == 37
@@ -480,9 +539,11 @@ def test_against_a_real_server_and_reference(
 def test_module_entry_point_prints_help() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "loadtests.bench", "--help"],
-        capture_output=True, text=True, timeout=60, cwd=Path(bench.__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(bench.__file__).parents[1],
         check=False,
     )
     assert done.returncode == 0, done.stderr
     assert "--self-contained" in done.stdout
-    assert signal.SIGTERM  # the module's stop signal exists on this platform
