@@ -46,6 +46,7 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
             max_wait_ms=settings.max_wait_ms,
             max_queue_tokens=settings.max_queue_tokens,
             default_timeout_s=settings.request_timeout_s,
+            cross_request=settings.cross_request_batching,
         ),
     )
 

@@ -57,6 +57,11 @@ class Settings(BaseSettings):
         ge=512,
         description="Tokens the queue may hold; beyond it requests get 429 with Retry-After.",
     )
+    cross_request_batching: bool = Field(
+        True,
+        description="Batch pairs of different requests together. false: each batch holds one "
+        "request's pairs (the per-request baseline of the benchmarks).",
+    )
     request_timeout_s: float = Field(
         60.0, gt=0, le=3600, description="Deadline of a scoring request, queueing included."
     )

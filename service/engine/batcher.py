@@ -75,6 +75,9 @@ class BatcherConfig:
             tokens per token of its own (1.0: a pair never costs more than about twice its
             length). Padding is pure waste on CPU; `math.inf` fills batches by budget alone, which
             suits a GPU that is not compute-bound.
+        cross_request: batch pairs of different requests together (the point of a dynamic
+            batcher). False gives the per-request baseline the benchmarks compare with: a batch
+            holds pairs of one request only, shortest first.
     """
 
     max_batch_tokens: int = 16384
@@ -83,6 +86,7 @@ class BatcherConfig:
     max_queue_tokens: int = 262144
     default_timeout_s: float | None = 30.0
     padding_tolerance: float = 1.0
+    cross_request: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_tokens < 1:
@@ -137,6 +141,7 @@ class _Request:
         "done",
         "encoded",
         "future",
+        "items",
         "queued_pairs",
         "queued_tokens",
         "remaining",
@@ -157,6 +162,7 @@ class _Request:
         self.queued_pairs = len(encoded)
         self.queued_tokens = tokens
         self.deadline = deadline
+        self.items: list[_Item] = []  # its queued items, shortest first (per-request batching)
         # Answered, failed or abandoned: its queued items are stale and its results unwanted.
         self.done = False
 
@@ -417,6 +423,9 @@ class DynamicBatcher:
                 buckets.append(deque())
             buckets[bucket].append(item)
             fifo.append(item)
+            request.items.append(item)
+        if not self._config.cross_request:
+            request.items.sort(key=lambda item: item.length)
         self._bucket_entries += len(request.encoded)
         self._queue_pairs += request.queued_pairs
         self._queue_tokens += request.queued_tokens
@@ -613,6 +622,8 @@ class DynamicBatcher:
         max_rows = config.max_batch_size
         tolerance = config.padding_tolerance
         self._fifo.popleft()
+        if not config.cross_request:
+            return self._take_from_request(seed)
         self._take(seed)
         items = [seed]
         width = seed.length
@@ -651,6 +662,29 @@ class DynamicBatcher:
             items.append(best)
             width = new_width
             heads[best_source] = self._scan(cursors, best_source, now)
+        self._set_queue_gauges()
+        return items
+
+    def _take_from_request(self, seed: _Item) -> list[_Item]:
+        """Per-request batching: the seed (the oldest pair, already off the FIFO) plus its
+        request's other queued pairs, shortest first, within the budget. Taken items stay in
+        the FIFO and the buckets, where they are skipped as stale later."""
+        config = self._config
+        self._take(seed)
+        items = [seed]
+        width = seed.length
+        for item in seed.request.items:
+            if item.taken:
+                continue
+            new_width = max(width, item.length)
+            if (
+                len(items) >= config.max_batch_size
+                or (len(items) + 1) * new_width > config.max_batch_tokens
+            ):
+                break
+            self._take(item)
+            items.append(item)
+            width = new_width
         self._set_queue_gauges()
         return items
 

@@ -482,3 +482,22 @@ async def test_queue_overhead_stays_small_with_thousands_queued() -> None:
         elapsed = time.perf_counter() - started
     # ~5,000 pairs; the fake model is nearly free, so this is the batcher's own cost.
     assert elapsed < 2.5, f"{elapsed:.2f} s for {64 * 80} pairs"
+
+
+async def test_per_request_mode_never_mixes_requests() -> None:
+    """cross_request=False, the benchmarks' baseline: every batch holds one request's pairs."""
+    scorer = FakeScorer()
+    async with running(scorer, max_batch_size=8, max_wait_ms=20, cross_request=False) as batcher:
+        blocker = await hold_model(batcher, scorer)
+        # Marker r + 10 tags request r's rows; 11 pairs each need two batches of at most 8.
+        requests = [[pair(5 + (i * 7) % 30, marker=r + 10) for i in range(11)] for r in range(4)]
+        tasks = [await queue_request(batcher, pairs) for pairs in requests]
+        scorer.release()
+        results = await asyncio.gather(*tasks)
+        await blocker
+    for pairs, result in zip(requests, results, strict=True):
+        assert [r.score for r in result] == [expected_score(p) for p in pairs]
+    for batch in scorer.batches[1:]:
+        markers = {int(row[-2]) for row in batch}
+        assert len(markers) == 1, markers
+    assert len(scorer.batches) - 1 == 4 * 2
