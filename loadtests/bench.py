@@ -586,7 +586,9 @@ def running_server(
                 process.kill()
                 process.wait()
         log.close()
-        if process.returncode == 0:
+        # uvicorn re-raises the SIGTERM it handled once it has shut down gracefully: -SIGTERM
+        # after our SIGTERM is a clean exit too.
+        if process.returncode in (0, -signal.SIGTERM):
             Path(log.name).unlink(missing_ok=True)
         else:
             print(f"cappy serve exited with {process.returncode}; log: {log.name}", file=sys.stderr)

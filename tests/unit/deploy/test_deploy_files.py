@@ -355,14 +355,13 @@ def _exported_sample_names() -> set[str]:
     from service import metrics
 
     names: set[str] = set()
-    for collector in list(metrics.REGISTRY._collector_to_names):  # noqa: SLF001
-        for family in collector.describe():
-            if family.type == "histogram":
-                names |= {f"{family.name}_bucket", f"{family.name}_sum", f"{family.name}_count"}
-            elif family.type == "counter":
-                names.add(f"{family.name}_total")
-            else:
-                names.add(family.name)
+    for family in metrics.REGISTRY.collect():
+        if family.type == "histogram":
+            names |= {f"{family.name}_bucket", f"{family.name}_sum", f"{family.name}_count"}
+        elif family.type == "counter":
+            names.add(f"{family.name}_total")
+        else:
+            names.add(family.name)
     return names
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -79,6 +81,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/score":
+            self.answer(200, {"data": [{"index": i, "score": 0.5}
+                                       for i in range(len(body["pairs"]))]})
+            return
+        if self.path == "/v1/rerank":
+            self.answer(200, {"results": [{"index": 0, "relevance_score": 0.5}]})
+            return
         if self.path != "/select":
             self.answer(404, {"error": "not found"})
             return
@@ -336,7 +345,7 @@ def fake_url(fake_server_module: tuple[dict[str, Any], Path]) -> Iterator[str]:
 
 
 def _workload(tmp_path: Path) -> tuple[Path, Path]:
-    items = [
+    items: list[dict[str, Any]] = [
         {"id": i, "instruction": f"q{i}", "candidates": ["x" * ((i + k) % 5 + 1) for k in range(n)]}
         for i, n in enumerate([1, 4, 17, 4, 1, 17, 4, 4, 64, 1])
     ]
@@ -345,7 +354,7 @@ def _workload(tmp_path: Path) -> tuple[Path, Path]:
     reference = tmp_path / "ref.jsonl"
     rows = []
     for item in items:
-        c = item["candidates"]
+        c: list[str] = item["candidates"]
         best = max(range(len(c)), key=lambda i: (len(c[i]), -i))
         if item["id"] == 3:
             best = (best + 1) % len(c)  # one deliberate disagreement
@@ -534,6 +543,48 @@ def test_against_a_real_server_and_reference(
     # fp32 against fp32 on a random tiny model: near-ties may flip, most must agree.
     assert figures["argmax"]["agreement"] >= 0.6
     assert figures["serve_args"] == ["engine=onnxruntime", "precision=fp32", "max_wait_ms=1"]
+
+
+def test_locustfile_runs_headless(fake_url: str, tmp_path: Path) -> None:
+    """A short headless Locust run of the locustfile against the fake server (skipped without
+    locust, which is not a project dependency: it monkey-patches the standard library, so it
+    runs in its own process)."""
+    beside = Path(sys.executable).with_name("locust")
+    locust = str(beside) if beside.is_file() else shutil.which("locust")
+    if locust is None:
+        pytest.skip("locust is not installed (pip install locust)")
+    workload, _ = _workload(tmp_path)
+    root = Path(bench.__file__).parents[1]
+    env = {**os.environ, "CAPPY_BENCH_REQUESTS": str(workload)}
+    # The workload's FAIL request answers 500: drop it so that the run has no failures.
+    lines = workload.read_text(encoding="utf-8").splitlines()
+    workload.write_text("\n".join(line for line in lines if "FAIL" not in line) + "\n")
+    done = subprocess.run(
+        [
+            locust,
+            "-f",
+            str(root / "loadtests/locustfile.py"),
+            "--host",
+            fake_url,
+            "--headless",
+            "-u",
+            "2",
+            "-r",
+            "2",
+            "-t",
+            "3s",
+            "--only-summary",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "/select [" in output
 
 
 def test_module_entry_point_prints_help() -> None:
