@@ -4,8 +4,11 @@ batches under a token budget (rows x longest row), run a scorer, print ONE JSON 
     python loadtests/engine_bench.py --export DIR --requests ../shared/data/bench_requests.jsonl \
         --engine openvino --precision bf16 --limit 300 --reference-scores ref.json
 
-`pairs_per_s` counts inference only (padding included); `e2e_pairs_per_s` adds tokenization and
-batch padding. With --reference-scores (a JSON object {request id: [score per candidate]}, e.g.
+`pairs_per_s` counts inference (padding included) plus, for a refining scorer (the service's
+CPU default: OpenVINO bf16 whose near-tied leaders are re-scored in fp32, per request), the
+re-scoring; `e2e_pairs_per_s` adds tokenization and batch padding. `pairs_per_cpu_s` divides by
+the process's CPU time instead of wall time: on a shared machine it moves less with other load.
+With --reference-scores (a JSON object {request id: [score per candidate]}, e.g.
 written by --write-scores from an fp32 run) or --check-argmax (computes ONNX Runtime fp32 scores
 in this run, slow), it reports the share of requests whose best candidate is the same as fp32's.
 """
@@ -25,21 +28,26 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.engine.export_dir import ExportDir  # noqa: E402
-from service.engine.scorer import OnnxScorer, OpenVinoScorer, load_scorer  # noqa: E402
+from service.engine.scorer import (  # noqa: E402
+    OnnxScorer,
+    OpenVinoScorer,
+    RefiningScorer,
+    load_scorer,
+)
 from service.engine.tokenize import PairTokenizer  # noqa: E402
 from service.engine.types import EncodedPair, Scorer, pad_batch  # noqa: E402
 
 
-def make_batches(
-    lengths: list[int], max_batch_tokens: int, max_batch_size: int
-) -> list[list[int]]:
+def make_batches(lengths: list[int], max_batch_tokens: int, max_batch_size: int) -> list[list[int]]:
     """Indices sorted by length, cut greedily so that rows x longest row <= the budget."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
     for index in order:
         width = lengths[index]  # ascending: the newest item is the longest
-        if current and ((len(current) + 1) * width > max_batch_tokens or len(current) >= max_batch_size):
+        if current and (
+            (len(current) + 1) * width > max_batch_tokens or len(current) >= max_batch_size
+        ):
             batches.append(current)
             current = []
         current.append(index)
@@ -56,7 +64,7 @@ def build_scorer(args: argparse.Namespace, export: ExportDir, pad_token_id: int)
     }
     model_file = Path(args.model_file) if args.model_file else None
     if args.engine == "openvino":
-        return OpenVinoScorer(
+        fast = OpenVinoScorer(
             model_file or export.model_path("fp32"),
             precision=args.precision,
             hint=args.hint,
@@ -64,8 +72,20 @@ def build_scorer(args: argparse.Namespace, export: ExportDir, pad_token_id: int)
             threads=args.threads,
             split_streams=args.split_streams,
             seq_multiple=args.seq_multiple,
+            extra_config=dict(kv.split("=", 1) for kv in args.ov_config),
             **common,
         )
+        if not args.refine:  # None (not asked) or False
+            return fast
+        exact: Scorer = OpenVinoScorer(
+            export.model_path("fp32"), precision="fp32", threads=args.threads, **common
+        )
+        if args.refine_via_bf16:  # int8 -> bf16 (margin) -> fp32 (bf16_margin)
+            bf16 = OpenVinoScorer(
+                export.model_path("fp32"), precision="bf16", threads=args.threads, **common
+            )
+            exact = RefiningScorer(bf16, exact, margin=args.bf16_margin)
+        return RefiningScorer(fast, exact, margin=args.margin)
     if args.engine == "onnxruntime":
         precision = "fp32" if args.precision == "auto" else args.precision
         return OnnxScorer(
@@ -75,7 +95,14 @@ def build_scorer(args: argparse.Namespace, export: ExportDir, pad_token_id: int)
             threads=args.threads,
             **common,
         )
-    return load_scorer(export, args.device, "auto", args.precision, threads=args.threads)
+    return load_scorer(
+        export,
+        args.device,
+        "auto",
+        args.precision,
+        threads=args.threads,
+        refine=args.refine is not False,
+    )
 
 
 def run_batches(
@@ -116,11 +143,15 @@ def argmax_agreement(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--export", required=True, help="export directory")
     parser.add_argument("--requests", required=True, help="JSONL of {id, instruction, candidates}")
     parser.add_argument("--engine", default="auto", choices=["auto", "onnxruntime", "openvino"])
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8", "bf16"])
+    parser.add_argument(
+        "--precision", default="auto", choices=["auto", "fp32", "fp16", "int8", "bf16"]
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--limit", type=int, default=None, help="first N requests only")
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
@@ -130,7 +161,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=None)
     parser.add_argument("--split-streams", action="store_true")
     parser.add_argument("--seq-multiple", type=int, default=1)
+    parser.add_argument(
+        "--ov-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra OpenVINO compile property (repeatable)",
+    )
     parser.add_argument("--model-file", default=None, help="override the graph file")
+    parser.add_argument(
+        "--refine",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="re-score each request's near-tied leaders with OpenVINO fp32 (default: on for "
+        "--engine auto, as the service does; off for an explicit engine)",
+    )
+    parser.add_argument(
+        "--margin", type=float, default=None, help="refine margin (default: calibrated at warm-up)"
+    )
+    parser.add_argument(
+        "--refine-via-bf16",
+        action="store_true",
+        help="with --refine: re-score leaders in bf16, then bf16 leaders in fp32",
+    )
+    parser.add_argument("--bf16-margin", type=float, default=None)
     parser.add_argument("--repeat", type=int, default=1, help="timed passes (best is reported)")
     parser.add_argument("--reference-scores", default=None)
     parser.add_argument("--write-scores", default=None)
@@ -172,6 +226,21 @@ def main(argv: list[str] | None = None) -> int:
             cpu_s = time.process_time() - cpu0
     assert best is not None
     scores, infer_s, pad_s = best
+    refine_s, refined_pairs = 0.0, 0
+    if isinstance(scorer, RefiningScorer):
+        cpu0 = time.process_time()
+        t0 = time.perf_counter()
+        offset = 0
+        for request in requests:
+            n = len(request["candidates"])
+            part = slice(offset, offset + n)
+            refined = scorer.refine(encoded[part], scores[part])
+            refined_pairs += int(np.count_nonzero(refined != scores[part]))
+            scores[part] = refined
+            offset += n
+        refine_s = time.perf_counter() - t0
+        infer_s += refine_s
+        cpu_s += time.process_time() - cpu0
 
     real_tokens = sum(e.length for e in encoded)
     padded_tokens = sum(len(b) * max(encoded[i].length for i in b) for b in batches)
@@ -184,11 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         "max_batch_tokens": args.max_batch_tokens,
         "threads": args.threads,
         "hint": args.hint if args.engine == "openvino" else None,
-        "streams": getattr(scorer, "streams", None),
+        "streams": getattr(getattr(scorer, "fast", scorer), "streams", None),
         "split_streams": args.split_streams,
         "seq_multiple": args.seq_multiple,
         "model_file": Path(args.model_file).name if args.model_file else None,
         "seconds": round(infer_s, 3),
+        "refine_s": round(refine_s, 3),
+        "refined_pairs": refined_pairs,
+        "margin": getattr(scorer, "margin", None),
         "pairs_per_s": round(len(pairs) / infer_s, 1),
         "e2e_pairs_per_s": round(len(pairs) / (infer_s + pad_s + tokenize_s), 1),
         # CPU seconds of the whole process while scoring (all threads): less sensitive than wall

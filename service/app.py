@@ -74,7 +74,7 @@ def proxy_state(settings: Settings, runtime: ScoringRuntime) -> proxy.ProxyState
 
     async def score(instruction: str, texts: list[str]) -> list[float]:
         # The same batcher as /select: proxy traffic batches with everything else.
-        results = await runtime.score([(instruction, text) for text in texts])
+        results = await runtime.rank(instruction, texts)
         return [r.score for r in results]
 
     best_of_n = BestOfN(

@@ -150,10 +150,10 @@ class ExportDir:
                     f"{manifest_path}: model {variant} file {entry.file!r} has no sha256 in 'files'"
                 )
         if verify_hashes:
-            problems = _check_files(directory, manifest.files)
-            if problems:
+            mismatches = _check_files(directory, manifest.files)
+            if mismatches:
                 raise ExportDirError(
-                    f"{directory}: files do not match the manifest: {'; '.join(problems)}"
+                    f"{directory}: files do not match the manifest: {'; '.join(mismatches)}"
                 )
         fp32 = _parity_or_error(manifest, "fp32", manifest_path)
         if fp32 is None or fp32.status != "passed":

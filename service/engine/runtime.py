@@ -7,15 +7,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from service.engine.batcher import BatcherConfig, DynamicBatcher, ScoredPair
 from service.engine.export_dir import ExportDir
-from service.engine.scorer import load_scorer
+from service.engine.scorer import RefiningScorer, load_scorer
 from service.engine.tokenize import PairTokenizer
-from service.engine.types import Scorer
+from service.engine.types import Scorer, pad_batch
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +101,31 @@ class ScoringRuntime:
     ) -> list[ScoredPair]:
         assert self.batcher is not None
         return await self.batcher.score(pairs, deadline=deadline)
+
+    async def rank(
+        self, instruction: str, candidates: Sequence[str], *, deadline: float | None = None
+    ) -> list[ScoredPair]:
+        """Scores candidates for one instruction, for ranking them.
+
+        With a refining scorer (bf16 + fp32 on CPU), the candidates within its margin of the best
+        are re-scored in fp32, so the winner and the order of the leaders are fp32's.
+        """
+        pairs = [(instruction, candidate) for candidate in candidates]
+        results = await self.score(pairs, deadline=deadline)
+        scorer = self.scorer
+        if not isinstance(scorer, RefiningScorer) or len(results) < 2:
+            return results
+        leaders = scorer.near_top(np.array([r.score for r in results], dtype=np.float32))
+        if not leaders.size:
+            return results
+        assert self.tokenizer is not None
+        encoded = self.tokenizer.encode([pairs[i] for i in leaders])
+        feeds = pad_batch(encoded, scorer.pad_token_id, scorer.input_names)
+        exact = await asyncio.to_thread(scorer.infer_exact, feeds)
+        refined = list(results)
+        for row, index in enumerate(leaders):
+            refined[index] = replace(results[index], score=float(exact[row]))
+        return refined
 
     def describe(self) -> dict[str, Any]:
         scorer = self.scorer

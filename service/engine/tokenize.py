@@ -76,10 +76,14 @@ class _PairTemplate:
             return None
         a0, a1, b0, b1 = a_pos[0], a_pos[-1] + 1, b_pos[0], b_pos[-1] + 1
         return cls(
-            prefix_ids=ids[:a0], prefix_types=types[:a0],
-            middle_ids=ids[a1:b0], middle_types=types[a1:b0],
-            suffix_ids=ids[b1:], suffix_types=types[b1:],
-            type_a=int(types[a0]), type_b=int(types[b0]),
+            prefix_ids=ids[:a0],
+            prefix_types=types[:a0],
+            middle_ids=ids[a1:b0],
+            middle_types=types[a1:b0],
+            suffix_ids=ids[b1:],
+            suffix_types=types[b1:],
+            type_a=int(types[a0]),
+            type_b=int(types[b0]),
         )
 
 

@@ -74,11 +74,20 @@ async def _score(
     runtime: ScoringRuntime,
     settings: Settings,
     pairs: Sequence[tuple[str, str]],
+    *,
+    rank: bool = False,
 ) -> list[ScoredPair]:
+    """Scores through the batcher; `rank` (one instruction, its candidates) lets a refining
+    scorer re-score the near-tied leaders exactly."""
     started = time.perf_counter()
     deadline = time.monotonic() + settings.request_timeout_s
+    work = (
+        runtime.rank(pairs[0][0], [p[1] for p in pairs], deadline=deadline)
+        if rank
+        else runtime.score(pairs, deadline=deadline)
+    )
     try:
-        results = await cancel_on_disconnect(request, runtime.score(pairs, deadline=deadline))
+        results = await cancel_on_disconnect(request, work)
     except ClientDisconnected:
         # Nobody reads this answer; 499 is what proxies log for a client that went away.
         raise ApiError(499, "Client closed the request.", code="client_closed") from None
@@ -137,7 +146,7 @@ async def select(
     for i, candidate in enumerate(body.candidates):
         _check_text(candidate, f"candidates.{i}", settings)
     pairs = [(body.instruction, c) for c in body.candidates]
-    results = await _score(request, response, runtime, settings, pairs)
+    results = await _score(request, response, runtime, settings, pairs, rank=True)
     order = _ranking(results)
     best = order[0]
     top = order[: body.top_n] if body.top_n else order
@@ -171,7 +180,8 @@ async def rerank(
     texts = [d.text if isinstance(d, DocumentText) else d for d in body.documents]
     for i, text in enumerate(texts):
         _check_text(text, f"documents.{i}", settings)
-    results = await _score(request, response, runtime, settings, [(body.query, t) for t in texts])
+    pairs = [(body.query, t) for t in texts]
+    results = await _score(request, response, runtime, settings, pairs, rank=True)
     order = _ranking(results)
     top = order[: body.top_n] if body.top_n else order
     return RerankResponse(

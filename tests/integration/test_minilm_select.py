@@ -89,6 +89,9 @@ async def test_default_engine_agrees_beyond_its_resolution(
     reference = _torch_scores(minilm_checkpoint)
     engine, picks = await _served_picks(minilm_export)
     assert engine
+    if engine.endswith("-refined"):
+        # bf16 + fp32 re-scoring of the near-tied leaders: fp32's winner on every set.
+        assert picks == [_argmax(scores) for scores in reference]
     for scores, pick in zip(reference, picks, strict=True):
         best = _argmax(scores)
         runner_up = sorted(scores, reverse=True)[1]

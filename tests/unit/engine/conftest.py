@@ -42,7 +42,10 @@ def write_manifest(directory: Path, **overrides: Any) -> dict[str, Any]:
         "format": "cappy-export",
         "format_version": 1,
         "source": {"model": "tiny-roberta", "kind": "local", "revision": None},
-        "architecture": {"model_type": "roberta", "architectures": ["RobertaForSequenceClassification"]},
+        "architecture": {
+            "model_type": "roberta",
+            "architectures": ["RobertaForSequenceClassification"],
+        },
         "opset": 17,
         "max_length": MAX_LENGTH,
         "truncation": "longest_first",

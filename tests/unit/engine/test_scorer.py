@@ -14,6 +14,7 @@ from service.engine.export_dir import ExportDir, ExportDirError
 from service.engine.scorer import (
     OnnxScorer,
     OpenVinoScorer,
+    RefiningScorer,
     ScorerError,
     cuda_available,
     load_scorer,
@@ -49,8 +50,9 @@ def export(tiny_engine_export: TinyExport) -> ExportDir:
 
 @pytest.fixture(scope="module")
 def tokenizer(export: ExportDir) -> PairTokenizer:
-    return PairTokenizer.from_dir(export.path, max_length=export.max_length,
-                                  with_token_type_ids=False)
+    return PairTokenizer.from_dir(
+        export.path, max_length=export.max_length, with_token_type_ids=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +94,9 @@ def test_onnxruntime_cpu_fp32_matches_pytorch(export, tokenizer, cases) -> None:
 
 
 def test_openvino_fp32_matches_pytorch(export, tokenizer, cases) -> None:
-    scorer = OpenVinoScorer(export.model_path("fp32"), precision="fp32", **common(export, tokenizer))
+    scorer = OpenVinoScorer(
+        export.model_path("fp32"), precision="fp32", **common(export, tokenizer)
+    )
     scorer.warmup()
     assert scorer.precision == "fp32"
     assert_close(scorer, cases, atol=1e-4)
@@ -100,7 +104,9 @@ def test_openvino_fp32_matches_pytorch(export, tokenizer, cases) -> None:
 
 @pytest.mark.skipif(not openvino_bf16_supported(), reason="no native bf16 on this CPU")
 def test_openvino_bf16_close_to_pytorch(export, tokenizer, cases) -> None:
-    scorer = OpenVinoScorer(export.model_path("fp32"), precision="bf16", **common(export, tokenizer))
+    scorer = OpenVinoScorer(
+        export.model_path("fp32"), precision="bf16", **common(export, tokenizer)
+    )
     assert scorer.precision == "bf16"
     spread = max(float(np.ptp(expected)) for _, expected in cases)
     # bf16 keeps 8 mantissa bits: about 0.4% relative error per op, a few % of the spread at worst.
@@ -133,10 +139,53 @@ def test_score_does_not_depend_on_batch_padding(export, tokenizer) -> None:
     np.testing.assert_allclose(together, alone, atol=1e-5)
 
 
+def test_refining_scorer_rescores_only_near_tied_leaders(export, tokenizer) -> None:
+    kwargs = common(export, tokenizer)
+    fast = OnnxScorer(export.model_path("fp32"), device="cpu", **kwargs)
+    exact = OpenVinoScorer(export.model_path("fp32"), precision="fp32", **kwargs)
+    pairs = batches_of_pairs()[3]  # 17 candidates
+    encoded = tokenizer.encode(pairs)
+    feeds = pad_batch(encoded, tokenizer.pad_token_id, export.input_names)
+    truth = exact.infer(feeds)
+    # A fast engine that is off by a known amount: the leaders must come back exact.
+    noisy = truth + np.linspace(-1e-3, 1e-3, len(truth)).astype(np.float32)
+    order = np.argsort(-noisy)
+    best = float(noisy[order[0]])
+    # Midway between the third and the fourth: exactly the top three are within the margin.
+    margin = (best - float(noisy[order[2]]) + best - float(noisy[order[3]])) / 2
+    scorer = RefiningScorer(fast, exact, margin=margin)
+    leaders = scorer.near_top(noisy)
+    assert set(leaders.tolist()) == set(order[:3].tolist())
+    refined = scorer.refine(encoded, noisy)
+    np.testing.assert_allclose(refined[leaders], truth[leaders], atol=1e-6)
+    others = np.setdiff1d(np.arange(len(noisy)), leaders)
+    np.testing.assert_array_equal(refined[others], noisy[others])
+    clear = np.array([0.5, 0.5 - 2 * margin], dtype=np.float32)
+    assert scorer.near_top(clear).size == 0  # a clear winner is not re-scored
+    assert scorer.near_top(np.array([0.5], dtype=np.float32)).size == 0
+    assert scorer.infer(feeds).shape == truth.shape
+
+
+@pytest.mark.skipif(not openvino_bf16_supported(), reason="no native bf16 on this CPU")
+def test_refining_scorer_calibrates_its_margin(export, tokenizer) -> None:
+    kwargs = common(export, tokenizer)
+    model = export.model_path("fp32")
+    scorer = RefiningScorer(
+        OpenVinoScorer(model, precision="bf16", **kwargs),
+        OpenVinoScorer(model, precision="fp32", **kwargs),
+    )
+    scorer.warmup()
+    assert scorer.margin > 0
+    assert scorer.name == "openvino-cpu-bf16-refined" and scorer.precision == "bf16"
+
+
 def test_load_scorer_cpu_choices(export) -> None:
     auto = load_scorer(export, device="cpu")
-    expected = "openvino-cpu-bf16" if openvino_bf16_supported() else "onnxruntime-cpu-fp32"
-    assert auto.name == expected
+    bf16 = openvino_bf16_supported()
+    assert auto.name == ("openvino-cpu-bf16-refined" if bf16 else "onnxruntime-cpu-fp32")
+    if bf16:
+        assert isinstance(auto, RefiningScorer)
+        assert load_scorer(export, device="cpu", refine=False).name == "openvino-cpu-bf16"
     assert load_scorer(export, device="cpu", engine="onnxruntime").name == "onnxruntime-cpu-fp32"
     assert load_scorer(export, "cpu", "openvino", "fp32").name == "openvino-cpu-fp32"
     with pytest.raises(ScorerError, match="fp16"):
@@ -145,6 +194,21 @@ def test_load_scorer_cpu_choices(export) -> None:
         load_scorer(export, device="cpu", engine="openvino", precision="int8")
     with pytest.raises(ExportDirError, match="no int8 model"):
         load_scorer(export, device="cpu", engine="onnxruntime", precision="int8")
+
+
+def test_load_scorer_falls_back_to_onnxruntime_when_openvino_fails(
+    export, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.engine import scorer as scorer_module
+
+    def unreadable(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(scorer_module, "OpenVinoScorer", unreadable)
+    monkeypatch.setattr(scorer_module, "openvino_bf16_supported", lambda: True)
+    assert load_scorer(export, device="cpu").name == "onnxruntime-cpu-fp32"
+    with pytest.raises(RuntimeError, match="unsupported operator"):  # asked for: no fallback
+        load_scorer(export, device="cpu", engine="openvino")
 
 
 def test_service_engine_imports_no_torch_transformers_or_fastapi() -> None:

@@ -43,11 +43,20 @@ def varied_pairs() -> list[tuple[str, str]]:
     ]
 
 
-def assert_matches_hf(tokenizer: PairTokenizer, hf: object, pairs: list[tuple[str, str]],
-                      max_length: int, with_types: bool) -> None:
+def assert_matches_hf(
+    tokenizer: PairTokenizer,
+    hf: object,
+    pairs: list[tuple[str, str]],
+    max_length: int,
+    with_types: bool,
+) -> None:
     ours = tokenizer.encode(pairs)
-    theirs = hf([a for a, _ in pairs], [b for _, b in pairs], truncation=True,  # type: ignore[operator]
-                max_length=max_length)
+    theirs = hf(
+        [a for a, _ in pairs],
+        [b for _, b in pairs],
+        truncation=True,  # type: ignore[operator]
+        max_length=max_length,
+    )
     untruncated = hf([a for a, _ in pairs], [b for _, b in pairs])  # type: ignore[operator]
     counts = tokenizer.count_tokens(pairs)
     assert len(ours) == len(pairs)
@@ -69,8 +78,9 @@ def test_tiny_roberta_matches_hf(tiny_engine_export: TinyExport) -> None:
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(str(tiny_engine_export.checkpoint))
-    tokenizer = PairTokenizer.from_dir(tiny_engine_export.path, max_length=512,
-                                       with_token_type_ids=False)
+    tokenizer = PairTokenizer.from_dir(
+        tiny_engine_export.path, max_length=512, with_token_type_ids=False
+    )
     assert tokenizer.pad_token_id == hf.pad_token_id
     pairs = varied_pairs()
     assert_matches_hf(tokenizer, hf, pairs, 512, with_types=False)
@@ -82,8 +92,9 @@ def test_short_max_length_matches_hf(tiny_engine_export: TinyExport, max_length:
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(str(tiny_engine_export.checkpoint))
-    tokenizer = PairTokenizer.from_dir(tiny_engine_export.path, max_length=max_length,
-                                       with_token_type_ids=False)
+    tokenizer = PairTokenizer.from_dir(
+        tiny_engine_export.path, max_length=max_length, with_token_type_ids=False
+    )
     assert_matches_hf(tokenizer, hf, varied_pairs(), max_length, with_types=False)
 
 
@@ -125,8 +136,9 @@ def test_truncation_side_from_tokenizer_config(
 
 
 def test_concurrent_encode_is_consistent(tiny_engine_export: TinyExport) -> None:
-    tokenizer = PairTokenizer.from_dir(tiny_engine_export.path, max_length=64,
-                                       with_token_type_ids=False)
+    tokenizer = PairTokenizer.from_dir(
+        tiny_engine_export.path, max_length=64, with_token_type_ids=False
+    )
     pairs = varied_pairs() * 20
     expected = [item.input_ids.tolist() for item in tokenizer.encode(pairs)]
     errors: list[BaseException] = []
@@ -169,8 +181,9 @@ def test_random_lengths_match_hf_truncation(
         for a, b in rng.integers(0, 30, size=(150, 2))
     ]
     for max_length in (5, 6, 13, 20, 41):
-        tokenizer = PairTokenizer.from_dir(directory, max_length=max_length,
-                                           with_token_type_ids=False)
+        tokenizer = PairTokenizer.from_dir(
+            directory, max_length=max_length, with_token_type_ids=False
+        )
         assert tokenizer.fast_path
         assert_matches_hf(tokenizer, hf, pairs, max_length, with_types=False)
 
@@ -190,9 +203,11 @@ def test_library_fallback_matches_hf(
     """An unrecognised post-processor falls back to the library's truncating pair encode."""
     from transformers import AutoTokenizer
 
-    monkeypatch.setattr(tokenize_module._PairTemplate, "learn", classmethod(lambda cls, t: None))
-    tokenizer = PairTokenizer.from_dir(tiny_engine_export.path, max_length=40,
-                                       with_token_type_ids=False)
+    never = classmethod(lambda _cls, _tokenizer: None)
+    monkeypatch.setattr(tokenize_module._PairTemplate, "learn", never)
+    tokenizer = PairTokenizer.from_dir(
+        tiny_engine_export.path, max_length=40, with_token_type_ids=False
+    )
     assert not tokenizer.fast_path
     hf = AutoTokenizer.from_pretrained(str(tiny_engine_export.checkpoint))
     assert_matches_hf(tokenizer, hf, varied_pairs(), 40, with_types=False)
@@ -203,8 +218,9 @@ def test_two_long_documents_encode_in_linear_time(tiny_engine_export: TinyExport
     for two long documents); the fast path must not."""
     import time
 
-    tokenizer = PairTokenizer.from_dir(tiny_engine_export.path, max_length=512,
-                                       with_token_type_ids=False)
+    tokenizer = PairTokenizer.from_dir(
+        tiny_engine_export.path, max_length=512, with_token_type_ids=False
+    )
     text = " ".join(WORDS) * 2000  # ~24k words a side
     started = time.perf_counter()
     (item,) = tokenizer.encode([(text, text + " more")])
@@ -213,8 +229,9 @@ def test_two_long_documents_encode_in_linear_time(tiny_engine_export: TinyExport
 
 
 def test_empty_input_and_errors(tiny_engine_export: TinyExport, tmp_path: Path) -> None:
-    tokenizer = PairTokenizer.from_dir(tiny_engine_export.path, max_length=512,
-                                       with_token_type_ids=False)
+    tokenizer = PairTokenizer.from_dir(
+        tiny_engine_export.path, max_length=512, with_token_type_ids=False
+    )
     assert tokenizer.encode([]) == []
     assert tokenizer.count_tokens([]) == []
     with pytest.raises(TokenizerError, match="tokenizer.json"):
