@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from fastapi import APIRouter, Request, Response
 
@@ -71,28 +71,20 @@ def _check_not_blank(text: str, param: str) -> None:
 async def _score(
     request: Request,
     response: Response,
-    runtime: ScoringRuntime,
     settings: Settings,
-    pairs: Sequence[tuple[str, str]],
-    *,
-    rank: bool = False,
+    work: Callable[[float], Awaitable[list[ScoredPair]]],
 ) -> list[ScoredPair]:
-    """Scores through the batcher; `rank` (one instruction, its candidates) lets a refining
-    scorer re-score the near-tied leaders exactly."""
+    """Runs `work(deadline)` (scoring or ranking through the batcher), cancelled if the client
+    disconnects, and sets the timing headers."""
     started = time.perf_counter()
     deadline = time.monotonic() + settings.request_timeout_s
-    work = (
-        runtime.rank(pairs[0][0], [p[1] for p in pairs], deadline=deadline)
-        if rank
-        else runtime.score(pairs, deadline=deadline)
-    )
     try:
-        results = await cancel_on_disconnect(request, work)
+        results = await cancel_on_disconnect(request, work(deadline))
     except ClientDisconnected:
         # Nobody reads this answer; 499 is what proxies log for a client that went away.
         raise ApiError(499, "Client closed the request.", code="client_closed") from None
     response.headers["x-compute-time"] = f"{(time.perf_counter() - started) * 1000:.1f}"
-    response.headers["x-pairs"] = str(len(pairs))
+    response.headers["x-pairs"] = str(len(results))
     return results
 
 
@@ -121,7 +113,9 @@ async def score(
         _check_text(pair.instruction, f"pairs.{i}.instruction", settings)
         _check_text(pair.response, f"pairs.{i}.response", settings)
     pairs = [(p.instruction, p.response) for p in body.pairs]
-    results = await _score(request, response, runtime, settings, pairs)
+    results = await _score(
+        request, response, settings, lambda deadline: runtime.score(pairs, deadline=deadline)
+    )
     return ScoreResponse(
         model=model_name(runtime, settings),
         data=[
@@ -145,8 +139,12 @@ async def select(
     _check_count(len(body.candidates), "candidates", settings)
     for i, candidate in enumerate(body.candidates):
         _check_text(candidate, f"candidates.{i}", settings)
-    pairs = [(body.instruction, c) for c in body.candidates]
-    results = await _score(request, response, runtime, settings, pairs, rank=True)
+    results = await _score(
+        request,
+        response,
+        settings,
+        lambda deadline: runtime.rank(body.instruction, body.candidates, deadline=deadline),
+    )
     order = _ranking(results)
     best = order[0]
     top = order[: body.top_n] if body.top_n else order
@@ -180,8 +178,12 @@ async def rerank(
     texts = [d.text if isinstance(d, DocumentText) else d for d in body.documents]
     for i, text in enumerate(texts):
         _check_text(text, f"documents.{i}", settings)
-    pairs = [(body.query, t) for t in texts]
-    results = await _score(request, response, runtime, settings, pairs, rank=True)
+    results = await _score(
+        request,
+        response,
+        settings,
+        lambda deadline: runtime.rank(body.query, texts, deadline=deadline),
+    )
     order = _ranking(results)
     top = order[: body.top_n] if body.top_n else order
     return RerankResponse(
