@@ -283,6 +283,8 @@ def metrics_diff(before: dict[Sample, float], after: dict[Sample, float]) -> dic
     dropped = {
         k: int(v) for k, v in _by_label(diff, "cappy_pairs_dropped_total", "reason").items() if v
     }
+    cpu_s = _total(diff, "process_cpu_seconds_total")
+    pairs = _total(diff, "cappy_pairs_scored_total")
     return {
         "batches": int(batches),
         "mean_batch_size": _round(mean("cappy_batch_size"), 2),
@@ -303,6 +305,11 @@ def metrics_diff(before: dict[Sample, float], after: dict[Sample, float]) -> dic
         ),
         "rejected": rejected,
         "pairs_dropped": dropped,
+        # CPU the server process used (all threads), and pairs per CPU-second: less moved by
+        # other tenants of a shared host than wall-clock rates.
+        "cpu_s": _round(cpu_s, 2) if cpu_s else None,
+        "pairs_per_cpu_s": _round(pairs / cpu_s, 1) if cpu_s else None,
+        "pairs_rescored": int(_total(diff, "cappy_pairs_rescored_total")),
     }
 
 

@@ -40,6 +40,7 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
         engine=settings.engine,
         precision=settings.precision,
         threads=settings.threads,
+        streams=settings.streams,
         batcher=BatcherConfig(
             max_batch_tokens=settings.max_batch_tokens,
             max_batch_size=settings.max_batch_size,
@@ -48,6 +49,7 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
             default_timeout_s=settings.request_timeout_s,
             cross_request=settings.cross_request_batching,
         ),
+        padding_tolerance=settings.padding_tolerance,
     )
 
 

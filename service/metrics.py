@@ -6,9 +6,11 @@ seconds for durations, histograms whose buckets resolve 1 ms to 10 s.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# process_cpu_seconds_total, process_resident_memory_bytes, open fds (Linux): the standard names.
+ProcessCollector(registry=REGISTRY)
 
 # 1 ms .. 10 s, roughly x1.5-2 apart, plus a tail for slow proxy requests.
 # fmt: off
@@ -80,6 +82,11 @@ QUEUE_TOKENS = Gauge(
 PAIRS_SCORED = Counter("cappy_pairs_scored_total", "Pairs scored by the model.", registry=REGISTRY)
 TOKENS_SCORED = Counter(
     "cappy_tokens_scored_total", "Real (unpadded) tokens scored by the model.", registry=REGISTRY
+)
+PAIRS_RESCORED = Counter(
+    "cappy_pairs_rescored_total",
+    "Near-tied leaders of a candidate set re-scored by the exact (fp32) engine for ranking.",
+    registry=REGISTRY,
 )
 PAIRS_TRUNCATED = Counter(
     "cappy_pairs_truncated_total",

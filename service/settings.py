@@ -43,6 +43,14 @@ class Settings(BaseSettings):
     threads: int | None = Field(
         None, ge=1, le=256, description="CPU inference threads (default: usable cores)."
     )
+    streams: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="CPU (OpenVINO) inference streams: batches run at once, the threads split "
+        "between them. 1: every thread on each batch (lowest latency at low load). unset: "
+        "OpenVINO's throughput hint picks (2 on a 2-core machine).",
+    )
 
     # --- batcher ---------------------------------------------------------------------------------
     max_batch_tokens: int = Field(
@@ -56,6 +64,12 @@ class Settings(BaseSettings):
         400_000,
         ge=512,
         description="Tokens the queue may hold; beyond it requests get 429 with Retry-After.",
+    )
+    padding_tolerance: float | None = Field(
+        None,
+        ge=0,
+        description="Padding tokens a pair may add to a batch per token of its own. unset: "
+        "0.1 on CPU (padding is wasted compute there), unlimited on GPU.",
     )
     cross_request_batching: bool = Field(
         True,

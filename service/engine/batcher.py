@@ -1,5 +1,5 @@
 """The dynamic batcher: it owns the queue of tokenized pairs, forms model batches under a token
-budget, runs the model in one worker thread, and answers each request in the caller's order.
+budget, runs the model in worker threads, and answers each request in the caller's order.
 
 How a request travels:
 
@@ -11,10 +11,11 @@ How a request travels:
    rows within `max_batch_size`, and no item would cost more than `padding_tolerance` padding
    tokens per real token. Items whose request was cancelled or whose deadline passed are dropped
    here, before they reach the model.
-3. The padded batch runs in a single worker thread (ONNX Runtime releases the GIL). While it
-   runs, the consumer pads and queues the next one as soon as a full batch is waiting, so the
-   model never waits on the event loop; a partial batch instead keeps filling until the model is
-   free. At most one batch runs and one more waits behind it.
+3. The padded batch runs in a worker thread (the engines release the GIL): one thread per batch
+   the scorer can run at once (`parallelism`: OpenVINO streams on CPU, 1 for ONNX Runtime). While
+   they run, the consumer pads and queues the next batch as soon as a full one is waiting, so the
+   model never waits on the event loop; a partial batch instead keeps filling until a stream is
+   free. At most `parallelism` batches run and one more waits behind them.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ class _Item:
 
 
 class _Batch:
-    """A padded batch handed to the worker thread."""
+    """A padded batch handed to a worker thread."""
 
     __slots__ = ("future", "items", "real_tokens")
 
@@ -209,11 +210,12 @@ class DynamicBatcher:
     """Batches concurrent scoring requests for one model.
 
     Lifecycle: nothing runs before `start()`; `stop()` refuses new work, drains (or fails) what
-    was accepted, and ends the consumer task and the worker thread. Both are meant to be called
+    was accepted, and ends the consumer task and the worker threads. Both are meant to be called
     from the application's lifespan.
 
     Args:
-        scorer: the model; `infer` is only ever called from the batcher's worker thread.
+        scorer: the model; `infer` is called only from the batcher's worker threads, at most
+            `scorer.parallelism` calls at once.
         encode: tokenizes a request's pairs (instruction first); called in a thread.
         config: batching and admission limits.
     """
@@ -224,6 +226,8 @@ class DynamicBatcher:
         self._scorer = scorer
         self._encode = encode
         self._config = config or BatcherConfig()
+        # Batches the scorer can run at once (OpenVINO streams); one worker thread each.
+        self._workers = max(1, int(getattr(scorer, "parallelism", 1)))
         # Every queued item in arrival order (finds the oldest), and the same items by length
         # bucket, each bucket in arrival order (finds similar lengths). Taken and abandoned items
         # are removed lazily when they reach the head, or by a sweep when too many pile up.
@@ -288,21 +292,23 @@ class DynamicBatcher:
         )
 
     async def start(self) -> None:
-        """Starts the worker thread and the consumer task.
+        """Starts the worker threads and the consumer task.
 
         Raises:
             RuntimeError: if it is already running.
         """
         if self.alive:
             raise RuntimeError("the batcher is already running")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cappy-model")
+        self._executor = ThreadPoolExecutor(
+            max_workers=self._workers, thread_name_prefix="cappy-model"
+        )
         self._draining = False
         self._in_flight = 0
         self._task = asyncio.create_task(self._consume(), name="cappy-batcher")
         self._accepting = True
 
     async def stop(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Stops accepting work, then ends the consumer task and the worker thread.
+        """Stops accepting work, then ends the consumer task and the worker threads.
 
         Args:
             drain: score everything already accepted before stopping; otherwise fail it with
@@ -498,10 +504,17 @@ class DynamicBatcher:
     async def _run(self) -> None:
         config = self._config
         max_wait = config.max_wait_ms / 1000.0
-        in_flight: deque[_Batch] = deque()
+        workers = self._workers
+        in_flight: list[_Batch] = []
         while True:
-            while in_flight and in_flight[0].future.done():
-                self._complete(in_flight.popleft())
+            if any(running.future.done() for running in in_flight):
+                still_running = []
+                for running in in_flight:
+                    if running.future.done():
+                        self._complete(running)
+                    else:
+                        still_running.append(running)
+                in_flight = still_running
             if self._queue_pairs == 0:
                 if self._fifo or self._bucket_entries:
                     self._clear_queue()  # only stale entries left
@@ -509,7 +522,7 @@ class DynamicBatcher:
                     return
                 await self._wait(in_flight, None)
                 continue
-            if len(in_flight) >= 2:
+            if len(in_flight) > workers:
                 await self._wait(in_flight, None)
                 continue
             now = time.monotonic()
@@ -518,7 +531,7 @@ class DynamicBatcher:
                 or self._queue_tokens >= config.max_batch_tokens
             )
             if not full and not self._draining:
-                if in_flight:
+                if len(in_flight) >= workers:
                     # The model is busy: let the partial batch keep filling until it is free.
                     await self._wait(in_flight, None)
                     continue
@@ -536,18 +549,17 @@ class DynamicBatcher:
                         "queue bookkeeping is inconsistent: pairs counted, none queued"
                     )
                 continue
-            batch = self._submit(items)
-            if batch is not None:
-                in_flight.append(batch)
+            submitted = self._submit(items)
+            if submitted is not None:
+                in_flight.append(submitted)
 
-    async def _wait(self, in_flight: deque[_Batch], timeout: float | None) -> None:
-        """Sleeps until new work is queued, the running batch completes, stop() is called, or
+    async def _wait(self, in_flight: list[_Batch], timeout: float | None) -> None:
+        """Sleeps until new work is queued, a running batch completes, stop() is called, or
         `timeout` seconds pass."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiter = waiter
         waits: list[asyncio.Future[Any]] = [waiter]
-        if in_flight:
-            waits.append(in_flight[0].future)
+        waits.extend(batch.future for batch in in_flight)
         try:
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -689,7 +701,7 @@ class DynamicBatcher:
         return items
 
     def _submit(self, items: list[_Item]) -> _Batch | None:
-        """Pads a batch and queues it on the worker thread; None if padding failed."""
+        """Pads a batch and queues it on the worker threads; None if padding failed."""
         try:
             feeds = pad_batch(
                 [item.encoded for item in items],
@@ -715,7 +727,7 @@ class DynamicBatcher:
         return _Batch(items, future, real)
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, float, float]:
-        """Runs in the worker thread."""
+        """Runs in a worker thread."""
         started = time.monotonic()
         scores = self._scorer.infer(feeds)
         return scores, started, time.monotonic()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from service import metrics
 from service.engine.batcher import BatcherConfig, DynamicBatcher, ScoredPair
 from service.engine.export_dir import ExportDir
 from service.engine.scorer import RefiningScorer, load_scorer
@@ -20,6 +22,9 @@ from service.engine.tokenize import PairTokenizer
 from service.engine.types import Scorer, pad_batch
 
 logger = logging.getLogger(__name__)
+
+# Measured on the MiniLM benchmark at concurrency 32 (loadtests/bench.py): see the README.
+CPU_PADDING_TOLERANCE = 0.1
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,10 @@ class RuntimeConfig:
     engine: str = "auto"
     precision: str = "auto"
     threads: int | None = None
+    streams: int | None = None
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    # Overrides batcher.padding_tolerance; None picks by device once the scorer is loaded.
+    padding_tolerance: float | None = None
 
 
 class ScoringRuntime:
@@ -67,6 +75,7 @@ class ScoringRuntime:
             engine=self.config.engine,  # type: ignore[arg-type]
             precision=self.config.precision,  # type: ignore[arg-type]
             threads=self.config.threads,
+            streams=self.config.streams,
         )
         scorer.warmup()
         self.export, self.tokenizer, self.scorer = export, tokenizer, scorer
@@ -83,12 +92,25 @@ class ScoringRuntime:
         try:
             await asyncio.to_thread(self._load_blocking)
             assert self.scorer is not None and self.tokenizer is not None
-            self.batcher = DynamicBatcher(self.scorer, self.tokenizer.encode, self.config.batcher)
+            batcher_config = replace(
+                self.config.batcher, padding_tolerance=self._padding_tolerance(self.scorer)
+            )
+            self.batcher = DynamicBatcher(self.scorer, self.tokenizer.encode, batcher_config)
             await self.batcher.start()
             self._warm = True
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             logger.error("the scorer failed to load: %s", self.load_error)
+
+    def _padding_tolerance(self, scorer: Scorer) -> float:
+        """The configured tolerance, else by device: on CPU every padded token costs as much as a
+        real one, so pairs are grouped tightly (fuller batches barely help there); a GPU has
+        compute to spare and gains from fuller batches instead."""
+        if self.config.padding_tolerance is not None:
+            return self.config.padding_tolerance
+        if getattr(scorer, "device", "cpu") == "cuda":
+            return math.inf
+        return CPU_PADDING_TOLERANCE
 
     async def stop(self, timeout: float | None = None) -> None:
         """Finishes the work already accepted, then stops the batcher."""
@@ -118,10 +140,18 @@ class ScoringRuntime:
         leaders = scorer.near_top(np.array([r.score for r in results], dtype=np.float32))
         if not leaders.size:
             return results
-        assert self.tokenizer is not None
-        encoded = self.tokenizer.encode([pairs[i] for i in leaders])
-        feeds = pad_batch(encoded, scorer.pad_token_id, scorer.input_names)
-        exact = await asyncio.to_thread(scorer.infer_exact, feeds)
+        tokenizer = self.tokenizer
+        assert tokenizer is not None
+        leader_pairs = [pairs[i] for i in leaders]
+
+        def rescore() -> np.ndarray:
+            encoded = tokenizer.encode(leader_pairs)
+            return scorer.infer_exact(pad_batch(encoded, scorer.pad_token_id, scorer.input_names))
+
+        # Beside the batches, not queued behind them: the fast engine leaves the cores idle often
+        # enough (between batches, at its thread barriers) that this measured faster (README).
+        exact = await asyncio.to_thread(rescore)
+        metrics.PAIRS_RESCORED.inc(len(leaders))
         refined = list(results)
         for row, index in enumerate(leaders):
             refined[index] = replace(results[index], score=float(exact[row]))
@@ -129,9 +159,17 @@ class ScoringRuntime:
 
     def describe(self) -> dict[str, Any]:
         scorer = self.scorer
+        batcher = self.batcher
+        tolerance = batcher.config.padding_tolerance if batcher is not None else None
         return {
             "engine": getattr(scorer, "name", None),
             "device": getattr(scorer, "device", None),
             "precision": getattr(scorer, "precision", None),
+            "streams": getattr(scorer, "parallelism", 1) if scorer is not None else None,
+            # null when unlimited (JSON has no infinity)
+            "padding_tolerance": tolerance
+            if tolerance is None or math.isfinite(tolerance)
+            else None,
+            "rescore_margin": getattr(scorer, "margin", None),
             "load_seconds": None if self.load_seconds is None else round(self.load_seconds, 2),
         }

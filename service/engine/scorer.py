@@ -10,7 +10,7 @@
 
 Measured on a 2-core AVX512-BF16 machine with the MiniLM export (loadtests/engine_bench.py):
 OpenVINO bf16 ~2x the pairs/s of ONNX Runtime or OpenVINO fp32, argmax agreement with PyTorch
-fp32 ~97% alone and 100% refined (about 4% of pairs re-scored). ONNX Runtime int8 was slower
+fp32 ~97% alone and 100% refined (about 2% of pairs re-scored). ONNX Runtime int8 was slower
 than bf16 and 71% faithful. See `load_scorer` for the defaults.
 
 All backends return the raw regression output `logits[:, 0]` as float32, one value per row.
@@ -122,6 +122,7 @@ class OnnxScorer:
         self.device = device
         self.precision = precision
         self.name = f"onnxruntime-{device}-{precision}"
+        self.parallelism = 1  # one session, all its threads on each batch
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -257,6 +258,8 @@ class OpenVinoScorer:
         self._compiled = core.compile_model(model, "CPU", config)
         self.streams = int(self._compiled.get_property("NUM_STREAMS"))
         self._split = split_streams and self.streams > 1
+        # Batches that may run at once: one per stream, unless each batch is split over them.
+        self.parallelism = 1 if self._split else max(1, self.streams)
         self._output = self._compiled.output(output_name)
         # One request per stream, handed out through a queue so concurrent callers never share one.
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -336,7 +339,7 @@ class RefiningScorer:
         exact: Scorer,
         *,
         margin: float | None = None,
-        margin_factor: float = 2.0,
+        margin_factor: float = 1.0,
     ) -> None:
         self.fast = fast
         self.exact = exact
@@ -345,22 +348,19 @@ class RefiningScorer:
         self.pad_token_id = fast.pad_token_id
         self.device = getattr(fast, "device", "cpu")
         self.precision = getattr(fast, "precision", "bf16")
+        self.parallelism = getattr(fast, "parallelism", 1)
         self._fixed_margin = margin
         self._margin_factor = margin_factor
         self.margin = margin if margin is not None else 0.0
-        self._lock = threading.Lock()  # the exact engine is small traffic; one call at a time
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         """Scores one padded batch with the fast engine."""
         return self.fast.infer(feeds)
 
     def infer_exact(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Scores one padded batch with the exact (fp32) engine."""
-        with self._lock:
-            exact = self.exact
-            return (
-                exact.fast.infer(feeds) if isinstance(exact, RefiningScorer) else exact.infer(feeds)
-            )
+        """Scores one padded batch with the exact (fp32) engine (thread-safe, like `infer`)."""
+        exact = self.exact
+        return exact.fast.infer(feeds) if isinstance(exact, RefiningScorer) else exact.infer(feeds)
 
     def near_top(self, scores: np.ndarray) -> np.ndarray:
         """Indices of the candidates within `margin` of the best; empty when the best is clear."""
@@ -437,6 +437,7 @@ def load_scorer(
     precision: Precision = "auto",
     *,
     threads: int | None = None,
+    streams: int | None = None,
     refine: bool = True,
 ) -> Scorer:
     """Builds the fastest faithful scorer for this machine.
@@ -446,7 +447,8 @@ def load_scorer(
     in a `RefiningScorer` whose fp32 twin re-scores near-tied leaders of a candidate set; else
     ONNX Runtime fp32. Measured on the MiniLM benchmark (loadtests/engine_bench.py): OpenVINO
     bf16 ~2x the pairs/s of any fp32 engine, argmax agreement with PyTorch fp32 97% alone and
-    100% refined; ONNX Runtime int8 was slower and 71% faithful.
+    100% refined; ONNX Runtime int8 was slower and 71% faithful. `streams`: OpenVINO streams
+    (1: LATENCY, every thread on each batch; None: THROUGHPUT, OpenVINO picks the count).
 
     Raises:
         ScorerError / ExportDirError: an impossible combination (e.g. fp16 on CPU, bf16 on ORT).
@@ -478,7 +480,7 @@ def load_scorer(
             engine = "onnxruntime"
     if engine == "openvino" and chosen_automatically:
         try:
-            return _openvino_scorer(export_dir, precision, threads, refine, common)
+            return _openvino_scorer(export_dir, precision, threads, streams, refine, common)
         except Exception as exc:  # e.g. a graph op OpenVINO cannot read: ORT still can
             logger.warning("OpenVINO cannot serve this export (%s); using ONNX Runtime fp32", exc)
             engine, precision = "onnxruntime", "fp32"
@@ -487,7 +489,7 @@ def load_scorer(
             precision = "bf16" if openvino_bf16_supported() else "fp32"
         if precision not in ("bf16", "fp32"):
             raise ScorerError(f"the OpenVINO scorer runs bf16 or fp32, not {precision}")
-        return _openvino_scorer(export_dir, precision, threads, refine, common)
+        return _openvino_scorer(export_dir, precision, threads, streams, refine, common)
     if precision == "auto":
         precision = "fp32"
     if precision in ("bf16", "fp16"):
@@ -505,12 +507,19 @@ def _openvino_scorer(
     export_dir: ExportDir,
     precision: str,
     threads: int | None,
+    streams: int | None,
     refine: bool,
     common: dict[str, Any],
 ) -> Scorer:
     model = export_dir.model_path("fp32")
-    scorer = OpenVinoScorer(model, precision=precision, threads=threads, **common)
+    # One stream: every thread on each batch (lowest latency). Otherwise several batches at once,
+    # the threads split between them; unset lets OpenVINO's throughput hint pick the count.
+    hint = "LATENCY" if streams == 1 else "THROUGHPUT"
+    scorer = OpenVinoScorer(
+        model, precision=precision, threads=threads, hint=hint, num_streams=streams, **common
+    )
     if refine and scorer.precision == "bf16":
+        # Every thread on one call: the re-scoring is a few pairs at a time, latency-bound.
         exact = OpenVinoScorer(model, precision="fp32", threads=threads, **common)
         return RefiningScorer(scorer, exact)
     return scorer

@@ -55,8 +55,10 @@ def pad_batch(
 class Scorer(Protocol):
     """An execution backend holding one exported Cappy model.
 
-    `infer` is blocking and thread-safe enough to be called from one worker thread at a time;
-    it returns the raw regression output (logits[:, 0]) as float32, one value per row.
+    `infer` is blocking; it returns the raw regression output (logits[:, 0]) as float32, one
+    value per row. A scorer may also have `parallelism` (int, 1 when absent): how many `infer`
+    calls may run at once from different threads (OpenVINO streams); the batcher runs that many
+    batches concurrently.
     """
 
     @property

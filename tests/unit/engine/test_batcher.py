@@ -216,6 +216,53 @@ async def test_requests_queued_while_model_busy_are_batched_together() -> None:
     assert scorer.shapes[1] == (6, 8)
 
 
+class TwoStreamScorer(FakeScorer):
+    """A model with two streams: each call waits until a second call is running beside it."""
+
+    parallelism = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(2, timeout=5)
+        self.running = 0
+        self.most_running = 0
+        self._lock = threading.Lock()
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        with self._lock:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        try:
+            self.barrier.wait()  # BrokenBarrierError unless two batches run at once
+            return super().infer(feeds)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+async def test_a_scorer_with_two_streams_runs_two_batches_at_once() -> None:
+    scorer = TwoStreamScorer()
+    async with running(scorer, max_batch_size=1, max_wait_ms=0) as batcher:
+        requests = [[pair(10 + i, marker=100 + i)] for i in range(6)]
+        results = await asyncio.gather(*(batcher.score(p) for p in requests))
+    assert [r[0].score for r in results] == [expected_score(p[0]) for p in requests]
+    assert len(scorer.batches) == 6
+    assert scorer.most_running == 2  # never more than its streams
+
+
+async def test_one_stream_runs_one_batch_at_a_time() -> None:
+    scorer = FakeScorer()
+    async with running(scorer, max_batch_size=1, max_wait_ms=0) as batcher:
+        await hold_model(batcher, scorer)
+        tasks = [await queue_request(batcher, [pair(8, marker=300 + i)]) for i in range(3)]
+        await asyncio.sleep(0.05)
+        assert len(scorer.batches) == 1  # the rest wait for the model
+        assert batcher.stats().batches_in_flight == 2  # one running, one padded behind it
+        scorer.release()
+        await asyncio.gather(*tasks)
+    assert len(scorer.batches) == 4
+
+
 async def test_huge_request_is_split_and_answered_in_order() -> None:
     scorer = FakeScorer()
     rng = random.Random(1)

@@ -196,6 +196,18 @@ def test_load_scorer_cpu_choices(export) -> None:
         load_scorer(export, device="cpu", engine="onnxruntime", precision="int8")
 
 
+def test_load_scorer_streams_set_how_many_batches_run_at_once(export, cases) -> None:
+    one = load_scorer(export, "cpu", "openvino", "fp32", streams=1)
+    two = load_scorer(export, "cpu", "openvino", "fp32", streams=2)
+    assert (one.parallelism, two.parallelism) == (1, 2)
+    auto = load_scorer(export, "cpu", "openvino", "fp32")  # OpenVINO's throughput hint decides
+    assert 1 <= auto.parallelism <= 64
+    assert_close(two, cases, atol=1e-4)
+    if openvino_bf16_supported():
+        refined = load_scorer(export, device="cpu", streams=2)
+        assert isinstance(refined, RefiningScorer) and refined.parallelism == 2
+
+
 def test_load_scorer_falls_back_to_onnxruntime_when_openvino_fails(
     export, monkeypatch: pytest.MonkeyPatch
 ) -> None:
