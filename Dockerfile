@@ -44,23 +44,18 @@ COPY service ./service
 COPY model_export ./model_export
 COPY adapt ./adapt
 
-# gpu: onnxruntime-gpu's [cuda,cudnn] extras bring the CUDA 13 and cuDNN 9 libraries from PyPI,
-# so the slim base needs no CUDA toolkit; the host's driver comes in through the NVIDIA container
-# toolkit. cpu: onnxruntime + openvino. DL3013: "." is this project; onnxruntime-gpu is pinned to
-# the version the project resolved.
+# gpu: the project's gpu extra is onnxruntime-gpu[cuda,cudnn], which brings the CUDA and cuDNN
+# libraries from PyPI, so the slim base needs no CUDA toolkit; the host's driver comes in through
+# the NVIDIA container toolkit. cpu: onnxruntime + openvino. DL3013: "." is this project.
 # hadolint ignore=DL3013
 RUN if [ "${EXTRAS}" != "gpu" ] && [ "${EXTRAS}" != "cpu" ]; then \
         echo "EXTRAS must be gpu or cpu, not ${EXTRAS}" >&2; exit 1; \
     fi \
     && pip install --no-cache-dir ".[${EXTRAS}]" \
-    && if [ "${EXTRAS}" = "gpu" ]; then \
-        ort_version="$(pip show onnxruntime-gpu | sed -n 's/^Version: //p')" \
-        && pip install --no-cache-dir "onnxruntime-gpu[cuda,cudnn]==${ort_version}"; \
-    fi \
     && cappy --help > /dev/null
 
 # The directories of the NVIDIA libraries installed from PyPI, for the dynamic loader (empty in
-# the cpu image). ONNX Runtime finds them through ld.so.conf without preload_dlls().
+# the cpu image): ONNX Runtime finds them through ld.so.conf even before preload_dlls() runs.
 RUN find /opt/venv -path '*/nvidia/*' -name 'lib*.so*' -printf '%h\n' | sort -u \
         > /opt/venv/nvidia-libs.conf
 

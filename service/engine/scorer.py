@@ -124,6 +124,8 @@ class OnnxScorer:
         self.name = f"onnxruntime-{device}-{precision}"
         self.parallelism = 1  # one session, all its threads on each batch
 
+        if device == "cuda":
+            preload_cuda_libraries(ort)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -180,6 +182,22 @@ class OnnxScorer:
         """Runs batches of representative shapes once."""
         for rows, tokens in _WARMUP_SHAPES:
             self.infer(_synthetic_feeds(rows, tokens, self.input_names, self.pad_token_id))
+
+
+def preload_cuda_libraries(ort: Any) -> None:
+    """Loads the CUDA and cuDNN libraries of the nvidia-* wheels (the `gpu` extra's
+    onnxruntime-gpu[cuda,cudnn]) before the CUDA provider needs them, so that a pip install works
+    without a system CUDA toolkit. A failure is only logged: the libraries may come from the
+    system instead, and the session then says whether CUDA is usable."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:  # onnxruntime < 1.21
+        return
+    try:
+        preload()
+    except Exception as exc:
+        logger.warning(
+            "onnxruntime.preload_dlls() failed (%s); relying on system CUDA libraries", exc
+        )
 
 
 def openvino_bf16_supported() -> bool:

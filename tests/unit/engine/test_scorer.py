@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from service.engine.scorer import (
     cuda_available,
     load_scorer,
     openvino_bf16_supported,
+    preload_cuda_libraries,
 )
 from service.engine.tokenize import PairTokenizer
 from service.engine.types import pad_batch
@@ -206,6 +208,21 @@ def test_load_scorer_streams_set_how_many_batches_run_at_once(export, cases) -> 
     if openvino_bf16_supported():
         refined = load_scorer(export, device="cpu", streams=2)
         assert isinstance(refined, RefiningScorer) and refined.parallelism == 2
+
+
+def test_cuda_libraries_are_preloaded_when_onnxruntime_can(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls: list[str] = []
+    preload_cuda_libraries(SimpleNamespace(preload_dlls=lambda: calls.append("preloaded")))
+    assert calls == ["preloaded"]
+    preload_cuda_libraries(SimpleNamespace())  # onnxruntime < 1.21: nothing to call
+
+    def broken() -> None:
+        raise OSError("libcudnn.so.9: cannot open shared object file")
+
+    preload_cuda_libraries(SimpleNamespace(preload_dlls=broken))  # logged, not raised
+    assert "preload_dlls() failed" in caplog.text
 
 
 def test_load_scorer_falls_back_to_onnxruntime_when_openvino_fails(
