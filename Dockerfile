@@ -110,10 +110,9 @@ USER 10001:10001
 WORKDIR /home/cappy
 EXPOSE 8000
 
-# Liveness: /health is 200 while the model loads and once it serves, 503 after a failed load.
-# The port opens only after a first-start export of a checkpoint or hub id: hence the long start
-# period (mount a ready export directory to start in seconds).
-HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
+# Liveness: /health is 200 while a first-start export runs, while the model loads and once it
+# serves; 503 after a failed export or load. (Readiness, for a load balancer, is /ready.)
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('CAPPY_PORT', '8000'), timeout=4)"]
 
 # uvicorn drains in-flight requests on SIGTERM for up to CAPPY_GRACEFUL_SHUTDOWN_S.

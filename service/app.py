@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from service.engine.batcher import BatcherConfig
 from service.engine.runtime import RuntimeConfig, ScoringRuntime
 from service.errors import register_exception_handlers
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.model_source import is_export_dir, resolve_export_dir
 from service.routes import health, proxy, scoring
 from service.settings import Settings, get_settings
 from service.upstream.best_of_n import BestOfN, ProxyConfig
@@ -92,10 +94,15 @@ def proxy_state(settings: Settings, runtime: ScoringRuntime) -> proxy.ProxyState
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """The app for an export directory (`settings.model`); `cappy serve` resolves checkpoints
-    and hub ids to one before calling this."""
+    """The app for `settings.model`: an export directory, or a checkpoint or hub id that is
+    exported (once, into `settings.cache_dir`) in the background while /health already answers
+    and /ready says "exporting"."""
     settings = settings or get_settings()
-    runtime = ScoringRuntime(runtime_config(settings))
+    prepare = None
+    if not is_export_dir(settings.model):
+        model, cache_dir = settings.model, settings.cache_dir
+        prepare = partial(resolve_export_dir, model, cache_dir)
+    runtime = ScoringRuntime(runtime_config(settings), prepare)
     upstream = proxy_state(settings, runtime)
 
     @asynccontextmanager

@@ -1,5 +1,5 @@
-"""`cappy serve`: settings from the environment (CAPPY_*), overridden by flags; resolves --model
-to an export directory, then runs uvicorn with graceful shutdown."""
+"""`cappy serve`: settings from the environment (CAPPY_*), overridden by flags; checks --model,
+then runs uvicorn with graceful shutdown (the app exports a checkpoint or hub id itself)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
-    from service.model_source import ModelSourceError, resolve_export_dir
+    from service.model_source import ModelSourceError, check_model_source
     from service.settings import Settings
 
     overrides = {
@@ -66,15 +66,14 @@ def _serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        export_dir = resolve_export_dir(settings.model, settings.cache_dir)
+        check_model_source(settings.model)
     except ModelSourceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    # A checkpoint or hub id is exported in the background once the port is open (/ready says
+    # "exporting"); see service.app.create_app.
     settings = settings.model_copy(
-        update={
-            "model": str(export_dir),
-            "model_name": settings.model_name or _display_name(settings.model),
-        }
+        update={"model_name": settings.model_name or _display_name(settings.model)}
     )
     uvicorn.run(
         create_app(settings),

@@ -41,6 +41,34 @@ def cache_path(model: str, cache_dir: Path) -> Path:
     return cache_dir / f"{name[-80:]}-{_fingerprint(model)}"
 
 
+# A Hugging Face hub id: "name" or "owner/name".
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def check_model_source(model: str) -> None:
+    """Fails fast on a `--model` that can be neither a local directory nor a hub id, before
+    anything starts; whether a hub id is reachable is only known when it is exported.
+
+    Raises:
+        ModelSourceError: `model` is not an existing directory and not shaped like a hub id.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ModelSourceError(
+            f"{model}: not a directory (an export directory, a checkpoint "
+            "directory or a Hugging Face hub id is expected)"
+        )
+    if not _HUB_ID.fullmatch(model):
+        raise ModelSourceError(f"{model}: no such directory, and not a Hugging Face hub id")
+
+
+def is_export_dir(model: str) -> bool:
+    """Whether `model` names an export directory (it holds a manifest)."""
+    return (Path(model).expanduser() / MANIFEST).is_file()
+
+
 def resolve_export_dir(model: str, cache_dir: Path, *, timeout_s: float = 3600) -> Path:
     """The export directory to serve for `model`, exporting it first if needed."""
     path = Path(model).expanduser()

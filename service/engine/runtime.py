@@ -7,7 +7,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,10 +41,20 @@ class RuntimeConfig:
 
 
 class ScoringRuntime:
-    """Loads the model off the event loop; `ready` turns true only after warm-up."""
+    """Loads the model off the event loop; `ready` turns true only after warm-up.
 
-    def __init__(self, config: RuntimeConfig) -> None:
+    Args:
+        config: what to load and how to serve it.
+        prepare: called first, off the event loop, when `config.export_dir` must be produced
+            (exporting a checkpoint or hub id): it returns the export directory to load.
+
+    `phase` says where it stands: "exporting", "loading", "ready", "failed" or "stopped".
+    """
+
+    def __init__(self, config: RuntimeConfig, prepare: Callable[[], Path] | None = None) -> None:
         self.config = config
+        self._prepare = prepare
+        self.phase = "exporting" if prepare is not None else "loading"
         self.export: ExportDir | None = None
         self.tokenizer: PairTokenizer | None = None
         self.scorer: Scorer | None = None
@@ -62,8 +72,13 @@ class ScoringRuntime:
         return not self._warm and self.load_error is None
 
     def _load_blocking(self) -> None:
+        export_dir = self.config.export_dir
+        if self._prepare is not None:
+            self.phase = "exporting"
+            export_dir = self._prepare()
+        self.phase = "loading"
         started = time.perf_counter()
-        export = ExportDir.load(self.config.export_dir)
+        export = ExportDir.load(export_dir)
         tokenizer = PairTokenizer.from_dir(
             export.path,
             max_length=export.max_length,
@@ -98,8 +113,10 @@ class ScoringRuntime:
             self.batcher = DynamicBatcher(self.scorer, self.tokenizer.encode, batcher_config)
             await self.batcher.start()
             self._warm = True
+            self.phase = "ready"
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
+            self.phase = "failed"
             logger.error("the scorer failed to load: %s", self.load_error)
 
     def _padding_tolerance(self, scorer: Scorer) -> float:
@@ -115,6 +132,8 @@ class ScoringRuntime:
     async def stop(self, timeout: float | None = None) -> None:
         """Finishes the work already accepted, then stops the batcher."""
         self._warm = False
+        if self.load_error is None:
+            self.phase = "stopped"
         if self.batcher is not None:
             await self.batcher.stop(drain=True, timeout=timeout)
 

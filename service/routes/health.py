@@ -29,10 +29,11 @@ async def health(runtime: RuntimeDep) -> JSONResponse:
 
 @router.get("/ready")
 async def ready(runtime: RuntimeDep) -> JSONResponse:
-    """Readiness: 200 only when the model is loaded, warmed up and the batcher is alive."""
+    """Readiness: 200 only when the model is loaded, warmed up and the batcher is alive; else 503
+    with the phase ("exporting" a checkpoint on first start, "loading", or "unavailable")."""
     if runtime.ready:
         return JSONResponse({"status": "ready"})
-    status = "loading" if runtime.loading else "unavailable"
+    status = runtime.phase if runtime.loading else "unavailable"
     return JSONResponse({"status": status}, 503, headers={"Retry-After": "5"})
 
 

@@ -28,7 +28,7 @@ async def wait_ready(client: httpx.AsyncClient, timeout: float = 120.0) -> None:
 
 @asynccontextmanager
 async def running_app(
-    export_dir: Path, *, ready: bool = True, **overrides: Any
+    export_dir: Path | str, *, ready: bool = True, **overrides: Any
 ) -> AsyncIterator[httpx.AsyncClient]:
     settings = Settings(model=str(export_dir), **overrides)
     app = create_app(settings)
