@@ -50,8 +50,8 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
             max_queue_tokens=settings.max_queue_tokens,
             default_timeout_s=settings.request_timeout_s,
             cross_request=settings.cross_request_batching,
+            padding_tolerance=settings.padding_tolerance,
         ),
-        padding_tolerance=settings.padding_tolerance,
     )
 
 

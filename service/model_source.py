@@ -71,9 +71,8 @@ def is_export_dir(model: str) -> bool:
 
 def resolve_export_dir(model: str, cache_dir: Path, *, timeout_s: float = 3600) -> Path:
     """The export directory to serve for `model`, exporting it first if needed."""
-    path = Path(model).expanduser()
-    if (path / MANIFEST).is_file():
-        return path
+    if is_export_dir(model):
+        return Path(model).expanduser()
     target = cache_path(model, cache_dir)
     if (target / MANIFEST).is_file():
         logger.info("using the cached export %s for %s", target, model)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -57,6 +58,9 @@ _RETRY_AFTER_MAX_S = 60.0
 _RETRY_AFTER_UNKNOWN_S = 1.0
 # Bucket steps of the three candidate sources of a batch: the seed's bucket, below, above.
 _SOURCE_STEPS = (0, -1, 1)
+# Padding tolerance on CPU when none is configured: measured best on the MiniLM benchmark
+# (README, Benchmarks: 0.1 against 0.25 and 0.5 at concurrency 32, and at concurrency 1).
+CPU_PADDING_TOLERANCE = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +78,10 @@ class BatcherConfig:
         default_timeout_s: deadline of a request that brings none; None for no deadline.
         padding_tolerance: an item joins a batch only if the padding it adds is at most this many
             tokens per token of its own (1.0: a pair never costs more than about twice its
-            length). Padding is pure waste on CPU; `math.inf` fills batches by budget alone, which
-            suits a GPU that is not compute-bound.
+            length). None picks by the scorer's device: `CPU_PADDING_TOLERANCE` on CPU, where a
+            padded token costs as much as a real one and batch size barely matters above a few
+            rows; `math.inf` (batches filled by budget alone) on CUDA, which is not compute-bound
+            and gains from fuller batches.
         cross_request: batch pairs of different requests together (the point of a dynamic
             batcher). False gives the per-request baseline the benchmarks compare with: a batch
             holds pairs of one request only, shortest first.
@@ -86,7 +92,7 @@ class BatcherConfig:
     max_wait_ms: float = 5.0
     max_queue_tokens: int = 262144
     default_timeout_s: float | None = 30.0
-    padding_tolerance: float = 1.0
+    padding_tolerance: float | None = None
     cross_request: bool = True
 
     def __post_init__(self) -> None:
@@ -100,7 +106,7 @@ class BatcherConfig:
             raise ValueError("max_queue_tokens must be at least 1")
         if self.default_timeout_s is not None and self.default_timeout_s <= 0:
             raise ValueError("default_timeout_s must be positive or None")
-        if self.padding_tolerance < 0:
+        if self.padding_tolerance is not None and self.padding_tolerance < 0:
             raise ValueError("padding_tolerance must not be negative")
 
 
@@ -201,6 +207,12 @@ def _bucket(length: int) -> int:
     return max(length - 1, 0) // _BUCKET_WIDTH
 
 
+def _padding_tolerance(configured: float | None, scorer: Scorer) -> float:
+    if configured is not None:
+        return configured
+    return math.inf if getattr(scorer, "device", "cpu") == "cuda" else CPU_PADDING_TOLERANCE
+
+
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
@@ -228,6 +240,7 @@ class DynamicBatcher:
         self._config = config or BatcherConfig()
         # Batches the scorer can run at once (OpenVINO streams); one worker thread each.
         self._workers = max(1, int(getattr(scorer, "parallelism", 1)))
+        self.padding_tolerance = _padding_tolerance(self._config.padding_tolerance, scorer)
         # Every queued item in arrival order (finds the oldest), and the same items by length
         # bucket, each bucket in arrival order (finds similar lengths). Taken and abandoned items
         # are removed lazily when they reach the head, or by a sweep when too many pile up.
@@ -507,14 +520,9 @@ class DynamicBatcher:
         workers = self._workers
         in_flight: list[_Batch] = []
         while True:
-            if any(running.future.done() for running in in_flight):
-                still_running = []
-                for running in in_flight:
-                    if running.future.done():
-                        self._complete(running)
-                    else:
-                        still_running.append(running)
-                in_flight = still_running
+            for finished in [b for b in in_flight if b.future.done()]:
+                in_flight.remove(finished)
+                self._complete(finished)
             if self._queue_pairs == 0:
                 if self._fifo or self._bucket_entries:
                     self._clear_queue()  # only stale entries left
@@ -632,7 +640,7 @@ class DynamicBatcher:
         config = self._config
         budget = config.max_batch_tokens
         max_rows = config.max_batch_size
-        tolerance = config.padding_tolerance
+        tolerance = self.padding_tolerance
         self._fifo.popleft()
         if not config.cross_request:
             return self._take_from_request(seed)

@@ -23,9 +23,6 @@ from service.engine.types import Scorer, pad_batch
 
 logger = logging.getLogger(__name__)
 
-# Measured on the MiniLM benchmark at concurrency 32 (loadtests/bench.py): see the README.
-CPU_PADDING_TOLERANCE = 0.1
-
 
 @dataclass(frozen=True)
 class RuntimeConfig:
@@ -36,8 +33,6 @@ class RuntimeConfig:
     threads: int | None = None
     streams: int | None = None
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
-    # Overrides batcher.padding_tolerance; None picks by device once the scorer is loaded.
-    padding_tolerance: float | None = None
 
 
 class ScoringRuntime:
@@ -61,20 +56,18 @@ class ScoringRuntime:
         self.batcher: DynamicBatcher | None = None
         self.load_error: str | None = None
         self.load_seconds: float | None = None
-        self._warm = False
 
     @property
     def ready(self) -> bool:
-        return self._warm and self.batcher is not None and self.batcher.alive
+        return self.phase == "ready" and self.batcher is not None and self.batcher.alive
 
     @property
     def loading(self) -> bool:
-        return not self._warm and self.load_error is None
+        return self.phase in ("exporting", "loading")
 
     def _load_blocking(self) -> None:
         export_dir = self.config.export_dir
-        if self._prepare is not None:
-            self.phase = "exporting"
+        if self._prepare is not None:  # phase is "exporting" since __init__
             export_dir = self._prepare()
         self.phase = "loading"
         started = time.perf_counter()
@@ -107,32 +100,17 @@ class ScoringRuntime:
         try:
             await asyncio.to_thread(self._load_blocking)
             assert self.scorer is not None and self.tokenizer is not None
-            batcher_config = replace(
-                self.config.batcher, padding_tolerance=self._padding_tolerance(self.scorer)
-            )
-            self.batcher = DynamicBatcher(self.scorer, self.tokenizer.encode, batcher_config)
+            self.batcher = DynamicBatcher(self.scorer, self.tokenizer.encode, self.config.batcher)
             await self.batcher.start()
-            self._warm = True
             self.phase = "ready"
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             self.phase = "failed"
             logger.error("the scorer failed to load: %s", self.load_error)
 
-    def _padding_tolerance(self, scorer: Scorer) -> float:
-        """The configured tolerance, else by device: on CPU every padded token costs as much as a
-        real one, so pairs are grouped tightly (fuller batches barely help there); a GPU has
-        compute to spare and gains from fuller batches instead."""
-        if self.config.padding_tolerance is not None:
-            return self.config.padding_tolerance
-        if getattr(scorer, "device", "cpu") == "cuda":
-            return math.inf
-        return CPU_PADDING_TOLERANCE
-
     async def stop(self, timeout: float | None = None) -> None:
         """Finishes the work already accepted, then stops the batcher."""
-        self._warm = False
-        if self.load_error is None:
+        if self.phase != "failed":
             self.phase = "stopped"
         if self.batcher is not None:
             await self.batcher.stop(drain=True, timeout=timeout)
@@ -178,8 +156,7 @@ class ScoringRuntime:
 
     def describe(self) -> dict[str, Any]:
         scorer = self.scorer
-        batcher = self.batcher
-        tolerance = batcher.config.padding_tolerance if batcher is not None else None
+        tolerance = self.batcher.padding_tolerance if self.batcher is not None else None
         return {
             "engine": getattr(scorer, "name", None),
             "device": getattr(scorer, "device", None),

@@ -19,7 +19,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.engine.batcher import BatcherConfig, DynamicBatcher, ScoredPair
+from service.engine.batcher import (
+    CPU_PADDING_TOLERANCE,
+    BatcherConfig,
+    DynamicBatcher,
+    ScoredPair,
+)
 from service.engine.errors import (
     DeadlineExceeded,
     EngineStopped,
@@ -195,7 +200,7 @@ async def test_random_workload_respects_budget_and_keeps_order() -> None:
 
 async def test_concurrent_requests_share_batches() -> None:
     scorer = FakeScorer()
-    async with running(scorer, max_wait_ms=50) as batcher:
+    async with running(scorer, max_wait_ms=50, padding_tolerance=1.0) as batcher:
         requests = [[pair(10 + i, marker=100 + i), pair(12, marker=200 + i)] for i in range(8)]
         results = await asyncio.gather(*(batcher.score(p) for p in requests))
     assert [[s.score for s in r] for r in results] == [
@@ -214,6 +219,26 @@ async def test_requests_queued_while_model_busy_are_batched_together() -> None:
         await asyncio.gather(*tasks)
     assert len(scorer.batches) == 2
     assert scorer.shapes[1] == (6, 8)
+
+
+@pytest.mark.parametrize(
+    ("configured", "device", "expected"),
+    [
+        (None, None, CPU_PADDING_TOLERANCE),  # a scorer that names no device runs on CPU
+        (None, "cpu", CPU_PADDING_TOLERANCE),
+        (None, "cuda", math.inf),
+        (0.5, "cpu", 0.5),
+        (0.0, "cuda", 0.0),
+    ],
+)
+def test_padding_tolerance_follows_the_device_unless_set(
+    configured: float | None, device: str | None, expected: float
+) -> None:
+    scorer = FakeScorer()
+    if device is not None:
+        scorer.device = device  # type: ignore[attr-defined]
+    batcher = DynamicBatcher(scorer, encode, BatcherConfig(padding_tolerance=configured))
+    assert batcher.padding_tolerance == expected
 
 
 class TwoStreamScorer(FakeScorer):
