@@ -309,7 +309,13 @@ def metrics_diff(before: dict[Sample, float], after: dict[Sample, float]) -> dic
         # other tenants of a shared host than wall-clock rates.
         "cpu_s": _round(cpu_s, 2) if cpu_s else None,
         "pairs_per_cpu_s": _round(pairs / cpu_s, 1) if cpu_s else None,
-        "pairs_rescored": int(_total(diff, "cappy_pairs_rescored_total")),
+        # Near-tied leaders re-scored for ranking, by the precision that re-scored them (pairs
+        # re-scored in bf16 by the batcher are in pairs_scored and the batch figures too).
+        "pairs_rescored": {
+            k: int(v)
+            for k, v in _by_label(diff, "cappy_pairs_rescored_total", "precision").items()
+            if v
+        },
     }
 
 

@@ -42,6 +42,16 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="also write model.int8.onnx, dynamically quantised (default: off)",
     )
     export.add_argument(
+        "--int8-calibration",
+        type=Path,
+        default=None,
+        metavar="JSONL",
+        help="also write model.int8.xml/.bin, OpenVINO int8 statically quantised with NNCF, "
+        'calibrated on this file\'s candidate sets (one per line: {"instruction": ..., '
+        '"candidates"|"targets": [...]} or {"instruction": ..., "response": ...}); about a '
+        "tenth is held out to measure parity (needs the int8 extra)",
+    )
+    export.add_argument(
         "--max-length",
         type=int,
         default=None,
@@ -85,6 +95,7 @@ def _export(args: argparse.Namespace) -> int:
             revision=args.revision,
             fp16=args.fp16,
             int8=args.int8,
+            int8_calibration=args.int8_calibration,
             max_length=args.max_length,
             force=args.force,
             progress=not args.quiet,

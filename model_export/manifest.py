@@ -16,7 +16,12 @@ from model_export.errors import ExportError
 MANIFEST = "cappy_export.json"
 FORMAT = "cappy-export"
 FORMAT_VERSION = 1
-VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+VARIANT_FILES = {
+    "fp32": "model.onnx",
+    "fp16": "model.fp16.onnx",
+    "int8": "model.int8.onnx",
+    "openvino-int8": "model.int8.xml",  # its weights: "weights" in the model entry (model.int8.bin)
+}
 SCORE_SEMANTICS = {
     "output": "logits",
     "index": 0,
@@ -93,4 +98,6 @@ def check_files(directory: Path, manifest: dict[str, Any]) -> list[str]:
     for variant, entry in manifest["models"].items():
         if entry.get("file") not in files:
             problems.append(f"model {variant}: file {entry.get('file')!r} not in the hash list")
+        if "weights" in entry and entry["weights"] not in files:
+            problems.append(f"model {variant}: weights {entry['weights']!r} not in the hash list")
     return problems

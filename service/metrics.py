@@ -85,7 +85,9 @@ TOKENS_SCORED = Counter(
 )
 PAIRS_RESCORED = Counter(
     "cappy_pairs_rescored_total",
-    "Near-tied leaders of a candidate set re-scored by the exact (fp32) engine for ranking.",
+    "Near-tied leaders of a candidate set re-scored by a more precise engine for ranking, by "
+    "that engine's precision (bf16 after the int8 screen, fp32).",
+    ["precision"],
     registry=REGISTRY,
 )
 PAIRS_TRUNCATED = Counter(

@@ -38,7 +38,11 @@ class Settings(BaseSettings):
         "(OpenVINO bf16 where the CPU has native bf16, else ONNX Runtime fp32).",
     )
     precision: Literal["auto", "fp32", "fp16", "int8", "bf16"] = Field(
-        "auto", description="auto: fp16 on GPU, bf16 or fp32 on CPU (see engine)."
+        "auto",
+        description="auto: fp16 on GPU, bf16 or fp32 on CPU (see engine). int8: on CPU, "
+        "when the export has a calibrated OpenVINO int8 model (cappy export --int8-calibration), "
+        "int8 screening with the near-ties re-scored in bf16 then fp32 for ranking (/score in "
+        "bf16); else model.int8.onnx on ONNX Runtime.",
     )
     threads: int | None = Field(
         None, ge=1, le=256, description="CPU inference threads (default: usable cores)."

@@ -23,8 +23,10 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "cappy_export.json"
 FORMAT = "cappy-export"
 SUPPORTED_FORMAT_VERSIONS = (1,)
-Variant = Literal["fp32", "fp16", "int8"]
-VARIANTS: tuple[Variant, ...] = ("fp32", "fp16", "int8")
+# "openvino-int8": an OpenVINO IR statically quantised with NNCF on calibration text
+# (`cappy export --int8-calibration`), used on CPU to screen candidates before re-scoring.
+Variant = Literal["fp32", "fp16", "int8", "openvino-int8"]
+VARIANTS: tuple[Variant, ...] = ("fp32", "fp16", "int8", "openvino-int8")
 _KNOWN_INPUTS = {"input_ids", "attention_mask", "token_type_ids"}
 _HASH_CHUNK = 1 << 20
 
@@ -195,7 +197,8 @@ class ExportDir:
         return self.manifest.parity_of(precision)
 
     def model_path(self, precision: str) -> Path:
-        """The ONNX graph of `precision` ("fp32", "fp16" or "int8").
+        """The model file of `precision` ("fp32", "fp16", "int8": ONNX; "openvino-int8": an
+        OpenVINO IR .xml, its weights beside it).
 
         Raises:
             ExportDirError: unknown precision, variant not in this export, or its parity failed.

@@ -53,13 +53,21 @@ class ScoringRuntime:
         self.export: ExportDir | None = None
         self.tokenizer: PairTokenizer | None = None
         self.scorer: Scorer | None = None
+        # One batcher per batched stage of the scorer (see `_stages`); `batcher` is the one
+        # /score uses, the most precise batched stage.
+        self.batchers: list[DynamicBatcher] = []
         self.batcher: DynamicBatcher | None = None
         self.load_error: str | None = None
         self.load_seconds: float | None = None
 
     @property
     def ready(self) -> bool:
-        return self.phase == "ready" and self.batcher is not None and self.batcher.alive
+        return self.phase == "ready" and self.alive
+
+    @property
+    def alive(self) -> bool:
+        """Whether every batcher is running (False before start)."""
+        return bool(self.batchers) and all(b.alive for b in self.batchers)
 
     @property
     def loading(self) -> bool:
@@ -100,8 +108,13 @@ class ScoringRuntime:
         try:
             await asyncio.to_thread(self._load_blocking)
             assert self.scorer is not None and self.tokenizer is not None
-            self.batcher = DynamicBatcher(self.scorer, self.tokenizer.encode, self.config.batcher)
-            await self.batcher.start()
+            self.batchers = [
+                DynamicBatcher(stage, self.tokenizer.encode, self.config.batcher)
+                for stage in _stages(self.scorer)
+            ]
+            self.batcher = self.batchers[-1]
+            for batcher in self.batchers:
+                await batcher.start()
             self.phase = "ready"
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
@@ -112,8 +125,9 @@ class ScoringRuntime:
         """Finishes the work already accepted, then stops the batcher."""
         if self.phase != "failed":
             self.phase = "stopped"
-        if self.batcher is not None:
-            await self.batcher.stop(drain=True, timeout=timeout)
+        # First stage first: its drained requests may still queue leaders on the next stage.
+        for batcher in self.batchers:
+            await batcher.stop(drain=True, timeout=timeout)
 
     async def score(
         self, pairs: Sequence[tuple[str, str]], *, deadline: float | None = None
@@ -126,39 +140,53 @@ class ScoringRuntime:
     ) -> list[ScoredPair]:
         """Scores candidates for one instruction, for ranking them.
 
-        With a refining scorer (bf16 + fp32 on CPU), the candidates within its margin of the best
-        are re-scored in fp32, so the winner and the order of the leaders are fp32's.
+        With a refining scorer, every candidate is scored by its first stage and the candidates
+        within that stage's margin of the best are re-scored by the next one (int8 -> bf16 ->
+        fp32 on CPU when the export has the int8 model, else bf16 -> fp32): the winner and the
+        order of the leaders are those of fp32; a candidate keeps the score of the last stage
+        that scored it.
         """
         pairs = [(instruction, candidate) for candidate in candidates]
-        results = await self.score(pairs, deadline=deadline)
-        scorer = self.scorer
-        if not isinstance(scorer, RefiningScorer) or len(results) < 2:
-            return results
-        leaders = scorer.near_top(np.array([r.score for r in results], dtype=np.float32))
-        if not leaders.size:
-            return results
-        tokenizer = self.tokenizer
-        assert tokenizer is not None
-        leader_pairs = [pairs[i] for i in leaders]
+        first = self.batchers[0] if self.batchers else None
+        assert first is not None
+        results = await first.score(pairs, deadline=deadline)
+        stage = self.scorer
+        rows = np.arange(len(results))
+        for batcher in [*self.batchers[1:], None]:
+            if not isinstance(stage, RefiningScorer) or rows.size < 2:
+                break
+            leaders = stage.near_top(np.array([results[i].score for i in rows], dtype=np.float32))
+            if not leaders.size:
+                break
+            rows = rows[leaders]
+            subset = [pairs[i] for i in rows]
+            if batcher is not None:  # a batched stage (bf16 after int8): across requests
+                scores = [r.score for r in await batcher.score(subset, deadline=deadline)]
+            else:  # the exact (fp32) stage: a few pairs, at once
+                scores = (await asyncio.to_thread(self._score_exact, stage, subset)).tolist()
+            metrics.PAIRS_RESCORED.labels(precision=_precision(stage.exact)).inc(len(rows))
+            results = list(results)
+            for row, score in zip(rows, scores, strict=True):
+                results[row] = replace(results[row], score=float(score))
+            stage = stage.exact
+        return results
 
-        def rescore() -> np.ndarray:
-            encoded = tokenizer.encode(leader_pairs)
-            return scorer.infer_exact(pad_batch(encoded, scorer.pad_token_id, scorer.input_names))
-
+    def _score_exact(self, stage: RefiningScorer, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         # Beside the batches, not queued behind them: the fast engine leaves the cores idle often
         # enough (between batches, at its thread barriers) that this measured faster (README).
-        exact = await asyncio.to_thread(rescore)
-        metrics.PAIRS_RESCORED.inc(len(leaders))
-        refined = list(results)
-        for row, index in enumerate(leaders):
-            refined[index] = replace(results[index], score=float(exact[row]))
-        return refined
+        tokenizer = self.tokenizer
+        assert tokenizer is not None
+        encoded = tokenizer.encode(pairs)
+        return stage.exact.infer(pad_batch(encoded, stage.pad_token_id, stage.input_names))
 
     def describe(self) -> dict[str, Any]:
         scorer = self.scorer
         tolerance = self.batcher.padding_tolerance if self.batcher is not None else None
         return {
             "engine": getattr(scorer, "name", None),
+            # Ranking runs these in order, each re-scoring the previous one's near-ties (within
+            # its margin); /score uses the last batched one (all but an unbatched fp32 stage).
+            "stages": _describe_stages(scorer) if scorer is not None else [],
             "device": getattr(scorer, "device", None),
             "precision": getattr(scorer, "precision", None),
             "streams": getattr(scorer, "parallelism", 1) if scorer is not None else None,
@@ -166,6 +194,28 @@ class ScoringRuntime:
             "padding_tolerance": tolerance
             if tolerance is None or math.isfinite(tolerance)
             else None,
-            "rescore_margin": getattr(scorer, "margin", None),
             "load_seconds": None if self.load_seconds is None else round(self.load_seconds, 2),
         }
+
+
+def _describe_stages(scorer: Scorer) -> list[dict[str, Any]]:
+    stages: list[dict[str, Any]] = []
+    stage: Scorer = scorer
+    while isinstance(stage, RefiningScorer):
+        stages.append({"engine": stage.fast.name, "rescore_margin": stage.margin})
+        stage = stage.exact
+    return [*stages, {"engine": stage.name}]
+
+
+def _stages(scorer: Scorer) -> list[Scorer]:
+    """The batched stages of a scorer: itself and, down a refining chain, each exact scorer that
+    refines further (int8 -> [bf16 -> fp32]); the last exact scorer runs unbatched."""
+    stages = [scorer]
+    while isinstance(stages[-1], RefiningScorer) and isinstance(stages[-1].exact, RefiningScorer):
+        stages.append(stages[-1].exact)
+    return stages
+
+
+def _precision(scorer: Scorer) -> str:
+    fast = scorer.fast if isinstance(scorer, RefiningScorer) else scorer
+    return str(getattr(fast, "precision", "unknown"))

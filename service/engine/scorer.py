@@ -211,12 +211,14 @@ def openvino_bf16_supported() -> bool:
 
 
 class OpenVinoScorer:
-    """OpenVINO CPU backend reading an ONNX graph, dynamic batch and sequence axes.
+    """OpenVINO CPU backend reading an ONNX graph or an OpenVINO IR, dynamic batch and sequence
+    axes.
 
     Args:
-        model_path: the ONNX graph (OpenVINO reads ORT's fused contrib ops too).
-        precision: "bf16" (needs native bf16; falls back to f32 with a warning otherwise) or
-            "fp32".
+        model_path: the ONNX graph (OpenVINO reads ORT's fused contrib ops too), or the .xml of
+            an IR.
+        precision: "bf16" (needs native bf16; falls back to f32 with a warning otherwise),
+            "fp32", or "int8" for a quantised IR (its other ops in bf16 where native).
         hint: PERFORMANCE_HINT, "LATENCY" (one stream using every core) or "THROUGHPUT".
         num_streams: NUM_STREAMS; None lets the hint decide.
         threads: INFERENCE_NUM_THREADS; None means every usable core.
@@ -248,9 +250,12 @@ class OpenVinoScorer:
     ) -> None:
         import openvino as ov
 
-        if precision not in ("bf16", "fp32"):
-            raise ScorerError(f"OpenVINO scorer precision must be bf16 or fp32, not {precision!r}")
-        if precision == "bf16" and not openvino_bf16_supported():
+        if precision not in ("bf16", "fp32", "int8"):
+            raise ScorerError(
+                f"OpenVINO scorer precision must be bf16, fp32 or int8, not {precision!r}"
+            )
+        native_bf16 = openvino_bf16_supported()
+        if precision == "bf16" and not native_bf16:
             logger.warning("this CPU has no native bf16: OpenVINO runs f32 instead")
             precision = "fp32"
         self.input_names = list(input_names)
@@ -265,8 +270,10 @@ class OpenVinoScorer:
         if cache_dir:
             core.set_property({"CACHE_DIR": cache_dir})
         model = core.read_model(str(model_path))
+        # An int8 model (quantised IR) keeps its non-quantised ops in bf16 where that is native.
+        uses_bf16 = precision == "bf16" or (precision == "int8" and native_bf16)
         config: dict[str, Any] = {
-            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+            "INFERENCE_PRECISION_HINT": "bf16" if uses_bf16 else "f32",
             "PERFORMANCE_HINT": hint,
             "INFERENCE_NUM_THREADS": threads or usable_cores(),
         }
@@ -410,7 +417,10 @@ class RefiningScorer:
         return out
 
     def warmup(self) -> None:
-        """Warms both engines; unless a margin was given, calibrates it on the warm-up shapes."""
+        """Warms both engines (a chained exact one first, calibrating its own margin); unless a
+        margin was given, calibrates this one on the warm-up shapes."""
+        if isinstance(self.exact, RefiningScorer):
+            self.exact.warmup()
         worst = 0.0
         for rows, tokens in _WARMUP_SHAPES:
             feeds = _synthetic_feeds(rows, tokens, self.input_names, self.pad_token_id)
@@ -463,10 +473,13 @@ def load_scorer(
     GPU: ONNX Runtime CUDA with the fp16 graph (fp32 when the export has no usable fp16).
     CPU: OpenVINO bf16 where the CPU computes bf16 natively, wrapped (unless `refine` is False)
     in a `RefiningScorer` whose fp32 twin re-scores near-tied leaders of a candidate set; else
-    ONNX Runtime fp32. Measured on the MiniLM benchmark (loadtests/engine_bench.py): OpenVINO
-    bf16 ~2x the pairs/s of any fp32 engine, argmax agreement with PyTorch fp32 97% alone and
-    100% refined; ONNX Runtime int8 was slower and 71% faithful. `streams`: OpenVINO streams
-    (1: LATENCY, every thread on each batch; None: THROUGHPUT, OpenVINO picks the count).
+    ONNX Runtime fp32. With precision int8 and an export holding a calibrated OpenVINO int8
+    model, that model screens first: int8 -> bf16 -> fp32, each stage re-scoring the previous
+    one's near-ties (the int8 margin is the export's measured int8 parity error). Measured on the
+    MiniLM benchmark (loadtests/engine_bench.py): OpenVINO bf16 ~2x the pairs/s of any fp32
+    engine, argmax agreement with PyTorch fp32 97% alone and 100% refined; ONNX Runtime int8 was
+    slower and 71% faithful. `streams`: OpenVINO streams (1: LATENCY, every thread on each batch;
+    None: THROUGHPUT, OpenVINO picks the count).
 
     Raises:
         ScorerError / ExportDirError: an impossible combination (e.g. fp16 on CPU, bf16 on ORT).
@@ -491,11 +504,18 @@ def load_scorer(
         )
 
     chosen_automatically = engine == "auto"
+    # Opt-in: on the flat-scored MiniLM benchmark the int8 screen's honest margin (its parity
+    # error) sent a third of the pairs on to bf16, slower than bf16 alone (README, Benchmarks).
+    screen = precision == "int8" and export_dir.has_variant("openvino-int8")
     if engine == "auto":
-        if precision in ("auto", "bf16") and _openvino_importable() and openvino_bf16_supported():
+        if screen and _openvino_importable():
+            engine = "openvino"
+        elif precision in ("auto", "bf16") and _openvino_importable() and openvino_bf16_supported():
             engine, precision = "openvino", "bf16"
         else:
             engine = "onnxruntime"
+    if engine == "openvino" and screen:
+        return _screened_scorer(export_dir, threads, streams, refine, common)
     if engine == "openvino" and chosen_automatically:
         try:
             return _openvino_scorer(export_dir, precision, threads, streams, refine, common)
@@ -506,7 +526,10 @@ def load_scorer(
         if precision == "auto":
             precision = "bf16" if openvino_bf16_supported() else "fp32"
         if precision not in ("bf16", "fp32"):
-            raise ScorerError(f"the OpenVINO scorer runs bf16 or fp32, not {precision}")
+            raise ScorerError(
+                f"the OpenVINO scorer runs bf16 or fp32, or int8 from an export made with "
+                f"--int8-calibration; not {precision} here"
+            )
         return _openvino_scorer(export_dir, precision, threads, streams, refine, common)
     if precision == "auto":
         precision = "fp32"
@@ -541,6 +564,37 @@ def _openvino_scorer(
         exact = OpenVinoScorer(model, precision="fp32", threads=threads, **common)
         return RefiningScorer(scorer, exact)
     return scorer
+
+
+def _screened_scorer(
+    export_dir: ExportDir,
+    threads: int | None,
+    streams: int | None,
+    refine: bool,
+    common: dict[str, Any],
+) -> Scorer:
+    """The export's calibrated OpenVINO int8 model screens every candidate; unless `refine` is
+    False, the leaders within its recorded parity error of the best are re-scored by the bf16
+    scorer (itself refined by fp32): int8 -> bf16 -> fp32."""
+    hint = "LATENCY" if streams == 1 else "THROUGHPUT"
+    int8 = OpenVinoScorer(
+        export_dir.model_path("openvino-int8"),
+        precision="int8",
+        threads=threads,
+        hint=hint,
+        num_streams=streams,
+        **common,
+    )
+    if not refine:
+        return int8
+    record = export_dir.parity("openvino-int8")
+    if record is None or record.max_abs_diff is None:
+        raise ScorerError(
+            f"{export_dir.path}: the openvino-int8 model has no measured parity to set its "
+            "re-scoring margin; re-export it, or serve with precision bf16"
+        )
+    bf16 = _openvino_scorer(export_dir, "bf16", threads, streams, refine, common)
+    return RefiningScorer(int8, bf16, margin=record.max_abs_diff)
 
 
 def _pad_id(export_dir: ExportDir) -> int:

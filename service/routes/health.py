@@ -22,7 +22,7 @@ async def health(runtime: RuntimeDep) -> JSONResponse:
     """Liveness: 503 once the model failed to load or the batcher died, else 200."""
     if runtime.load_error is not None:
         return JSONResponse({"status": "failed", "reason": "model failed to load"}, 503)
-    if runtime.batcher is not None and not runtime.batcher.alive and not runtime.loading:
+    if runtime.batchers and not runtime.alive and not runtime.loading:
         return JSONResponse({"status": "unhealthy", "reason": "batcher stopped"}, 503)
     return JSONResponse({"status": "ok"})
 

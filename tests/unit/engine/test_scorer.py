@@ -3,6 +3,7 @@ OpenVINO bf16 within a bf16-sized tolerance, across padded batches of mixed leng
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -259,3 +260,34 @@ def test_onnxruntime_cuda_matches_pytorch(export, tokenizer, cases) -> None:
     scorer.warmup()
     assert scorer.providers[0] == "CUDAExecutionProvider"
     assert_close(scorer, cases, atol=1e-3, rtol=1e-3)
+
+
+def test_load_scorer_int8_screening_is_opt_in(export_copy: Path) -> None:
+    """An export with an OpenVINO int8 model: precision int8 screens with it (int8 -> bf16 ->
+    fp32, its margin the recorded parity error); auto does not; no recorded error, no screen."""
+    ov = pytest.importorskip("openvino")
+    from tests.unit.engine.conftest import write_manifest
+
+    # The fp32 graph as an IR stands in for the quantised one: the wiring is under test here.
+    ov.save_model(ov.convert_model(str(export_copy / "model.onnx")), str(export_copy / "q.xml"))
+    manifest = json.loads((export_copy / "cappy_export.json").read_text())
+    models = {**manifest["models"], "openvino-int8": {"file": "q.xml", "weights": "q.bin"}}
+    parity = {**manifest["parity"], "openvino-int8": {"status": "passed", "max_abs_diff": 0.0123}}
+    write_manifest(export_copy, models=models, parity=parity, pad_token_id=1)
+    export = ExportDir.load(export_copy)
+
+    screened = load_scorer(export, device="cpu", precision="int8")
+    assert isinstance(screened, RefiningScorer)
+    assert screened.fast.name == "openvino-cpu-int8" and screened.margin == 0.0123
+    if openvino_bf16_supported():
+        assert isinstance(screened.exact, RefiningScorer)
+        assert screened.exact.name == "openvino-cpu-bf16-refined"
+    assert "int8" not in load_scorer(export, device="cpu").name
+    assert load_scorer(export, device="cpu", precision="int8", refine=False).name == (
+        "openvino-cpu-int8"
+    )
+
+    parity["openvino-int8"] = {"status": "not_measured", "reason": "no runtime"}
+    write_manifest(export_copy, models=models, parity=parity, pad_token_id=1)
+    with pytest.raises(ScorerError, match="no measured parity"):
+        load_scorer(ExportDir.load(export_copy), device="cpu", precision="int8")

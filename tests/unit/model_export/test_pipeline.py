@@ -66,7 +66,12 @@ def test_export_matches_pytorch_and_verifies(name: str, request: pytest.FixtureR
     assert manifest["max_length"] == 512
     assert manifest["opset"] == onnx_export.OPSET
     assert manifest["models"]["fp32"]["optimized"] is True
-    assert manifest["models"]["fp32"]["fused_operators"].get("Attention", 0) >= 2
+    # The CPU graph runs its last layer for the first token only (ONNX Runtime's attention
+    # fusion may then miss some layers); the GPU graph is the plain export, every layer fused.
+    assert manifest["models"]["fp32"]["last_layer_first_token_only"] is True
+    assert manifest["models"]["fp32"]["fused_operators"].get("SkipLayerNormalization", 0) >= 2
+    if "fp16" in manifest["models"]:
+        assert manifest["models"]["fp16"]["fused_operators"].get("Attention", 0) >= 2
     assert set(manifest["files"]) >= {"model.onnx", "tokenizer.json", "model.int8.onnx"}
     assert manifest["parity"]["pairs"] >= 64
     fp32 = manifest["parity"]["fp32"]

@@ -1,0 +1,161 @@
+"""ScoringRuntime with a refining chain of fake engines (int8 -> bf16 -> fp32): ranking re-scores
+only each stage's near-ties, batched stages run behind their own batchers, /score uses the most
+precise batched stage, and the winner is the exact engine's.
+
+The fakes score a row from its token ids: the "truth" is a fixed function of the ids, and each
+fake precision adds an error of known bound, so the margins below make the chain exact.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+
+from service.engine import runtime as runtime_module
+from service.engine.batcher import BatcherConfig
+from service.engine.runtime import RuntimeConfig, ScoringRuntime
+from service.engine.scorer import RefiningScorer
+from service.metrics import REGISTRY
+from tests.unit.engine.conftest import TinyExport
+
+INT8_ERROR, BF16_ERROR = 2e-2, 2e-3
+# At least twice each error bound, so the best candidate can never be left out; the bf16 one
+# wider than it needs to be, so that the fp32 stage has near-ties to settle here.
+INT8_MARGIN, BF16_MARGIN = 2 * INT8_ERROR, 0.03
+
+
+def truth_of(ids: np.ndarray) -> float:
+    return float((int(ids.astype(np.int64) @ np.arange(1, ids.size + 1)) % 1009) / 1009)
+
+
+class FakeEngine:
+    """Scores each row as truth + error * a fixed pseudo-random value in [-1, 1]; counts rows."""
+
+    input_names = ("input_ids", "attention_mask")
+    pad_token_id = 1
+    device = "cpu"
+    parallelism = 1
+
+    def __init__(self, precision: str, error: float) -> None:
+        self.name = f"fake-{precision}"
+        self.precision = precision
+        self.error = error
+        self.rows = 0
+        self._lock = threading.Lock()
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        out = []
+        for ids, mask in zip(feeds["input_ids"], feeds["attention_mask"], strict=True):
+            real = ids[mask.astype(bool)]
+            noise = np.sin(float(real.sum()) * 12.9898) if self.error else 0.0
+            out.append(truth_of(real) + self.error * noise)
+        with self._lock:
+            self.rows += len(out)
+        return np.asarray(out, dtype=np.float32)
+
+    def warmup(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def chain_runtime(tiny_engine_export: TinyExport, monkeypatch: pytest.MonkeyPatch):
+    int8, bf16 = FakeEngine("int8", INT8_ERROR), FakeEngine("bf16", BF16_ERROR)
+    fp32 = FakeEngine("fp32", 0.0)
+    scorer = RefiningScorer(
+        int8, RefiningScorer(bf16, fp32, margin=BF16_MARGIN), margin=INT8_MARGIN
+    )
+    monkeypatch.setattr(runtime_module, "load_scorer", lambda *_a, **_k: scorer)
+    runtime = ScoringRuntime(
+        RuntimeConfig(
+            export_dir=tiny_engine_export.path,
+            batcher=BatcherConfig(max_wait_ms=1.0, padding_tolerance=1.0),
+        )
+    )
+    await runtime.start()
+    assert runtime.ready, runtime.load_error
+    for engine in (int8, bf16, fp32):
+        engine.rows = 0  # forget the warm-up
+    yield runtime, (int8, bf16, fp32)
+    await runtime.stop()
+
+
+def candidates(n: int) -> list[str]:
+    return [f"answer number {i} with {'some ' * (i % 5)}words" for i in range(n)]
+
+
+def rescored(precision: str) -> float:
+    value = REGISTRY.get_sample_value("cappy_pairs_rescored_total", {"precision": precision})
+    return value or 0.0
+
+
+async def test_chain_ranks_like_the_exact_engine_and_rescores_only_near_ties(
+    chain_runtime,
+) -> None:
+    runtime, (int8, bf16, fp32) = chain_runtime
+    assert len(runtime.batchers) == 2  # int8 and bf16 batched; fp32 beside them
+    assert runtime.batcher is runtime.batchers[-1]
+    texts = candidates(64)
+    pairs = [("what is it?", t) for t in texts]
+    # References from fresh engines (the served ones count the rows they score).
+    truth = FakeEngine("fp32", 0.0).infer(_feeds(runtime, pairs))
+    int8_scores = FakeEngine("int8", INT8_ERROR).infer(_feeds(runtime, pairs))
+    bf16_scores = FakeEngine("bf16", BF16_ERROR).infer(_feeds(runtime, pairs))
+
+    served = [r.score for r in await runtime.score(pairs)]
+    np.testing.assert_allclose(served, bf16_scores, atol=1e-6)  # /score: the bf16 stage
+    assert (int8.rows, bf16.rows, fp32.rows) == (0, 64, 0)
+
+    before = {p: rescored(p) for p in ("bf16", "fp32")}
+    rows = {name: engine.rows for name, engine in (("int8", int8), ("bf16", bf16), ("fp32", fp32))}
+    results = await runtime.rank("what is it?", texts)
+
+    scores = np.array([r.score for r in results])
+    assert int(np.argmax(scores)) == int(np.argmax(truth))
+    assert scores[int(np.argmax(truth))] == pytest.approx(float(truth.max()), abs=1e-6)
+    assert int8.rows - rows["int8"] == 64  # every candidate screened once
+    to_bf16 = bf16.rows - rows["bf16"]
+    to_fp32 = fp32.rows - rows["fp32"]
+    assert 2 <= to_bf16 < 64 and 1 <= to_fp32 <= to_bf16  # only near-ties go further
+    assert rescored("bf16") - before["bf16"] == to_bf16
+    assert rescored("fp32") - before["fp32"] == to_fp32
+    # A candidate keeps the score of the last stage that scored it: far ones keep int8's.
+    far = int8_scores < int8_scores.max() - INT8_MARGIN
+    assert far.any()
+    np.testing.assert_allclose(scores[far], int8_scores[far], atol=1e-6)
+
+
+async def test_chain_with_a_clear_winner_or_one_candidate_stops_at_the_screen(
+    chain_runtime,
+) -> None:
+    runtime, (int8, bf16, fp32) = chain_runtime
+    before = (int8.rows, bf16.rows, fp32.rows)
+    clear = candidates(4)  # scores spread over [0, 1): far apart relative to the margins
+    await runtime.rank("what is it?", clear)
+    [only] = await runtime.rank("what is it?", ["the only answer"])
+    assert (int8.rows, bf16.rows, fp32.rows) == (before[0] + 5, before[1], before[2])
+    assert isinstance(only.score, float)
+
+
+async def test_describe_lists_the_stages(chain_runtime) -> None:
+    runtime, _ = chain_runtime
+    stages = runtime.describe()["stages"]
+    assert [s["engine"] for s in stages] == ["fake-int8", "fake-bf16", "fake-fp32"]
+    assert stages[0]["rescore_margin"] == pytest.approx(INT8_MARGIN)
+    assert stages[1]["rescore_margin"] == pytest.approx(BF16_MARGIN)
+
+
+async def test_stop_drains_and_stops_every_stage(chain_runtime) -> None:
+    runtime, _ = chain_runtime
+    await runtime.stop()
+    assert not runtime.alive and not runtime.ready and runtime.phase == "stopped"
+    assert all(not b.alive for b in runtime.batchers)
+
+
+def _feeds(runtime: ScoringRuntime, pairs: list[tuple[str, str]]) -> dict[str, np.ndarray]:
+    from service.engine.types import pad_batch
+
+    assert runtime.tokenizer is not None
+    return pad_batch(runtime.tokenizer.encode(pairs), 1, ["input_ids", "attention_mask"])
