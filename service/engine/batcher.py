@@ -24,6 +24,7 @@ import asyncio
 import logging
 import math
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +62,10 @@ _SOURCE_STEPS = (0, -1, 1)
 # Padding tolerance on CPU when none is configured: measured best on the MiniLM benchmark
 # (README, Benchmarks: 0.1 against 0.25 and 0.5 at concurrency 32, and at concurrency 1).
 CPU_PADDING_TOLERANCE = 0.1
+
+
+# Batchers between start() and stop(), for the process-wide queue gauges.
+_RUNNING: weakref.WeakSet[DynamicBatcher] = weakref.WeakSet()
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +324,7 @@ class DynamicBatcher:
         self._in_flight = 0
         self._task = asyncio.create_task(self._consume(), name="cappy-batcher")
         self._accepting = True
+        _RUNNING.add(self)
 
     async def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stops accepting work, then ends the consumer task and the worker threads.
@@ -345,6 +351,8 @@ class DynamicBatcher:
                 task.cancel()
                 await asyncio.wait([task])
         self._fail_all()
+        _RUNNING.discard(self)
+        self._set_queue_gauges()
         executor, self._executor = self._executor, None
         if executor is not None:
             # Waits for a batch still running on the model; the session must not be torn down
@@ -493,8 +501,9 @@ class DynamicBatcher:
         self._bucket_entries = sum(len(bucket) for bucket in self._buckets)
 
     def _set_queue_gauges(self) -> None:
-        metrics.QUEUE_PAIRS.set(self._queue_pairs)
-        metrics.QUEUE_TOKENS.set(self._queue_tokens)
+        # The gauges cover every running batcher of the process (one per scoring stage).
+        metrics.QUEUE_PAIRS.set(sum(b._queue_pairs for b in _RUNNING))
+        metrics.QUEUE_TOKENS.set(sum(b._queue_tokens for b in _RUNNING))
 
     def _notify(self) -> None:
         waiter = self._waiter

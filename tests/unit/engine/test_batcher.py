@@ -573,3 +573,24 @@ async def test_per_request_mode_never_mixes_requests() -> None:
         markers = {int(row[-2]) for row in batch}
         assert len(markers) == 1, markers
     assert len(scorer.batches) - 1 == 4 * 2
+
+
+async def test_queue_gauges_sum_every_running_batcher() -> None:
+    """Two batchers (two scoring stages) queue at once: the gauges show both queues, and drop a
+    stopped batcher's share."""
+    first_scorer, second_scorer = FakeScorer(), FakeScorer()
+    async with running(first_scorer) as first, running(second_scorer) as second:
+        held = [await hold_model(first, first_scorer), await hold_model(second, second_scorer)]
+        waiting = [
+            await queue_request(first, [pair(10)] * 3),
+            await queue_request(second, [pair(20)] * 2),
+        ]
+        assert (first.queue_pairs, second.queue_pairs) == (3, 2)
+        assert metric("cappy_queue_pairs") == 5
+        assert metric("cappy_queue_tokens") == 3 * 10 + 2 * 20
+        second_scorer.release()
+        await asyncio.gather(held[1], waiting[1])
+        await eventually(lambda: metric("cappy_queue_pairs") == 3)
+        first_scorer.release()
+        await asyncio.gather(held[0], waiting[0])
+    assert metric("cappy_queue_pairs") == 0
