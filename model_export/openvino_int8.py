@@ -239,17 +239,12 @@ def runner(xml: Path, precision: str) -> Callable[[dict[str, np.ndarray]], np.nd
 
 
 def measure(
-    xml: Path,
-    reference: Sequence[np.ndarray],
-    encoded: Sequence[dict[str, np.ndarray]],
-    *,
-    heldout_sets: int,
-) -> dict[str, Any]:
-    """The parity record: OpenVINO CPU against the PyTorch `reference`, gated on max |diff|.
+    xml: Path, reference: Sequence[np.ndarray], encoded: Sequence[dict[str, np.ndarray]]
+) -> parity.ParityResult:
+    """OpenVINO CPU against the PyTorch `reference`, gated on max |diff|.
 
     Not measured (never shipped: it gives the service no margin) when OpenVINO is missing or
     cannot run the model."""
-    pairs = sum(len(ref) for ref in reference)
     try:
         precision = inference_precision()
         run = runner(xml, precision)
@@ -257,15 +252,23 @@ def measure(
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if isinstance(exc, ImportError):
             reason = "openvino is not installed (the int8 extra)"
-        result = parity.not_measured(f"OpenVINO cannot run it: {reason}", len(reference), pairs)
-        return {**result.as_dict(), "heldout_sets": heldout_sets, "inference_precision": None}
-    result = parity.compare(
+        pairs = sum(len(ref) for ref in reference)
+        return parity.not_measured(f"OpenVINO cannot run it: {reason}", len(reference), pairs)
+    return parity.compare(
         reference,
         run,
         encoded,
         provider=provider_name(precision),
         max_abs_diff=OPENVINO_INT8_MAX_ABS_DIFF,
     )
+
+
+def parity_record(result: parity.ParityResult, heldout_sets: int) -> dict[str, Any]:
+    """The manifest's record of `measure`: its result plus the held-out sets it included, the
+    precision OpenVINO ran in, and the gate."""
+    precision = None
+    if result.provider is not None:
+        precision = result.provider.removeprefix(provider_name(""))
     return {
         **result.as_dict(),
         "heldout_sets": heldout_sets,

@@ -122,9 +122,8 @@ class _Prober:
         self.pairs = sum(len(s.candidates) for s in self.sets)
 
     def measure(self, path: Path, variant: str) -> parity.ParityResult:
-        if variant == openvino_int8.VARIANT:  # probe sets only: see `measure_openvino_int8`
-            record = openvino_int8.measure(path, self.reference, self.encoded, heldout_sets=0)
-            return parity.ParityResult(**{f: record[f] for f in _RESULT_FIELDS})
+        if variant == openvino_int8.VARIANT:  # probe sets only: see `_measure_openvino_int8`
+            return openvino_int8.measure(path, self.reference, self.encoded)
         provider = _provider_for(variant)
         try:
             run = onnx_export.ort_runner(path, provider)
@@ -140,9 +139,6 @@ class _Prober:
         return parity.compare(self.reference, run, self.encoded, provider=provider, **thresholds)
 
 
-_RESULT_FIELDS = tuple(parity.ParityResult.__dataclass_fields__)
-
-
 def _measure_openvino_int8(
     xml: Path,
     prober: _Prober,
@@ -154,7 +150,8 @@ def _measure_openvino_int8(
     """The OpenVINO int8 parity record, on the probe sets plus the held-out calibration sets."""
     reference = prober.reference + parity.reference_scores(model, tokenizer, heldout, max_length)
     encoded = prober.encoded + [parity.encode_set(tokenizer, s, max_length) for s in heldout]
-    return openvino_int8.measure(xml, reference, encoded, heldout_sets=len(heldout))
+    result = openvino_int8.measure(xml, reference, encoded)
+    return openvino_int8.parity_record(result, heldout_sets=len(heldout))
 
 
 def _provider_for(variant: str) -> str:

@@ -147,9 +147,8 @@ class ScoringRuntime:
         that scored it.
         """
         pairs = [(instruction, candidate) for candidate in candidates]
-        first = self.batchers[0] if self.batchers else None
-        assert first is not None
-        results = await first.score(pairs, deadline=deadline)
+        assert self.batchers, "rank() before start()"
+        results = await self.batchers[0].score(pairs, deadline=deadline)
         stage = self.scorer
         rows = np.arange(len(results))
         for batcher in [*self.batchers[1:], None]:

@@ -382,11 +382,6 @@ class RefiningScorer:
         """Scores one padded batch with the fast engine."""
         return self.fast.infer(feeds)
 
-    def infer_exact(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Scores one padded batch with the exact (fp32) engine (thread-safe, like `infer`)."""
-        exact = self.exact
-        return exact.fast.infer(feeds) if isinstance(exact, RefiningScorer) else exact.infer(feeds)
-
     def near_top(self, scores: np.ndarray) -> np.ndarray:
         """Indices of the candidates within `margin` of the best; empty when the best is clear."""
         scores = np.asarray(scores)
@@ -410,7 +405,7 @@ class RefiningScorer:
         if leaders.size:
             subset = [encoded[i] for i in leaders]
             feeds = pad_batch(subset, self.pad_token_id, self.input_names)
-            exact = self.infer_exact(feeds)
+            exact = self.exact.infer(feeds)
             if isinstance(self.exact, RefiningScorer):  # a chain: int8 -> bf16 -> fp32
                 exact = self.exact.refine(subset, exact)
             out[leaders] = exact
@@ -544,6 +539,18 @@ def load_scorer(
     )
 
 
+def _streamed_scorer(
+    model: Path, precision: str, threads: int | None, streams: int | None, common: dict[str, Any]
+) -> OpenVinoScorer:
+    """The OpenVINO scorer the batcher drives. One stream: every thread on each batch (lowest
+    latency). Otherwise several batches at once, the threads split between them; unset lets
+    OpenVINO's throughput hint pick the count."""
+    hint = "LATENCY" if streams == 1 else "THROUGHPUT"
+    return OpenVinoScorer(
+        model, precision=precision, threads=threads, hint=hint, num_streams=streams, **common
+    )
+
+
 def _openvino_scorer(
     export_dir: ExportDir,
     precision: str,
@@ -553,12 +560,7 @@ def _openvino_scorer(
     common: dict[str, Any],
 ) -> Scorer:
     model = export_dir.model_path("fp32")
-    # One stream: every thread on each batch (lowest latency). Otherwise several batches at once,
-    # the threads split between them; unset lets OpenVINO's throughput hint pick the count.
-    hint = "LATENCY" if streams == 1 else "THROUGHPUT"
-    scorer = OpenVinoScorer(
-        model, precision=precision, threads=threads, hint=hint, num_streams=streams, **common
-    )
+    scorer = _streamed_scorer(model, precision, threads, streams, common)
     if refine and scorer.precision == "bf16":
         # Every thread on one call: the re-scoring is a few pairs at a time, latency-bound.
         exact = OpenVinoScorer(model, precision="fp32", threads=threads, **common)
@@ -576,15 +578,8 @@ def _screened_scorer(
     """The export's calibrated OpenVINO int8 model screens every candidate; unless `refine` is
     False, the leaders within its recorded parity error of the best are re-scored by the bf16
     scorer (itself refined by fp32): int8 -> bf16 -> fp32."""
-    hint = "LATENCY" if streams == 1 else "THROUGHPUT"
-    int8 = OpenVinoScorer(
-        export_dir.model_path("openvino-int8"),
-        precision="int8",
-        threads=threads,
-        hint=hint,
-        num_streams=streams,
-        **common,
-    )
+    model = export_dir.model_path("openvino-int8")
+    int8 = _streamed_scorer(model, "int8", threads, streams, common)
     if not refine:
         return int8
     record = export_dir.parity("openvino-int8")
