@@ -518,12 +518,14 @@ async def benchmark(
         info = await server_info(client)
         load_before = os.getloadavg()[0]
         before = await scrape(client)
+        client_cpu = time.process_time()
         run = await drive(
             client,
             schedule(workload, limit, cycle=duration_s is not None or limit is not None),
             concurrency,
             duration_s,
         )
+        client_cpu = time.process_time() - client_cpu
         after = await scrape(client)
         load_after = os.getloadavg()[0]
     figures: dict[str, Any] = {"concurrency": concurrency, **summarize(run, reference)}
@@ -534,6 +536,9 @@ async def benchmark(
     )
     if info is not None:
         figures["server_info"] = info
+    # This process's own CPU during the timed phase: on a small machine the load generator
+    # competes with the server for the same cores.
+    figures["client_cpu_s"] = round(client_cpu, 2)
     figures["warmup"] = warmup
     figures["loadavg_1m"] = {"before": round(load_before, 2), "after": round(load_after, 2)}
     return figures

@@ -78,8 +78,13 @@ def build_scorer(args: argparse.Namespace, export: ExportDir, pad_token_id: int)
         )
         if not args.refine:  # None (not asked) or False
             return fast
-        exact: Scorer = OpenVinoScorer(
-            export.model_path("fp32"), precision="fp32", threads=args.threads, **common
+        exact: Scorer = OpenVinoScorer(  # compiled like the fast one, as the service does
+            export.model_path("fp32"),
+            precision="fp32",
+            hint=args.hint,
+            num_streams=args.streams,
+            threads=args.threads,
+            **common,
         )
         if args.refine_via_bf16:  # int8 -> bf16 (margin) -> fp32 (bf16_margin)
             bf16 = OpenVinoScorer(
@@ -235,14 +240,17 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(scorer, RefiningScorer):
         cpu0 = time.process_time()
         t0 = time.perf_counter()
-        offset = 0
+        parts, offset = [], 0
         for request in requests:
-            n = len(request["candidates"])
-            part = slice(offset, offset + n)
-            refined = scorer.refine(encoded[part], scores[part])
+            parts.append(slice(offset, offset + len(request["candidates"])))
+            offset += len(request["candidates"])
+        # Each request's near-ties, on as many threads as the scorer runs batches at once (the
+        # service runs them on its batch workers).
+        with ThreadPoolExecutor(max_workers=max(1, scorer.parallelism)) as pool:
+            refined_parts = list(pool.map(lambda p: scorer.refine(encoded[p], scores[p]), parts))
+        for part, refined in zip(parts, refined_parts, strict=True):
             refined_pairs += int(np.count_nonzero(refined != scores[part]))
             scores[part] = refined
-            offset += n
         refine_s = time.perf_counter() - t0
         infer_s += refine_s
         cpu_s += time.process_time() - cpu0

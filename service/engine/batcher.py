@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -47,6 +47,7 @@ from service.engine.types import EncodedPair, Scorer, pad_batch
 logger = logging.getLogger(__name__)
 
 Encoder = Callable[[Sequence[tuple[str, str]]], list[EncodedPair]]
+_T = TypeVar("_T")
 
 # Width of a length bucket in tokens: 64 buckets cover a 512-token model.
 _BUCKET_WIDTH = 8
@@ -358,6 +359,19 @@ class DynamicBatcher:
             # Waits for a batch still running on the model; the session must not be torn down
             # under it.
             await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+
+    async def run_on_workers(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Runs `fn(*args)` on the model's worker threads, queued in turn with the batches.
+
+        For other model work of the same process (the exact re-scoring of near-tied leaders):
+        it then takes a worker's turn instead of running beside every stream and
+        oversubscribing the cores. Before start() or after stop() there are no batches to
+        share with, and it runs in a plain thread.
+        """
+        executor = self._executor  # stop() clears it before shutting the threads down
+        if executor is None:
+            return await asyncio.to_thread(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
     async def score(
         self, pairs: Sequence[tuple[str, str]], *, deadline: float | None = None

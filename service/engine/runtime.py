@@ -161,8 +161,9 @@ class ScoringRuntime:
             subset = [pairs[i] for i in rows]
             if batcher is not None:  # a batched stage (bf16 after int8): across requests
                 scores = [r.score for r in await batcher.score(subset, deadline=deadline)]
-            else:  # the exact (fp32) stage: a few pairs, at once
-                scores = (await asyncio.to_thread(self._score_exact, stage, subset)).tolist()
+            else:  # the exact (fp32) stage: a few pairs, on the last batcher's workers
+                exact = await self.batchers[-1].run_on_workers(self._score_exact, stage, subset)
+                scores = exact.tolist()
             metrics.PAIRS_RESCORED.labels(precision=_precision(stage.exact)).inc(len(rows))
             results = list(results)
             for row, score in zip(rows, scores, strict=True):
@@ -171,8 +172,8 @@ class ScoringRuntime:
         return results
 
     def _score_exact(self, stage: RefiningScorer, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
-        # Beside the batches, not queued behind them: the fast engine leaves the cores idle often
-        # enough (between batches, at its thread barriers) that this measured faster (README).
+        # In turn with the batches on the workers (one stream each), not beside them: beside
+        # every stream it oversubscribed the cores and cost twice the CPU (README, Benchmarks).
         tokenizer = self.tokenizer
         assert tokenizer is not None
         encoded = tokenizer.encode(pairs)

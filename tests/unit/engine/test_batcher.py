@@ -594,3 +594,45 @@ async def test_queue_gauges_sum_every_running_batcher() -> None:
         first_scorer.release()
         await asyncio.gather(held[0], waiting[0])
     assert metric("cappy_queue_pairs") == 0
+
+
+# --- other model work on the workers ------------------------------------------------------------
+
+
+async def test_other_model_work_takes_a_worker_turn_behind_running_batches() -> None:
+    """run_on_workers (the exact re-scoring) queues on the model's worker threads: with one
+    stream busy it waits for the batch instead of running beside it."""
+    scorer = FakeScorer()
+    ran: list[str] = []
+
+    def job() -> str:
+        ran.append(threading.current_thread().name)
+        return "done"
+
+    async with running(scorer, max_batch_size=1, max_wait_ms=0) as batcher:
+        held = await hold_model(batcher, scorer)
+        work = asyncio.create_task(batcher.run_on_workers(job))
+        await asyncio.sleep(0.05)
+        assert ran == []  # the only worker is running the held batch
+        scorer.release()
+        assert await work == "done"
+        await held
+    assert ran[0].startswith("cappy-model")
+
+
+async def test_other_model_work_runs_in_a_thread_when_the_batcher_is_stopped() -> None:
+    batcher = DynamicBatcher(FakeScorer(), encode, BatcherConfig())
+    assert await batcher.run_on_workers(lambda x: x + 1, 1) == 2  # before start
+    await batcher.start()
+    await batcher.stop()
+    thread = await batcher.run_on_workers(lambda: threading.current_thread().name)
+    assert not thread.startswith("cappy-model")  # after stop: a plain thread
+
+
+async def test_other_model_work_raises_its_own_errors() -> None:
+    def broken() -> None:
+        raise ValueError("bad feeds")
+
+    async with running(FakeScorer()) as batcher:
+        with pytest.raises(ValueError, match="bad feeds"):
+            await batcher.run_on_workers(broken)

@@ -1,6 +1,7 @@
 """ScoringRuntime with a refining chain of fake engines (int8 -> bf16 -> fp32): ranking re-scores
-only each stage's near-ties, batched stages run behind their own batchers, /score uses the most
-precise batched stage, and the winner is the exact engine's.
+only each stage's near-ties, batched stages run behind their own batchers (the exact one on the
+last batcher's workers), /score uses the most precise batched stage, and the winner is the exact
+engine's.
 
 The fakes score a row from its token ids: the "truth" is a fixed function of the ids, and each
 fake precision adds an error of known bound, so the margins below make the chain exact.
@@ -44,6 +45,7 @@ class FakeEngine:
         self.precision = precision
         self.error = error
         self.rows = 0
+        self.threads: set[str] = set()
         self._lock = threading.Lock()
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -54,6 +56,7 @@ class FakeEngine:
             out.append(truth_of(real) + self.error * noise)
         with self._lock:
             self.rows += len(out)
+            self.threads.add(threading.current_thread().name)
         return np.asarray(out, dtype=np.float32)
 
     def warmup(self) -> None:
@@ -78,6 +81,7 @@ async def chain_runtime(tiny_engine_export: TinyExport, monkeypatch: pytest.Monk
     assert runtime.ready, runtime.load_error
     for engine in (int8, bf16, fp32):
         engine.rows = 0  # forget the warm-up
+        engine.threads.clear()
     yield runtime, (int8, bf16, fp32)
     await runtime.stop()
 
@@ -95,7 +99,7 @@ async def test_chain_ranks_like_the_exact_engine_and_rescores_only_near_ties(
     chain_runtime,
 ) -> None:
     runtime, (int8, bf16, fp32) = chain_runtime
-    assert len(runtime.batchers) == 2  # int8 and bf16 batched; fp32 beside them
+    assert len(runtime.batchers) == 2  # int8 and bf16 batched; fp32 on the bf16 workers
     assert runtime.batcher is runtime.batchers[-1]
     texts = candidates(64)
     pairs = [("what is it?", t) for t in texts]
@@ -121,6 +125,8 @@ async def test_chain_ranks_like_the_exact_engine_and_rescores_only_near_ties(
     assert 2 <= to_bf16 < 64 and 1 <= to_fp32 <= to_bf16  # only near-ties go further
     assert rescored("bf16") - before["bf16"] == to_bf16
     assert rescored("fp32") - before["fp32"] == to_fp32
+    # The exact stage takes turns on the last batcher's workers, not a thread beside them.
+    assert fp32.threads and all(name.startswith("cappy-model") for name in fp32.threads)
     # A candidate keeps the score of the last stage that scored it: far ones keep int8's.
     far = int8_scores < int8_scores.max() - INT8_MARGIN
     assert far.any()

@@ -408,6 +408,9 @@ def test_bench_end_to_end_prints_one_json_line(
     assert argmax["agreement"] == pytest.approx(6 / 7, abs=1e-5)
     assert argmax["disagreeing_ids"] == [3]
     assert figures["server_info"]["runtime"] == {"engine": "fake"}
+    # The process's own CPU over the timed phase (here it also runs the fake server's thread).
+    cores = os.cpu_count() or 1
+    assert 0 <= figures["client_cpu_s"] <= cores * figures["seconds"] + 0.05
 
 
 def test_bench_limit_and_duration_are_bounds(fake_url: str, tmp_path: Path) -> None:
