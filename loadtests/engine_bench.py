@@ -16,6 +16,7 @@ in this run, slow), it reports the share of requests whose best candidate is the
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -132,16 +133,25 @@ def run_batches(
     return scores, time.perf_counter() - t0, pad_s
 
 
+def request_spans(requests: list[dict[str, Any]]) -> list[slice]:
+    """Each request's slice of the flat pair list (candidates in request order)."""
+    ends = list(itertools.accumulate(len(r["candidates"]) for r in requests))
+    return [slice(end - len(r["candidates"]), end) for r, end in zip(requests, ends, strict=True)]
+
+
+def by_request(requests: list[dict[str, Any]], scores: np.ndarray) -> dict[str, list[float]]:
+    """{request id: its candidates' scores}."""
+    spans = request_spans(requests)
+    return {str(r["id"]): scores[span].tolist() for r, span in zip(requests, spans, strict=True)}
+
+
 def argmax_agreement(
     requests: list[dict[str, Any]], scores: np.ndarray, reference: dict[str, list[float]]
 ) -> tuple[float, float, int]:
     agree = total = 0
     worst = 0.0
-    offset = 0
-    for request in requests:
-        n = len(request["candidates"])
-        ours = scores[offset : offset + n]
-        offset += n
+    for request, span in zip(requests, request_spans(requests), strict=True):
+        ours = scores[span]
         ref = reference.get(str(request["id"]))
         if ref is None:
             continue
@@ -240,10 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(scorer, RefiningScorer):
         cpu0 = time.process_time()
         t0 = time.perf_counter()
-        parts, offset = [], 0
-        for request in requests:
-            parts.append(slice(offset, offset + len(request["candidates"])))
-            offset += len(request["candidates"])
+        parts = request_spans(requests)
         # Each request's near-ties, on as many threads as the scorer runs batches at once (the
         # service runs them on its batch workers).
         with ThreadPoolExecutor(max_workers=max(1, scorer.parallelism)) as pool:
@@ -302,24 +309,16 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
         )
         ref_scores, _, _ = run_batches(fp32, encoded, batches, tokenizer.pad_token_id)
-        reference, offset = {}, 0
-        for r in requests:
-            n = len(r["candidates"])
-            reference[str(r["id"])] = ref_scores[offset : offset + n].tolist()
-            offset += n
+        reference = by_request(requests, ref_scores)
     if reference is not None:
         agreement, worst, compared = argmax_agreement(requests, scores, reference)
         figures.update(
             argmax_agreement=round(agreement, 4), max_abs_diff=round(worst, 5), compared=compared
         )
     if args.write_scores:
-        out: dict[str, list[float]] = {}
-        offset = 0
-        for r in requests:
-            n = len(r["candidates"])
-            out[str(r["id"])] = scores[offset : offset + n].tolist()
-            offset += n
-        Path(args.write_scores).write_text(json.dumps(out), encoding="utf-8")
+        Path(args.write_scores).write_text(
+            json.dumps(by_request(requests, scores)), encoding="utf-8"
+        )
     print(json.dumps(figures))
     return 0
 
