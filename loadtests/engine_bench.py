@@ -85,6 +85,7 @@ def build_scorer(args: argparse.Namespace, export: ExportDir, pad_token_id: int)
             hint=args.hint,
             num_streams=args.streams,
             threads=args.threads,
+            extra_config={"ENABLE_CPU_PINNING": False},  # as the service's twin
             **common,
         )
         if args.refine_via_bf16:  # int8 -> bf16 (margin) -> fp32 (bf16_margin)

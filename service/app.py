@@ -51,6 +51,7 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
             default_timeout_s=settings.request_timeout_s,
             cross_request=settings.cross_request_batching,
             padding_tolerance=settings.padding_tolerance,
+            pad_to_multiple=settings.pad_to_multiple,
         ),
     )
 

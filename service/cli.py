@@ -25,6 +25,7 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
     "--max-batch-size": ("max_batch_size", int, "pairs per batch"),
     "--max-wait-ms": ("max_wait_ms", float, "batch fill wait"),
     "--padding-tolerance": ("padding_tolerance", float, "padding per own token a pair may add"),
+    "--pad-to-multiple": ("pad_to_multiple", int, "batch widths padded to a multiple of this"),
     "--max-queue-tokens": ("max_queue_tokens", int, "queued tokens before 429"),
     "--cache-dir": ("cache_dir", Path, "where exports of checkpoints are kept"),
     "--model-name": ("model_name", str, "name the API reports for the scorer"),

@@ -108,8 +108,11 @@ class ScoringRuntime:
         try:
             await asyncio.to_thread(self._load_blocking)
             assert self.scorer is not None and self.tokenizer is not None
+            assert self.export is not None
             self.batchers = [
-                DynamicBatcher(stage, self.tokenizer.encode, self.config.batcher)
+                DynamicBatcher(
+                    stage, self.tokenizer.encode, self.config.batcher, self.export.max_length
+                )
                 for stage in _stages(self.scorer)
             ]
             self.batcher = self.batchers[-1]

@@ -226,7 +226,11 @@ class OpenVinoScorer:
             and run the parts concurrently.
         seq_multiple: pad the sequence axis to a multiple of this (1: no padding).
         cache_dir: OpenVINO's compiled-model cache (faster restarts).
-        extra_config: further compile properties, e.g. {"ENABLE_CPU_PINNING": "YES"}.
+        extra_config: further compile properties, e.g. {"ENABLE_CPU_PINNING": False}.
+
+    Attributes:
+        streams: the compiled stream count; `parallelism` batches may run at once.
+        pinned: whether OpenVINO pins each busy stream's threads to cores.
 
     The defaults are the measured best on 2 cores: LATENCY with all cores on one stream; two
     split streams, padding to multiples of 16/32 and static shapes were within noise (+-5%).
@@ -282,6 +286,7 @@ class OpenVinoScorer:
         config.update(extra_config or {})
         self._compiled = core.compile_model(model, "CPU", config)
         self.streams = int(self._compiled.get_property("NUM_STREAMS"))
+        self.pinned = bool(self._compiled.get_property("ENABLE_CPU_PINNING"))
         self._split = split_streams and self.streams > 1
         # Batches that may run at once: one per stream, unless each batch is split over them.
         self.parallelism = 1 if self._split else max(1, self.streams)
@@ -540,14 +545,32 @@ def load_scorer(
 
 
 def _streamed_scorer(
-    model: Path, precision: str, threads: int | None, streams: int | None, common: dict[str, Any]
+    model: Path,
+    precision: str,
+    threads: int | None,
+    streams: int | None,
+    common: dict[str, Any],
+    *,
+    pinned: bool = True,
 ) -> OpenVinoScorer:
     """The OpenVINO scorer the batcher drives. One stream: every thread on each batch (lowest
     latency). Otherwise several batches at once, the threads split between them; unset lets
-    OpenVINO's throughput hint pick the count."""
+    OpenVINO's throughput hint pick the count.
+
+    `pinned=False` is for a model that runs in turn with the main one on the same workers (a
+    re-scoring stage): OpenVINO pins a model's busy stream to a core of its own choosing, the
+    same core for every compiled model, so a re-scoring call beside one running batch shared
+    that batch's core while the other core idled (both ~50% slower; README, Benchmarks). Left
+    to the OS, its thread runs on the free core."""
     hint = "LATENCY" if streams == 1 else "THROUGHPUT"
     return OpenVinoScorer(
-        model, precision=precision, threads=threads, hint=hint, num_streams=streams, **common
+        model,
+        precision=precision,
+        threads=threads,
+        hint=hint,
+        num_streams=streams,
+        extra_config=None if pinned else {"ENABLE_CPU_PINNING": False},
+        **common,
     )
 
 
@@ -558,15 +581,17 @@ def _openvino_scorer(
     streams: int | None,
     refine: bool,
     common: dict[str, Any],
+    *,
+    pinned: bool = True,
 ) -> Scorer:
     model = export_dir.model_path("fp32")
-    scorer = _streamed_scorer(model, precision, threads, streams, common)
+    scorer = _streamed_scorer(model, precision, threads, streams, common, pinned=pinned)
     if refine and scorer.precision == "bf16":
         # Compiled like the fast scorer (one stream per batch worker) because the runtime runs
         # the re-scoring on the batcher's workers, in turn with the batches: served, that
         # measured +9% pairs/s over a latency-mode twin using every core beside the streams
-        # (README, Benchmarks).
-        exact = _streamed_scorer(model, "fp32", threads, streams, common)
+        # (README, Benchmarks). Unpinned: see _streamed_scorer.
+        exact = _streamed_scorer(model, "fp32", threads, streams, common, pinned=False)
         return RefiningScorer(scorer, exact)
     return scorer
 
@@ -591,7 +616,7 @@ def _screened_scorer(
             f"{export_dir.path}: the openvino-int8 model has no measured parity to set its "
             "re-scoring margin; re-export it, or serve with precision bf16"
         )
-    bf16 = _openvino_scorer(export_dir, "bf16", threads, streams, refine, common)
+    bf16 = _openvino_scorer(export_dir, "bf16", threads, streams, refine, common, pinned=False)
     return RefiningScorer(int8, bf16, margin=record.max_abs_diff)
 
 

@@ -30,10 +30,14 @@ class EncodedPair:
 
 
 def pad_batch(
-    items: Sequence[EncodedPair], pad_token_id: int, input_names: Sequence[str]
+    items: Sequence[EncodedPair],
+    pad_token_id: int,
+    input_names: Sequence[str],
+    width: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Right-pads `items` to the longest one and returns the model feeds named `input_names`."""
-    width = max(item.length for item in items)
+    """Right-pads `items` to the longest one (or to `width`, if wider) and returns the model feeds
+    named `input_names`."""
+    width = max(width or 0, max(item.length for item in items))
     rows = len(items)
     input_ids = np.full((rows, width), pad_token_id, dtype=np.int64)
     attention_mask = np.zeros((rows, width), dtype=np.int64)

@@ -288,6 +288,60 @@ async def test_one_stream_runs_one_batch_at_a_time() -> None:
     assert len(scorer.batches) == 4
 
 
+async def test_batch_widths_are_padded_to_the_multiple_never_past_the_max_length() -> None:
+    scorer = FakeScorer()
+    config = BatcherConfig(max_batch_size=1, max_wait_ms=0, pad_to_multiple=8)
+    batcher = DynamicBatcher(scorer, encode, config, max_length=20)
+    await batcher.start()
+    try:
+        pairs = [pair(5, marker=2), pair(9, marker=3), pair(17, marker=4), pair(20, marker=5)]
+        scored = await batcher.score(pairs)
+    finally:
+        await batcher.stop()
+    assert [s.score for s in scored] == [expected_score(p) for p in pairs]  # pads change nothing
+    assert [s.tokens for s in scored] == [5, 9, 17, 20]
+    assert sorted(width for _, width in scorer.shapes) == [8, 16, 20, 20]
+
+
+@pytest.mark.parametrize(
+    ("multiple", "shapes"), [(8, [(8, 16)]), (1, [(1, n) for n in range(9, 17)])]
+)
+async def test_pairs_of_one_padding_step_share_a_batch_for_free(
+    multiple: int, shapes: list[tuple[int, int]]
+) -> None:
+    """At zero padding tolerance, lengths 9..16 are one batch padded to 16 with steps of 8,
+    and eight batches (one per length) without steps."""
+    scorer = FakeScorer()
+    async with running(
+        scorer, max_wait_ms=0, padding_tolerance=0.0, pad_to_multiple=multiple
+    ) as batcher:
+        first = await hold_model(batcher, scorer)
+        task = await queue_request(batcher, [pair(n, marker=300 + n) for n in range(9, 17)])
+        scorer.release()
+        await first
+        scored = await task
+    assert [s.tokens for s in scored] == list(range(9, 17))
+    assert sorted(scorer.shapes[1:]) == shapes
+
+
+async def test_the_token_budget_counts_the_padded_width() -> None:
+    scorer = FakeScorer()
+    async with running(
+        scorer, max_wait_ms=0, max_batch_tokens=32, padding_tolerance=1.0, pad_to_multiple=8
+    ) as batcher:
+        first = await hold_model(batcher, scorer)
+        task = await queue_request(batcher, [pair(9, marker=400 + i) for i in range(4)])
+        scorer.release()
+        await first
+        await task
+    assert scorer.shapes[1:] == [(2, 16), (2, 16)]  # 9 tokens each, 16 wide: two rows fit in 32
+
+
+def test_pad_to_multiple_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="pad_to_multiple"):
+        BatcherConfig(pad_to_multiple=0)
+
+
 async def test_huge_request_is_split_and_answered_in_order() -> None:
     scorer = FakeScorer()
     rng = random.Random(1)

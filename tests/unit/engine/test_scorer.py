@@ -209,6 +209,10 @@ def test_load_scorer_streams_set_how_many_batches_run_at_once(export, cases) -> 
     if openvino_bf16_supported():
         refined = load_scorer(export, device="cpu", streams=2)
         assert isinstance(refined, RefiningScorer) and refined.parallelism == 2
+        # The re-scoring twin runs in turn with the batches on the same workers: unpinned, so
+        # it lands on the free core rather than on the core OpenVINO pinned a busy stream to.
+        assert isinstance(refined.exact, OpenVinoScorer) and refined.exact.streams == 2
+        assert refined.exact.pinned is False
 
 
 def test_cuda_libraries_are_preloaded_when_onnxruntime_can(
@@ -282,6 +286,7 @@ def test_load_scorer_int8_screening_is_opt_in(export_copy: Path) -> None:
     if openvino_bf16_supported():
         assert isinstance(screened.exact, RefiningScorer)
         assert screened.exact.name == "openvino-cpu-bf16-refined"
+        assert screened.exact.fast.pinned is False  # re-scores in turn with the int8 batches
     assert "int8" not in load_scorer(export, device="cpu").name
     assert load_scorer(export, device="cpu", precision="int8", refine=False).name == (
         "openvino-cpu-int8"
