@@ -197,6 +197,7 @@ class ScoringRuntime:
             "padding_tolerance": tolerance
             if tolerance is None or math.isfinite(tolerance)
             else None,
+            "pad_to_multiple": self.config.batcher.pad_to_multiple,
             "load_seconds": None if self.load_seconds is None else round(self.load_seconds, 2),
         }
 

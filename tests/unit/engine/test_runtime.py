@@ -151,6 +151,7 @@ async def test_describe_lists_the_stages(chain_runtime) -> None:
     assert [s["engine"] for s in stages] == ["fake-int8", "fake-bf16", "fake-fp32"]
     assert stages[0]["rescore_margin"] == pytest.approx(INT8_MARGIN)
     assert stages[1]["rescore_margin"] == pytest.approx(BF16_MARGIN)
+    assert runtime.describe()["pad_to_multiple"] == 8  # the default batch width step
 
 
 async def test_stop_drains_and_stops_every_stage(chain_runtime) -> None:
