@@ -7,10 +7,10 @@ How a request travels:
    is full (`Overloaded`), and queues one item per pair.
 2. One consumer task forms batches. A batch is seeded by the oldest queued item (so nothing
    starves) and grown greedily with the queued items that add the least padding, taken from
-   length buckets next to the seed's, while rows x longest row stays within `max_batch_tokens`,
-   rows within `max_batch_size`, and no item would cost more than `padding_tolerance` padding
-   tokens per real token. Items whose request was cancelled or whose deadline passed are dropped
-   here, before they reach the model.
+   length buckets next to the seed's, while rows x width (the longest row rounded up to
+   `pad_to_multiple`) stays within `max_batch_tokens`, rows within `max_batch_size`, and no item
+   would cost more than `padding_tolerance` padding tokens per real token. Items whose request
+   was cancelled or whose deadline passed are dropped here, before they reach the model.
 3. The padded batch runs in a worker thread (the engines release the GIL): one thread per batch
    the scorer can run at once (`parallelism`: OpenVINO streams on CPU, 1 for ONNX Runtime). While
    they run, the consumer pads and queues the next batch as soon as a full one is waiting, so the
