@@ -37,7 +37,7 @@ from service.engine.scorer import (  # noqa: E402
     load_scorer,
 )
 from service.engine.tokenize import PairTokenizer  # noqa: E402
-from service.engine.types import EncodedPair, Scorer, pad_batch  # noqa: E402
+from service.engine.types import EncodedPair, Scorer, pad_batch, padded_width  # noqa: E402
 
 
 def make_batches(lengths: list[int], max_batch_tokens: int, max_batch_size: int) -> list[list[int]]:
@@ -73,7 +73,6 @@ def build_scorer(args: argparse.Namespace, export: ExportDir, pad_token_id: int)
             num_streams=args.streams,
             threads=args.threads,
             split_streams=args.split_streams,
-            seq_multiple=args.seq_multiple,
             extra_config=dict(kv.split("=", 1) for kv in args.ov_config),
             **common,
         )
@@ -115,16 +114,22 @@ def build_scorer(args: argparse.Namespace, export: ExportDir, pad_token_id: int)
 
 
 def run_batches(
-    scorer: Scorer, encoded: list[EncodedPair], batches: list[list[int]], pad_token_id: int
+    scorer: Scorer,
+    encoded: list[EncodedPair],
+    batches: list[list[int]],
+    pad_token_id: int,
+    multiple: int = 1,
 ) -> tuple[np.ndarray, float, float]:
     """Scores every batch, as many at once as the scorer has streams (`parallelism`, as the
-    service's batcher does); returns scores, wall seconds of inference, seconds padding."""
+    service's batcher does), each padded to a multiple of `multiple` tokens (the service's
+    `pad_to_multiple`); returns scores, wall seconds of inference, seconds padding."""
     scores = np.zeros(len(encoded), dtype=np.float32)
     t0 = time.perf_counter()
-    feeds = [
-        pad_batch([encoded[i] for i in batch], pad_token_id, scorer.input_names)
-        for batch in batches
-    ]
+    feeds = []
+    for batch in batches:
+        rows = [encoded[i] for i in batch]
+        width = padded_width(max(row.length for row in rows), multiple)
+        feeds.append(pad_batch(rows, pad_token_id, scorer.input_names, width))
     pad_s = time.perf_counter() - t0
     workers = max(1, int(getattr(scorer, "parallelism", 1)))
     t0 = time.perf_counter()
@@ -181,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hint", default="LATENCY", choices=["LATENCY", "THROUGHPUT"])
     parser.add_argument("--streams", type=int, default=None)
     parser.add_argument("--split-streams", action="store_true")
-    parser.add_argument("--seq-multiple", type=int, default=1)
+    parser.add_argument(
+        "--seq-multiple",
+        type=int,
+        default=1,
+        help="pad each batch's width to a multiple of this (the service's CAPPY_PAD_TO_MULTIPLE)",
+    )
     parser.add_argument(
         "--ov-config",
         action="append",
@@ -241,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu_s = float("inf")
     for _ in range(max(1, args.repeat)):
         cpu0 = time.process_time()
-        result = run_batches(scorer, encoded, batches, tokenizer.pad_token_id)
+        result = run_batches(scorer, encoded, batches, tokenizer.pad_token_id, args.seq_multiple)
         if best is None or result[1] < best[1]:
             best = result
             cpu_s = time.process_time() - cpu0

@@ -42,7 +42,7 @@ from service.engine.errors import (
     Overloaded,
     RequestTooLarge,
 )
-from service.engine.types import EncodedPair, Scorer, pad_batch
+from service.engine.types import EncodedPair, Scorer, pad_batch, padded_width
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +258,6 @@ class DynamicBatcher:
         self._scorer = scorer
         self._encode = encode
         self._config = config or BatcherConfig()
-        self._multiple = self._config.pad_to_multiple
         self._max_length = max_length
         # Batches the scorer can run at once (OpenVINO streams); one worker thread each.
         self._workers = max(1, int(getattr(scorer, "parallelism", 1)))
@@ -642,13 +641,8 @@ class DynamicBatcher:
         return None
 
     def _width(self, length: int) -> int:
-        """The batch width a row of `length` tokens needs: rounded up to `pad_to_multiple`,
-        never past the model's max length (nor below the row itself)."""
-        multiple = self._multiple
-        width = -(-length // multiple) * multiple
-        if self._max_length is not None and width > self._max_length:
-            return max(length, self._max_length)
-        return width
+        """The batch width a row of `length` tokens needs (`pad_to_multiple` steps)."""
+        return padded_width(length, self._config.pad_to_multiple, self._max_length)
 
     def _take(self, item: _Item) -> None:
         item.taken = True

@@ -54,23 +54,6 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _pad_width(
-    feeds: Mapping[str, np.ndarray], multiple: int, pad_token_id: int
-) -> dict[str, np.ndarray]:
-    """Right-pads the sequence axis to a multiple of `multiple` (masked out, so scores are
-    unchanged) so that fewer distinct shapes reach the engine."""
-    width = next(iter(feeds.values())).shape[1]
-    target = -(-width // multiple) * multiple
-    if target == width:
-        return dict(feeds)
-    extra = target - width
-    out = {}
-    for name, value in feeds.items():
-        fill = pad_token_id if name == "input_ids" else 0
-        out[name] = np.pad(value, ((0, 0), (0, extra)), constant_values=fill)
-    return out
-
-
 def _synthetic_feeds(
     rows: int, tokens: int, input_names: Sequence[str], pad_token_id: int
 ) -> dict[str, np.ndarray]:
@@ -224,7 +207,6 @@ class OpenVinoScorer:
         threads: INFERENCE_NUM_THREADS; None means every usable core.
         split_streams: with more than one stream, split each batch's rows across the streams
             and run the parts concurrently.
-        seq_multiple: pad the sequence axis to a multiple of this (1: no padding).
         cache_dir: OpenVINO's compiled-model cache (faster restarts).
         extra_config: further compile properties, e.g. {"ENABLE_CPU_PINNING": False}.
 
@@ -233,7 +215,8 @@ class OpenVinoScorer:
         pinned: whether OpenVINO pins each busy stream's threads to cores.
 
     The defaults are the measured best on 2 cores: LATENCY with all cores on one stream; two
-    split streams, padding to multiples of 16/32 and static shapes were within noise (+-5%).
+    split streams and static shapes were within noise (+-5%). Batch widths in steps (fewer
+    distinct shapes) are the batcher's `pad_to_multiple`.
     """
 
     def __init__(
@@ -248,7 +231,6 @@ class OpenVinoScorer:
         num_streams: int | None = None,
         threads: int | None = None,
         split_streams: bool = False,
-        seq_multiple: int = 1,
         cache_dir: str | None = None,
         extra_config: Mapping[str, Any] | None = None,
     ) -> None:
@@ -268,7 +250,6 @@ class OpenVinoScorer:
         self.precision = precision
         self.device = "cpu"
         self.name = f"openvino-cpu-{precision}"
-        self._seq_multiple = max(1, seq_multiple)
 
         core = ov.Core()
         if cache_dir:
@@ -308,8 +289,6 @@ class OpenVinoScorer:
     def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         """Scores one padded batch; returns logits[:, 0] as float32."""
         inputs = {name: feeds[name] for name in self.input_names}
-        if self._seq_multiple > 1:
-            inputs = _pad_width(inputs, self._seq_multiple, self.pad_token_id)
         rows = next(iter(inputs.values())).shape[0]
         if self._split and rows > 1:
             return self._infer_split(inputs, rows)

@@ -29,6 +29,15 @@ class EncodedPair:
         return int(self.input_ids.shape[0])
 
 
+def padded_width(length: int, multiple: int, max_length: int | None = None) -> int:
+    """`length` rounded up to a multiple of `multiple`, but not past `max_length` (the model's
+    longest input) unless `length` itself is longer."""
+    width = -(-length // multiple) * multiple
+    if max_length is not None and width > max_length:
+        return max(length, max_length)
+    return width
+
+
 def pad_batch(
     items: Sequence[EncodedPair],
     pad_token_id: int,

@@ -24,7 +24,7 @@ from service.engine.scorer import (
     preload_cuda_libraries,
 )
 from service.engine.tokenize import PairTokenizer
-from service.engine.types import pad_batch
+from service.engine.types import pad_batch, padded_width
 from tests.unit.engine.conftest import TinyExport
 
 WORDS = "the model answers a question about rivers mountains history code music".split()
@@ -116,19 +116,25 @@ def test_openvino_bf16_close_to_pytorch(export, tokenizer, cases) -> None:
     assert_close(scorer, cases, atol=0.05 * spread, rtol=0.02)
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        {"seq_multiple": 16},
-        {"hint": "THROUGHPUT", "num_streams": 2, "threads": 2, "split_streams": True},
-    ],
-    ids=["pad-to-16", "two-streams-split"],
-)
-def test_openvino_options_do_not_change_scores(export, tokenizer, cases, options) -> None:
+def test_openvino_two_split_streams_do_not_change_scores(export, tokenizer, cases) -> None:
+    options = {"hint": "THROUGHPUT", "num_streams": 2, "threads": 2, "split_streams": True}
     scorer = OpenVinoScorer(
         export.model_path("fp32"), precision="fp32", **options, **common(export, tokenizer)
     )
     assert_close(scorer, cases, atol=1e-4)
+
+
+def test_openvino_scores_do_not_depend_on_padding_to_a_multiple(export, tokenizer) -> None:
+    """The batcher pads batch widths in steps (pad_to_multiple): masked pads change nothing."""
+    kwargs = common(export, tokenizer)
+    scorer = OpenVinoScorer(export.model_path("fp32"), precision="fp32", **kwargs)
+    encoded = tokenizer.encode([("short", "a"), ("a longer instruction " * 5, "an answer " * 7)])
+    longest = max(e.length for e in encoded)
+    plain = scorer.infer(pad_batch(encoded, tokenizer.pad_token_id, export.input_names))
+    width = padded_width(longest, 16)
+    assert width % 16 == 0 and width > longest
+    stepped = scorer.infer(pad_batch(encoded, tokenizer.pad_token_id, export.input_names, width))
+    np.testing.assert_allclose(stepped, plain, atol=1e-4)
 
 
 def test_score_does_not_depend_on_batch_padding(export, tokenizer) -> None:
