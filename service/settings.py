@@ -51,16 +51,30 @@ class Settings(BaseSettings):
         None,
         ge=1,
         le=64,
-        description="CPU (OpenVINO) inference streams: batches run at once, the threads split "
-        "between them. 1: every thread on each batch (lowest latency at low load). unset: "
-        "OpenVINO's throughput hint picks (2 on a 2-core machine).",
+        description="Batches run at once. CPU (OpenVINO): inference streams, the threads split "
+        "between them; 1: every thread on each batch (lowest latency at low load); unset: "
+        "OpenVINO's throughput hint picks (2 on a 2-core machine). CUDA: ONNX Runtime sessions, "
+        "each with its own CUDA stream, so that one batch's copies and preparation overlap "
+        "another's kernels; unset: 2.",
+    )
+    tensorrt: bool = Field(
+        False,
+        description="CUDA only: put ONNX Runtime's TensorRT execution provider (fp16) before "
+        "CUDA; refused at start when its libraries are missing. Engines are built per shape "
+        "and kept in `cache_dir`/tensorrt.",
     )
 
     # --- batcher ---------------------------------------------------------------------------------
-    max_batch_tokens: int = Field(
-        8192, ge=64, le=1_048_576, description="Padded tokens per batch (rows x longest row)."
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=64,
+        le=1_048_576,
+        description="Padded tokens per batch (rows x longest row). unset: 8192 on CPU, 32768 "
+        "on CUDA.",
     )
-    max_batch_size: int = Field(64, ge=1, le=4096, description="Pairs per batch.")
+    max_batch_size: int | None = Field(
+        None, ge=1, le=4096, description="Pairs per batch. unset: 64 on CPU, 256 on CUDA."
+    )
     max_wait_ms: float = Field(
         2.0, ge=0, le=1000, description="How long a batch may wait to fill while the model idles."
     )
@@ -172,7 +186,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        if self.max_queue_tokens < self.max_batch_tokens:
+        if self.max_batch_tokens is not None and self.max_queue_tokens < self.max_batch_tokens:
             raise ValueError("max_queue_tokens must be at least max_batch_tokens")
         return self
 

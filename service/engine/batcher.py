@@ -28,7 +28,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -63,6 +63,12 @@ _SOURCE_STEPS = (0, -1, 1)
 # Padding tolerance on CPU when none is configured: measured best on the MiniLM benchmark
 # (README, Benchmarks: 0.1 against 0.25 and 0.5 at concurrency 32, and at concurrency 1).
 CPU_PADDING_TOLERANCE = 0.1
+# Batch limits (padded tokens, rows) when none are configured. On CPU a padded token costs as much
+# as a real one and rows beyond a few dozen gain nothing. A GPU needs far more work per launch to
+# fill its multiprocessors (a 64 x 128 batch of Cappy-large is ~6 TFLOP: ~8 ms on an H200, where
+# launch and copy overheads are ~1 ms), so it gets four times the budget and rows; the GPU bench
+# (loadtests/gpu_bench.py) reports the figures these give.
+DEVICE_BATCH_LIMITS = {"cpu": (8192, 64), "cuda": (32768, 256)}
 
 
 # Batchers between start() and stop(), for the process-wide queue gauges.
@@ -75,8 +81,8 @@ class BatcherConfig:
 
     Attributes:
         max_batch_tokens: padded tokens per batch (rows x longest row). A single pair longer than
-            this still runs, alone.
-        max_batch_size: rows per batch.
+            this still runs, alone. None picks by the scorer's device (`DEVICE_BATCH_LIMITS`).
+        max_batch_size: rows per batch; None picks by the scorer's device.
         max_wait_ms: how long the oldest queued pair may wait for its batch to fill while the
             model is idle. No wait when a full batch is queued or the model is busy.
         max_queue_tokens: real tokens the queue may hold; a request that would exceed it is
@@ -99,8 +105,8 @@ class BatcherConfig:
             too. 1 pads to the longest row only.
     """
 
-    max_batch_tokens: int = 16384
-    max_batch_size: int = 64
+    max_batch_tokens: int | None = None
+    max_batch_size: int | None = None
     max_wait_ms: float = 5.0
     max_queue_tokens: int = 262144
     default_timeout_s: float | None = 30.0
@@ -109,9 +115,9 @@ class BatcherConfig:
     pad_to_multiple: int = 8
 
     def __post_init__(self) -> None:
-        if self.max_batch_tokens < 1:
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be at least 1")
-        if self.max_batch_size < 1:
+        if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         if self.max_wait_ms < 0:
             raise ValueError("max_wait_ms must not be negative")
@@ -228,6 +234,16 @@ def _padding_tolerance(configured: float | None, scorer: Scorer) -> float:
     return math.inf if getattr(scorer, "device", "cpu") == "cuda" else CPU_PADDING_TOLERANCE
 
 
+def for_device(config: BatcherConfig, device: str) -> BatcherConfig:
+    """`config` with the batch limits it leaves unset filled in for `device` ("cuda" or "cpu")."""
+    tokens, rows = DEVICE_BATCH_LIMITS["cuda" if device == "cuda" else "cpu"]
+    return replace(
+        config,
+        max_batch_tokens=config.max_batch_tokens or tokens,
+        max_batch_size=config.max_batch_size or rows,
+    )
+
+
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
@@ -257,7 +273,10 @@ class DynamicBatcher:
     ) -> None:
         self._scorer = scorer
         self._encode = encode
-        self._config = config or BatcherConfig()
+        self._config = for_device(config or BatcherConfig(), getattr(scorer, "device", "cpu"))
+        assert self._config.max_batch_tokens is not None and self._config.max_batch_size is not None
+        self.max_batch_tokens: int = self._config.max_batch_tokens
+        self.max_batch_size: int = self._config.max_batch_size
         self._max_length = max_length
         # Batches the scorer can run at once (OpenVINO streams); one worker thread each.
         self._workers = max(1, int(getattr(scorer, "parallelism", 1)))
@@ -573,8 +592,8 @@ class DynamicBatcher:
                 continue
             now = time.monotonic()
             full = (
-                self._queue_pairs >= config.max_batch_size
-                or self._queue_tokens >= config.max_batch_tokens
+                self._queue_pairs >= self.max_batch_size
+                or self._queue_tokens >= self.max_batch_tokens
             )
             if not full and not self._draining:
                 if len(in_flight) >= workers:
@@ -680,8 +699,8 @@ class DynamicBatcher:
         if seed is None:
             return None
         config = self._config
-        budget = config.max_batch_tokens
-        max_rows = config.max_batch_size
+        budget = self.max_batch_tokens
+        max_rows = self.max_batch_size
         tolerance = self.padding_tolerance
         self._fifo.popleft()
         if not config.cross_request:
@@ -732,7 +751,6 @@ class DynamicBatcher:
         """Per-request batching: the seed (the oldest pair, already off the FIFO) plus its
         request's other queued pairs, shortest first, within the budget. Taken items stay in
         the FIFO and the buckets, where they are skipped as stale later."""
-        config = self._config
         self._take(seed)
         items = [seed]
         width = self._width(seed.length)
@@ -741,8 +759,8 @@ class DynamicBatcher:
                 continue
             new_width = max(width, self._width(item.length))
             if (
-                len(items) >= config.max_batch_size
-                or (len(items) + 1) * new_width > config.max_batch_tokens
+                len(items) >= self.max_batch_size
+                or (len(items) + 1) * new_width > self.max_batch_tokens
             ):
                 break
             self._take(item)

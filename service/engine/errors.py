@@ -61,3 +61,7 @@ class InferenceFailed(EngineError):
 
     def __init__(self, message: str = "model inference failed") -> None:
         super().__init__(message)
+
+
+class ScorerError(RuntimeError):
+    """A backend cannot be built for the requested device, engine or precision."""

@@ -16,10 +16,11 @@ import numpy as np
 
 from service import metrics
 from service.engine.batcher import BatcherConfig, DynamicBatcher, ScoredPair
+from service.engine.errors import DeadlineExceeded
 from service.engine.export_dir import ExportDir
-from service.engine.scorer import RefiningScorer, load_scorer
+from service.engine.scorer import Device, Engine, Precision, RefiningScorer, load_scorer
 from service.engine.tokenize import PairTokenizer
-from service.engine.types import Scorer, pad_batch
+from service.engine.types import EncodedPair, Scorer, pad_batch, padded_width
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +28,17 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RuntimeConfig:
     export_dir: Path
-    device: str = "auto"
-    engine: str = "auto"
-    precision: str = "auto"
+    device: Device = "auto"
+    engine: Engine = "auto"
+    precision: Precision = "auto"
     threads: int | None = None
     streams: int | None = None
+    tensorrt: bool = False
+    # Where TensorRT keeps the engines it builds (one per shape profile) between starts.
+    trt_cache: Path | None = None
+    # Most near-tied leaders of one request a later ranking stage re-scores: bounds the work
+    # (and memory) any one request can buy, whatever its candidates.
+    max_rescored: int = 16
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
 
 
@@ -85,13 +92,16 @@ class ScoringRuntime:
             max_length=export.max_length,
             with_token_type_ids="token_type_ids" in export.input_names,
         )
+        config = self.config
         scorer = load_scorer(
             export,
-            device=self.config.device,  # type: ignore[arg-type]
-            engine=self.config.engine,  # type: ignore[arg-type]
-            precision=self.config.precision,  # type: ignore[arg-type]
-            threads=self.config.threads,
-            streams=self.config.streams,
+            device=config.device,
+            engine=config.engine,
+            precision=config.precision,
+            threads=config.threads,
+            streams=config.streams,
+            tensorrt=config.tensorrt,
+            trt_cache=None if config.trt_cache is None else str(config.trt_cache),
         )
         scorer.warmup()
         self.export, self.tokenizer, self.scorer = export, tokenizer, scorer
@@ -143,48 +153,83 @@ class ScoringRuntime:
     ) -> list[ScoredPair]:
         """Scores candidates for one instruction, for ranking them.
 
-        With a refining scorer, every candidate is scored by its first stage and the candidates
-        within that stage's margin of the best are re-scored by the next one (int8 -> bf16 ->
-        fp32 on CPU when the export has the int8 model, else bf16 -> fp32): the winner and the
-        order of the leaders are those of fp32; a candidate keeps the score of the last stage
-        that scored it.
+        Identical candidates are scored once and share the result (so exact ties keep the lowest
+        index when ranked). With a refining scorer, every distinct candidate is scored by the
+        first stage and those within that stage's margin of the best, at most
+        `config.max_rescored` of the highest, are re-scored by the next one (int8 -> bf16 -> fp32
+        on CPU when the export has the int8 model, else bf16 -> fp32): the winner and the order
+        of the leaders are those of fp32; a candidate keeps the score of the last stage that
+        scored it. Every stage goes through the batch budget and the request's deadline.
+
+        Raises:
+            DeadlineExceeded: the deadline passed, in any stage.
+            and whatever `DynamicBatcher.score` raises.
         """
-        pairs = [(instruction, candidate) for candidate in candidates]
         assert self.batchers, "rank() before start()"
+        if deadline is None and self.config.batcher.default_timeout_s is not None:
+            deadline = time.monotonic() + self.config.batcher.default_timeout_s
+        slot_of: dict[str, int] = {}
+        slots = [slot_of.setdefault(text, len(slot_of)) for text in candidates]
+        pairs = [(instruction, text) for text in slot_of]
         results = await self.batchers[0].score(pairs, deadline=deadline)
         stage = self.scorer
         rows = np.arange(len(results))
         for batcher in [*self.batchers[1:], None]:
             if not isinstance(stage, RefiningScorer) or rows.size < 2:
                 break
-            leaders = stage.near_top(np.array([results[i].score for i in rows], dtype=np.float32))
+            fast = np.array([results[i].score for i in rows], dtype=np.float32)
+            leaders = stage.near_top(fast)
             if not leaders.size:
                 break
+            if leaders.size > self.config.max_rescored:
+                # The highest first stage scores; a stable sort keeps the lower index on ties.
+                order = np.argsort(-fast[leaders], kind="stable")
+                leaders = np.sort(leaders[order[: self.config.max_rescored]])
             rows = rows[leaders]
             subset = [pairs[i] for i in rows]
             if batcher is not None:  # a batched stage (bf16 after int8): across requests
                 scores = [r.score for r in await batcher.score(subset, deadline=deadline)]
-            else:  # the exact (fp32) stage: a few pairs, on the last batcher's workers
-                exact = await self.batchers[-1].run_on_workers(self._score_exact, stage, subset)
-                scores = exact.tolist()
+            else:  # the exact (fp32) stage: on the last batcher's workers, in budget-sized turns
+                scores = await self._score_exact(stage, subset, deadline)
             metrics.PAIRS_RESCORED.labels(precision=_precision(stage.exact)).inc(len(rows))
             results = list(results)
             for row, score in zip(rows, scores, strict=True):
                 results[row] = replace(results[row], score=float(score))
             stage = stage.exact
-        return results
+        return [results[slot] for slot in slots]
 
-    def _score_exact(self, stage: RefiningScorer, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
-        # In turn with the batches on the workers (one stream each), not beside them: beside
-        # every stream it oversubscribed the cores and cost twice the CPU (README, Benchmarks).
+    async def _score_exact(
+        self, stage: RefiningScorer, pairs: Sequence[tuple[str, str]], deadline: float | None
+    ) -> list[float]:
+        """Scores near-tied leaders with the exact engine, in batches within the last batcher's
+        token budget, each taking its turn on that batcher's workers: beside the streams it
+        oversubscribed the cores and cost twice the CPU. Checks the deadline before each batch.
+        """
         tokenizer = self.tokenizer
+        batcher = self.batchers[-1]
         assert tokenizer is not None
         encoded = tokenizer.encode(pairs)
-        return stage.exact.infer(pad_batch(encoded, stage.pad_token_id, stage.input_names))
+        multiple = self.config.batcher.pad_to_multiple
+        max_length = self.export.max_length if self.export is not None else None
+        scores: list[float] = []
+        for chunk in _budgeted_chunks(
+            encoded, batcher.max_batch_tokens, batcher.max_batch_size, multiple, max_length
+        ):
+            if deadline is not None and time.monotonic() >= deadline:
+                metrics.PAIRS_DROPPED.labels(reason="deadline").inc(len(pairs) - len(scores))
+                raise DeadlineExceeded()
+            width = padded_width(max(e.length for e in chunk), multiple, max_length)
+            feeds = pad_batch(chunk, stage.pad_token_id, stage.input_names, width)
+            exact = await batcher.run_on_workers(stage.exact.infer, feeds)
+            scores.extend(float(v) for v in np.asarray(exact).reshape(-1))
+        return scores
 
     def describe(self) -> dict[str, Any]:
         scorer = self.scorer
-        tolerance = self.batcher.padding_tolerance if self.batcher is not None else None
+        batcher = self.batcher
+        tolerance = batcher.padding_tolerance if batcher is not None else None
+        backend = scorer.fast if isinstance(scorer, RefiningScorer) else scorer
+        describe_backend = getattr(backend, "describe", None)
         return {
             "engine": getattr(scorer, "name", None),
             # Ranking runs these in order, each re-scoring the previous one's near-ties (within
@@ -198,6 +243,11 @@ class ScoringRuntime:
             if tolerance is None or math.isfinite(tolerance)
             else None,
             "pad_to_multiple": self.config.batcher.pad_to_multiple,
+            # The batch limits in force (unset settings resolved for the device).
+            "max_batch_tokens": batcher.max_batch_tokens if batcher is not None else None,
+            "max_batch_size": batcher.max_batch_size if batcher is not None else None,
+            # ONNX Runtime: execution providers (TensorRT, CUDA, CPU), sessions, IO binding.
+            "backend": describe_backend() if callable(describe_backend) else None,
             "load_seconds": None if self.load_seconds is None else round(self.load_seconds, 2),
         }
 
@@ -223,3 +273,27 @@ def _stages(scorer: Scorer) -> list[Scorer]:
 def _precision(scorer: Scorer) -> str:
     fast = scorer.fast if isinstance(scorer, RefiningScorer) else scorer
     return str(getattr(fast, "precision", "unknown"))
+
+
+def _budgeted_chunks(
+    encoded: Sequence[EncodedPair],
+    max_tokens: int,
+    max_rows: int,
+    multiple: int,
+    max_length: int | None,
+) -> list[list[EncodedPair]]:
+    """`encoded` in order, cut into batches whose padded size (rows x stepped width) stays
+    within `max_tokens` and `max_rows`; a pair longer than the budget goes alone."""
+    chunks: list[list[EncodedPair]] = []
+    current: list[EncodedPair] = []
+    width = 0
+    for pair in encoded:
+        new_width = max(width, padded_width(pair.length, multiple, max_length))
+        if current and ((len(current) + 1) * new_width > max_tokens or len(current) >= max_rows):
+            chunks.append(current)
+            current, new_width = [], padded_width(pair.length, multiple, max_length)
+        current.append(pair)
+        width = new_width
+    if current:
+        chunks.append(current)
+    return chunks

@@ -1,8 +1,8 @@
 """Execution backends behind the `Scorer` protocol, and the choice between them.
 
-- `OnnxScorer`: ONNX Runtime. On a GPU: the CUDA execution provider with the fp16 graph and IO
-  binding (the output stays on the device until one small copy back). On CPU: the CPU provider with
-  one intra-op thread per usable core.
+- `OnnxScorer` (service/engine/onnx_runtime.py): ONNX Runtime. On a GPU: the CUDA execution
+  provider with the fp16 graph, several sessions (streams) in flight, inputs bound from pinned
+  host buffers. On CPU: the CPU provider with one intra-op thread per usable core.
 - `OpenVinoScorer`: the OpenVINO runtime reading the same model.onnx, computing in bf16 where the
   CPU has native bf16 (AVX512_BF16 / AMX), f32 otherwise.
 - `RefiningScorer`: a fast scorer (OpenVINO bf16) plus an exact twin (OpenVINO f32) that re-scores
@@ -19,7 +19,6 @@ All backends return the raw regression output `logits[:, 0]` as float32, one val
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from collections.abc import Mapping, Sequence
@@ -28,159 +27,17 @@ from typing import Any, Literal
 
 import numpy as np
 
+from service.engine.errors import ScorerError
 from service.engine.export_dir import ExportDir, ExportDirError
+from service.engine.onnx_runtime import OnnxScorer, cuda_available, usable_cores
 from service.engine.types import EncodedPair, Scorer, pad_batch
+from service.engine.warmup import WARMUP_SHAPES, synthetic_feeds
 
 logger = logging.getLogger(__name__)
 
 Device = Literal["auto", "cuda", "cpu"]
 Engine = Literal["auto", "onnxruntime", "openvino"]
 Precision = Literal["auto", "fp32", "fp16", "int8", "bf16"]
-
-# Shapes the warm-up runs: (rows, tokens). Short and long rows, small and full batches, so that
-# first-request latency does not pay for kernel selection / primitive creation.
-_WARMUP_SHAPES = ((1, 16), (4, 64), (16, 128), (32, 256), (8, 512))
-
-
-class ScorerError(RuntimeError):
-    """A backend cannot be built for the requested device, engine or precision."""
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (cgroup/affinity aware where the OS says so)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def _synthetic_feeds(
-    rows: int, tokens: int, input_names: Sequence[str], pad_token_id: int
-) -> dict[str, np.ndarray]:
-    """A batch of the given shape with varied lengths (the last rows padded). Ids stay below 100,
-    inside any real vocabulary (the tiny test models have a few hundred tokens)."""
-    rng = np.random.default_rng(rows * 1000 + tokens)
-    input_ids = rng.integers(5, 100, size=(rows, tokens), dtype=np.int64)
-    attention_mask = np.ones((rows, tokens), dtype=np.int64)
-    token_type_ids = np.zeros((rows, tokens), dtype=np.int64)
-    for row in range(rows):
-        length = max(2, tokens - row * max(1, tokens // (2 * rows)))
-        input_ids[row, length:] = pad_token_id
-        attention_mask[row, length:] = 0
-        token_type_ids[row, length // 2 : length] = 1
-    feeds = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "token_type_ids": token_type_ids,
-    }
-    return {name: feeds[name] for name in input_names}
-
-
-class OnnxScorer:
-    """ONNX Runtime backend (CUDA provider + IO binding on GPU, CPU provider otherwise).
-
-    Attributes:
-        name: e.g. "onnxruntime-cuda-fp16" or "onnxruntime-cpu-fp32".
-        device: "cuda" or "cpu".
-        providers: the providers the session actually uses.
-    """
-
-    def __init__(
-        self,
-        model_path: str | Path,
-        *,
-        input_names: Sequence[str],
-        pad_token_id: int,
-        output_name: str = "logits",
-        device: Literal["cuda", "cpu"] = "cpu",
-        precision: str = "fp32",
-        threads: int | None = None,
-        device_id: int = 0,
-    ) -> None:
-        import onnxruntime as ort
-
-        self.input_names = list(input_names)
-        self.pad_token_id = pad_token_id
-        self.output_name = output_name
-        self.device = device
-        self.precision = precision
-        self.name = f"onnxruntime-{device}-{precision}"
-        self.parallelism = 1  # one session, all its threads on each batch
-
-        if device == "cuda":
-            preload_cuda_libraries(ort)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3
-        if device == "cpu":
-            options.intra_op_num_threads = threads or usable_cores()
-            options.inter_op_num_threads = 1
-            # Idle intra-op threads otherwise spin for a while after each run, taking CPU from the
-            # event loop and the tokenizer between batches on a small machine.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            providers: list[Any] = ["CPUExecutionProvider"]
-        else:
-            providers = [
-                (
-                    "CUDAExecutionProvider",
-                    {
-                        "device_id": device_id,
-                        "arena_extend_strategy": "kSameAsRequested",
-                        "cudnn_conv_algo_search": "HEURISTIC",
-                        "do_copy_in_default_stream": True,
-                    },
-                ),
-                "CPUExecutionProvider",
-            ]
-        self._session = ort.InferenceSession(
-            str(model_path), sess_options=options, providers=providers
-        )
-        self.providers = list(self._session.get_providers())
-        if device == "cuda" and self.providers[0] != "CUDAExecutionProvider":
-            raise ScorerError(f"CUDA execution provider not available (got {self.providers})")
-        graph_inputs = {i.name for i in self._session.get_inputs()}
-        missing = [n for n in self.input_names if n not in graph_inputs]
-        if missing:
-            raise ScorerError(f"{model_path}: graph has no inputs {missing}")
-        self._device_id = device_id
-        logger.info("ONNX Runtime scorer %s on %s from %s", self.name, self.providers, model_path)
-
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Scores one padded batch; returns logits[:, 0] as float32."""
-        if self.device == "cuda":
-            binding = self._session.io_binding()
-            for name in self.input_names:
-                binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
-            binding.bind_output(self.output_name, "cuda", self._device_id)
-            self._session.run_with_iobinding(binding)
-            logits = binding.copy_outputs_to_cpu()[0]
-        else:
-            (logits,) = self._session.run(
-                [self.output_name], {name: feeds[name] for name in self.input_names}
-            )
-        return np.asarray(logits, dtype=np.float32).reshape(logits.shape[0], -1)[:, 0].copy()
-
-    def warmup(self) -> None:
-        """Runs batches of representative shapes once."""
-        for rows, tokens in _WARMUP_SHAPES:
-            self.infer(_synthetic_feeds(rows, tokens, self.input_names, self.pad_token_id))
-
-
-def preload_cuda_libraries(ort: Any) -> None:
-    """Loads the CUDA and cuDNN libraries of the nvidia-* wheels (the `gpu` extra's
-    onnxruntime-gpu[cuda,cudnn]) before the CUDA provider needs them, so that a pip install works
-    without a system CUDA toolkit. A failure is only logged: the libraries may come from the
-    system instead, and the session then says whether CUDA is usable."""
-    preload = getattr(ort, "preload_dlls", None)
-    if preload is None:  # onnxruntime < 1.21
-        return
-    try:
-        preload()
-    except Exception as exc:
-        logger.warning(
-            "onnxruntime.preload_dlls() failed (%s); relying on system CUDA libraries", exc
-        )
 
 
 def openvino_bf16_supported() -> bool:
@@ -321,8 +178,8 @@ class OpenVinoScorer:
 
     def warmup(self) -> None:
         """Runs batches of representative shapes once."""
-        for rows, tokens in _WARMUP_SHAPES:
-            self.infer(_synthetic_feeds(rows, tokens, self.input_names, self.pad_token_id))
+        for rows, tokens in WARMUP_SHAPES:
+            self.infer(synthetic_feeds(rows, tokens, self.input_names, self.pad_token_id))
 
 
 class RefiningScorer:
@@ -401,8 +258,8 @@ class RefiningScorer:
         if isinstance(self.exact, RefiningScorer):
             self.exact.warmup()
         worst = 0.0
-        for rows, tokens in _WARMUP_SHAPES:
-            feeds = _synthetic_feeds(rows, tokens, self.input_names, self.pad_token_id)
+        for rows, tokens in WARMUP_SHAPES:
+            feeds = synthetic_feeds(rows, tokens, self.input_names, self.pad_token_id)
             diff = np.abs(self.fast.infer(feeds) - self.exact.infer(feeds))
             worst = max(worst, float(diff.max()))
         if self._fixed_margin is None:
@@ -414,29 +271,6 @@ class RefiningScorer:
         )
 
 
-def cuda_available() -> bool:
-    """Whether ONNX Runtime can use a CUDA GPU here."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return False
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False
-    # The provider is compiled in even on machines without a GPU; ask the driver.
-    try:
-        import ctypes
-
-        libcuda = ctypes.CDLL("libcuda.so.1")
-        count = ctypes.c_int(0)
-        return (
-            libcuda.cuInit(0) == 0
-            and libcuda.cuDeviceGetCount(ctypes.byref(count)) == 0
-            and count.value > 0
-        )
-    except OSError:
-        return False
-
-
 def load_scorer(
     export_dir: ExportDir,
     device: Device = "auto",
@@ -446,10 +280,13 @@ def load_scorer(
     threads: int | None = None,
     streams: int | None = None,
     refine: bool = True,
+    tensorrt: bool = False,
+    trt_cache: str | None = None,
 ) -> Scorer:
     """Builds the fastest faithful scorer for this machine.
 
-    GPU: ONNX Runtime CUDA with the fp16 graph (fp32 when the export has no usable fp16).
+    GPU: ONNX Runtime CUDA with the fp16 graph (fp32 when the export has no usable fp16), on
+    `streams` sessions (default 2) so that batches overlap; `tensorrt` puts TensorRT fp16 first.
     CPU: OpenVINO bf16 where the CPU computes bf16 natively, wrapped (unless `refine` is False)
     in a `RefiningScorer` whose fp32 twin re-scores near-tied leaders of a candidate set; else
     ONNX Runtime fp32. With precision int8 and an export holding a calibrated OpenVINO int8
@@ -457,8 +294,8 @@ def load_scorer(
     one's near-ties (the int8 margin is the export's measured int8 parity error). Measured on the
     MiniLM benchmark (loadtests/engine_bench.py): OpenVINO bf16 ~2x the pairs/s of any fp32
     engine, argmax agreement with PyTorch fp32 97% alone and 100% refined; ONNX Runtime int8 was
-    slower and 71% faithful. `streams`: OpenVINO streams (1: LATENCY, every thread on each batch;
-    None: THROUGHPUT, OpenVINO picks the count).
+    slower and 71% faithful. `streams` on CPU: OpenVINO streams (1: LATENCY, every thread on each
+    batch; None: THROUGHPUT, OpenVINO picks the count).
 
     Raises:
         ScorerError / ExportDirError: an impossible combination (e.g. fp16 on CPU, bf16 on ORT).
@@ -479,8 +316,16 @@ def load_scorer(
         if precision not in ("fp16", "fp32"):
             raise ScorerError(f"precision {precision} is not served on GPU (fp16 or fp32)")
         return OnnxScorer(
-            export_dir.model_path(precision), device="cuda", precision=precision, **common
+            export_dir.model_path(precision),
+            device="cuda",
+            precision=precision,
+            sessions=streams,
+            tensorrt=tensorrt,
+            trt_cache=trt_cache,
+            **common,
         )
+    if tensorrt:
+        raise ScorerError("TensorRT runs on CUDA GPUs only (device cuda)")
 
     chosen_automatically = engine == "auto"
     # Opt-in: on the flat-scored MiniLM benchmark the int8 screen's honest margin (its parity

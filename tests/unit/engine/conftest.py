@@ -13,9 +13,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from service.engine.export_dir import ExportDir
+from service.engine.tokenize import PairTokenizer
+from service.engine.types import pad_batch
+
 MAX_LENGTH = 512
+
+
+def _openvino_importable() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# The cpu extra brings OpenVINO; a GPU install (EXTRAS=gpu,dev) has none, and these tests skip.
+requires_openvino = pytest.mark.skipif(
+    not _openvino_importable(), reason="openvino is not installed (the cpu extra)"
+)
 
 
 @dataclass(frozen=True)
@@ -119,3 +138,65 @@ def export_copy(tiny_engine_export: TinyExport, tmp_path: Path) -> Path:
     target = tmp_path / "export"
     shutil.copytree(tiny_engine_export.path, target)
     return target
+
+
+WORDS = "the model answers a question about rivers mountains history code music".split()
+
+
+def batches_of_pairs() -> list[list[tuple[str, str]]]:
+    """Candidate sets of very different lengths, so every batch carries padding."""
+    rng = np.random.default_rng(1)
+
+    def words(n: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    sets = []
+    for size in (1, 3, 8, 17):
+        instruction = words(int(rng.integers(3, 40)))
+        sets.append([(instruction, words(int(rng.integers(0, 120)))) for _ in range(size)])
+    sets.append([(words(600), "yes"), ("Answer.", words(5)), ("", "")])  # truncated + tiny
+    sets.append([("Réponds en français 中文 🌤️", "Bleu ✓"), ("q", words(200))])
+    return sets
+
+
+@pytest.fixture(scope="session")
+def export(tiny_engine_export: TinyExport) -> ExportDir:
+    return ExportDir.load(tiny_engine_export.path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(export: ExportDir) -> PairTokenizer:
+    return PairTokenizer.from_dir(
+        export.path, max_length=export.max_length, with_token_type_ids=False
+    )
+
+
+@pytest.fixture(scope="session")
+def cases(
+    tiny_engine_export: TinyExport, tokenizer: PairTokenizer, export: ExportDir
+) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """(feeds, PyTorch fp32 scores) per padded batch."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(tiny_engine_export.checkpoint), attn_implementation="eager"
+    ).eval()
+    out = []
+    for pairs in batches_of_pairs():
+        feeds = pad_batch(tokenizer.encode(pairs), tokenizer.pad_token_id, export.input_names)
+        with torch.inference_mode():
+            logits = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits
+        out.append((feeds, logits[:, 0].float().numpy()))
+    return out
+
+
+def assert_close(scorer: object, cases: list, atol: float, rtol: float = 0.0) -> None:
+    for feeds, expected in cases:
+        got = scorer.infer(feeds)  # type: ignore[attr-defined]
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, atol=atol, rtol=rtol)
+
+
+def common(export: ExportDir, tokenizer: PairTokenizer) -> dict:
+    return {"input_names": export.input_names, "pad_token_id": tokenizer.pad_token_id}

@@ -21,6 +21,7 @@ import pytest
 
 from service.engine.batcher import (
     CPU_PADDING_TOLERANCE,
+    DEVICE_BATCH_LIMITS,
     BatcherConfig,
     DynamicBatcher,
     ScoredPair,
@@ -239,6 +240,44 @@ def test_padding_tolerance_follows_the_device_unless_set(
         scorer.device = device  # type: ignore[attr-defined]
     batcher = DynamicBatcher(scorer, encode, BatcherConfig(padding_tolerance=configured))
     assert batcher.padding_tolerance == expected
+
+
+@pytest.mark.parametrize(
+    ("configured", "device", "expected"),
+    [
+        ({}, None, DEVICE_BATCH_LIMITS["cpu"]),
+        ({}, "cuda", DEVICE_BATCH_LIMITS["cuda"]),
+        ({"max_batch_tokens": 4096}, "cuda", (4096, DEVICE_BATCH_LIMITS["cuda"][1])),
+        ({"max_batch_size": 8}, "cpu", (DEVICE_BATCH_LIMITS["cpu"][0], 8)),
+    ],
+)
+def test_batch_limits_follow_the_device_unless_set(
+    configured: dict[str, int], device: str | None, expected: tuple[int, int]
+) -> None:
+    scorer = FakeScorer()
+    if device is not None:
+        scorer.device = device  # type: ignore[attr-defined]
+    batcher = DynamicBatcher(scorer, encode, BatcherConfig(**configured))
+    assert (batcher.max_batch_tokens, batcher.max_batch_size) == expected
+    assert (batcher.config.max_batch_tokens, batcher.config.max_batch_size) == expected
+    assert DEVICE_BATCH_LIMITS["cuda"][0] > DEVICE_BATCH_LIMITS["cpu"][0]
+
+
+async def test_a_cuda_batch_holds_more_rows_than_a_cpu_one() -> None:
+    """Without configured limits, 100 queued pairs make batches of 64 rows on CPU and one of
+    100 rows on CUDA."""
+    sizes = {}
+    for device in ("cpu", "cuda"):
+        scorer = FakeScorer()
+        scorer.device = device  # type: ignore[attr-defined]
+        async with running(scorer, max_wait_ms=50) as batcher:
+            first = await hold_model(batcher, scorer)
+            queued = await queue_request(batcher, [pair(10)] * 100)
+            scorer.release()
+            await asyncio.gather(first, queued)
+        sizes[device] = [len(batch) for batch in scorer.batches[1:]]
+    assert sizes["cpu"] == [64, 36]
+    assert sizes["cuda"] == [100]
 
 
 class TwoStreamScorer(FakeScorer):

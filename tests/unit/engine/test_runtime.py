@@ -10,6 +10,7 @@ fake precision adds an error of known bound, so the margins below make the chain
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 
 from service.engine import runtime as runtime_module
 from service.engine.batcher import BatcherConfig
+from service.engine.errors import DeadlineExceeded
 from service.engine.runtime import RuntimeConfig, ScoringRuntime
 from service.engine.scorer import RefiningScorer
 from service.metrics import REGISTRY
@@ -166,3 +168,102 @@ def _feeds(runtime: ScoringRuntime, pairs: list[tuple[str, str]]) -> dict[str, n
 
     assert runtime.tokenizer is not None
     return pad_batch(runtime.tokenizer.encode(pairs), 1, ["input_ids", "attention_mask"])
+
+
+class SlowEngine(FakeEngine):
+    """An exact engine that records each batch's shape and takes `delay` seconds per batch."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__("fp32", 0.0)
+        self.delay = delay
+        self.shapes: list[tuple[int, int]] = []
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        self.shapes.append(feeds["input_ids"].shape)
+        time.sleep(self.delay)
+        return super().infer(feeds)
+
+
+async def start_two_stage(
+    export: TinyExport,
+    monkeypatch: pytest.MonkeyPatch,
+    exact: FakeEngine,
+    *,
+    max_rescored: int = 16,
+    max_batch_tokens: int | None = None,
+) -> tuple[ScoringRuntime, FakeEngine]:
+    """bf16 -> fp32 with a margin so wide that every candidate is a near-tie."""
+    bf16 = FakeEngine("bf16", BF16_ERROR)
+    scorer = RefiningScorer(bf16, exact, margin=10.0)
+    monkeypatch.setattr(runtime_module, "load_scorer", lambda *_a, **_k: scorer)
+    batcher = BatcherConfig(max_wait_ms=1.0, max_batch_tokens=max_batch_tokens)
+    runtime = ScoringRuntime(
+        RuntimeConfig(export_dir=export.path, batcher=batcher, max_rescored=max_rescored)
+    )
+    await runtime.start()
+    assert runtime.ready, runtime.load_error
+    bf16.rows = exact.rows = 0
+    if isinstance(exact, SlowEngine):
+        exact.shapes.clear()  # forget the warm-up
+    return runtime, bf16
+
+
+async def test_identical_candidates_are_scored_once_and_ties_keep_the_lowest_index(
+    chain_runtime,
+) -> None:
+    runtime, (int8, bf16, fp32) = chain_runtime
+    same = "b " * 300
+    texts = ["a different answer", *([same] * 50), "another one"]
+    results = await runtime.rank("what is it?", texts)
+    assert int8.rows == 3  # three distinct texts
+    assert bf16.rows <= 3 and fp32.rows <= 3
+    assert len(results) == 52
+    assert len({results[i].score for i in range(1, 51)}) == 1  # one result, shared
+    assert all(results[i] == results[1] for i in range(1, 51))
+    scores = [r.score for r in results]
+    best = max(scores)
+    assert scores.index(best) == int(np.argmax(scores))  # the first of equals wins
+
+
+async def test_rescoring_is_capped_and_runs_in_budget_sized_batches(
+    tiny_engine_export: TinyExport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exact = SlowEngine()
+    runtime, bf16 = await start_two_stage(
+        tiny_engine_export,
+        monkeypatch,
+        exact,
+        max_rescored=12,
+        max_batch_tokens=96,
+    )
+    try:
+        texts = candidates(64)
+        pairs = [("what is it?", t) for t in texts]
+        truth = FakeEngine("fp32", 0.0).infer(_feeds(runtime, pairs))
+        bf16_scores = FakeEngine("bf16", BF16_ERROR).infer(_feeds(runtime, pairs))
+        results = await runtime.rank("what is it?", texts)
+        assert exact.rows == 12  # every candidate is a near-tie: only the 12 best go on
+        leaders = set(np.argsort(-bf16_scores, kind="stable")[:12].tolist())
+        scores = np.array([r.score for r in results])
+        exact_rows = np.flatnonzero(np.isclose(scores, truth, atol=1e-7))
+        assert leaders <= set(exact_rows.tolist())
+        assert int(np.argmax(scores)) == int(np.argmax(truth))
+        assert len(exact.shapes) > 1  # 12 pairs do not fit one 96-token batch
+        assert all(rows * width <= 96 or rows == 1 for rows, width in exact.shapes)
+    finally:
+        await runtime.stop()
+
+
+async def test_exact_rescoring_respects_the_deadline(
+    tiny_engine_export: TinyExport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exact = SlowEngine(delay=0.1)
+    runtime, _ = await start_two_stage(tiny_engine_export, monkeypatch, exact, max_batch_tokens=64)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await runtime.rank("what is it?", candidates(40), deadline=started + 0.25)
+        assert time.monotonic() - started < 1.0
+        assert len(exact.shapes) <= 4  # 16 leaders would take 8+ batches of 0.1 s
+    finally:
+        await runtime.stop()

@@ -7,86 +7,26 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from service.engine.errors import ScorerError
 from service.engine.export_dir import ExportDir, ExportDirError
+from service.engine.onnx_runtime import OnnxScorer
 from service.engine.scorer import (
-    OnnxScorer,
     OpenVinoScorer,
     RefiningScorer,
-    ScorerError,
-    cuda_available,
     load_scorer,
     openvino_bf16_supported,
-    preload_cuda_libraries,
 )
-from service.engine.tokenize import PairTokenizer
 from service.engine.types import pad_batch, padded_width
-from tests.unit.engine.conftest import TinyExport
-
-WORDS = "the model answers a question about rivers mountains history code music".split()
-
-
-def batches_of_pairs() -> list[list[tuple[str, str]]]:
-    """Candidate sets of very different lengths, so every batch carries padding."""
-    rng = np.random.default_rng(1)
-
-    def words(n: int) -> str:
-        return " ".join(rng.choice(WORDS) for _ in range(n))
-
-    sets = []
-    for size in (1, 3, 8, 17):
-        instruction = words(int(rng.integers(3, 40)))
-        sets.append([(instruction, words(int(rng.integers(0, 120)))) for _ in range(size)])
-    sets.append([(words(600), "yes"), ("Answer.", words(5)), ("", "")])  # truncated + tiny
-    sets.append([("Réponds en français 中文 🌤️", "Bleu ✓"), ("q", words(200))])
-    return sets
-
-
-@pytest.fixture(scope="module")
-def export(tiny_engine_export: TinyExport) -> ExportDir:
-    return ExportDir.load(tiny_engine_export.path)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(export: ExportDir) -> PairTokenizer:
-    return PairTokenizer.from_dir(
-        export.path, max_length=export.max_length, with_token_type_ids=False
-    )
-
-
-@pytest.fixture(scope="module")
-def cases(
-    tiny_engine_export: TinyExport, tokenizer: PairTokenizer, export: ExportDir
-) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
-    """(feeds, PyTorch fp32 scores) per padded batch."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(tiny_engine_export.checkpoint), attn_implementation="eager"
-    ).eval()
-    out = []
-    for pairs in batches_of_pairs():
-        feeds = pad_batch(tokenizer.encode(pairs), tokenizer.pad_token_id, export.input_names)
-        with torch.inference_mode():
-            logits = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits
-        out.append((feeds, logits[:, 0].float().numpy()))
-    return out
-
-
-def assert_close(scorer: object, cases: list, atol: float, rtol: float = 0.0) -> None:
-    for feeds, expected in cases:
-        got = scorer.infer(feeds)  # type: ignore[attr-defined]
-        assert got.dtype == np.float32 and got.shape == expected.shape
-        np.testing.assert_allclose(got, expected, atol=atol, rtol=rtol)
-
-
-def common(export: ExportDir, tokenizer: PairTokenizer) -> dict:
-    return {"input_names": export.input_names, "pad_token_id": tokenizer.pad_token_id}
+from tests.unit.engine.conftest import (
+    assert_close,
+    batches_of_pairs,
+    common,
+    requires_openvino,
+)
 
 
 def test_onnxruntime_cpu_fp32_matches_pytorch(export, tokenizer, cases) -> None:
@@ -96,6 +36,7 @@ def test_onnxruntime_cpu_fp32_matches_pytorch(export, tokenizer, cases) -> None:
     assert_close(scorer, cases, atol=1e-4)
 
 
+@requires_openvino
 def test_openvino_fp32_matches_pytorch(export, tokenizer, cases) -> None:
     scorer = OpenVinoScorer(
         export.model_path("fp32"), precision="fp32", **common(export, tokenizer)
@@ -116,6 +57,7 @@ def test_openvino_bf16_close_to_pytorch(export, tokenizer, cases) -> None:
     assert_close(scorer, cases, atol=0.05 * spread, rtol=0.02)
 
 
+@requires_openvino
 def test_openvino_two_split_streams_do_not_change_scores(export, tokenizer, cases) -> None:
     options = {"hint": "THROUGHPUT", "num_streams": 2, "threads": 2, "split_streams": True}
     scorer = OpenVinoScorer(
@@ -124,6 +66,7 @@ def test_openvino_two_split_streams_do_not_change_scores(export, tokenizer, case
     assert_close(scorer, cases, atol=1e-4)
 
 
+@requires_openvino
 def test_openvino_scores_do_not_depend_on_padding_to_a_multiple(export, tokenizer) -> None:
     """The batcher pads batch widths in steps (pad_to_multiple): masked pads change nothing."""
     kwargs = common(export, tokenizer)
@@ -148,6 +91,7 @@ def test_score_does_not_depend_on_batch_padding(export, tokenizer) -> None:
     np.testing.assert_allclose(together, alone, atol=1e-5)
 
 
+@requires_openvino
 def test_refining_scorer_rescores_only_near_tied_leaders(export, tokenizer) -> None:
     kwargs = common(export, tokenizer)
     fast = OnnxScorer(export.model_path("fp32"), device="cpu", **kwargs)
@@ -188,6 +132,7 @@ def test_refining_scorer_calibrates_its_margin(export, tokenizer) -> None:
     assert scorer.name == "openvino-cpu-bf16-refined" and scorer.precision == "bf16"
 
 
+@requires_openvino
 def test_load_scorer_cpu_choices(export) -> None:
     auto = load_scorer(export, device="cpu")
     bf16 = openvino_bf16_supported()
@@ -205,6 +150,7 @@ def test_load_scorer_cpu_choices(export) -> None:
         load_scorer(export, device="cpu", engine="onnxruntime", precision="int8")
 
 
+@requires_openvino
 def test_load_scorer_streams_set_how_many_batches_run_at_once(export, cases) -> None:
     one = load_scorer(export, "cpu", "openvino", "fp32", streams=1)
     two = load_scorer(export, "cpu", "openvino", "fp32", streams=2)
@@ -219,21 +165,6 @@ def test_load_scorer_streams_set_how_many_batches_run_at_once(export, cases) -> 
         # it lands on the free core rather than on the core OpenVINO pinned a busy stream to.
         assert isinstance(refined.exact, OpenVinoScorer) and refined.exact.streams == 2
         assert refined.exact.pinned is False
-
-
-def test_cuda_libraries_are_preloaded_when_onnxruntime_can(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    calls: list[str] = []
-    preload_cuda_libraries(SimpleNamespace(preload_dlls=lambda: calls.append("preloaded")))
-    assert calls == ["preloaded"]
-    preload_cuda_libraries(SimpleNamespace())  # onnxruntime < 1.21: nothing to call
-
-    def broken() -> None:
-        raise OSError("libcudnn.so.9: cannot open shared object file")
-
-    preload_cuda_libraries(SimpleNamespace(preload_dlls=broken))  # logged, not raised
-    assert "preload_dlls() failed" in caplog.text
 
 
 def test_load_scorer_falls_back_to_onnxruntime_when_openvino_fails(
@@ -261,15 +192,6 @@ def test_service_engine_imports_no_torch_transformers_or_fastapi() -> None:
     root = Path(__file__).resolve().parents[3]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU")
-def test_onnxruntime_cuda_matches_pytorch(export, tokenizer, cases) -> None:
-    scorer = OnnxScorer(export.model_path("fp32"), device="cuda", **common(export, tokenizer))
-    scorer.warmup()
-    assert scorer.providers[0] == "CUDAExecutionProvider"
-    assert_close(scorer, cases, atol=1e-3, rtol=1e-3)
 
 
 def test_load_scorer_int8_screening_is_opt_in(export_copy: Path) -> None:
