@@ -81,7 +81,17 @@ class Settings(BaseSettings):
     max_queue_tokens: int = Field(
         400_000,
         ge=512,
-        description="Tokens the queue may hold; beyond it requests get 429 with Retry-After.",
+        description="Tokens the queue may hold (a memory cap); beyond it requests get 429 with "
+        "Retry-After.",
+    )
+    max_queue_wait_s: float | None = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="Longest expected queue wait (queued tokens at the model's recent pace) at "
+        "which a request is still admitted; beyond it, or when the queue would make a request "
+        "miss its deadline, 429 at once with a Retry-After of when it will have drained. "
+        "Admission looks at the queue, not at the request's size. unset: the token cap alone.",
     )
     padding_tolerance: float | None = Field(
         None,

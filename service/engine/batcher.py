@@ -86,7 +86,14 @@ class BatcherConfig:
         max_wait_ms: how long the oldest queued pair may wait for its batch to fill while the
             model is idle. No wait when a full batch is queued or the model is busy.
         max_queue_tokens: real tokens the queue may hold; a request that would exceed it is
-            refused with `Overloaded`, one that alone exceeds it with `RequestTooLarge`.
+            refused with `Overloaded`, one that alone exceeds it with `RequestTooLarge`. A cap
+            on memory; `max_queue_wait_s` is the one that keeps waits short.
+        max_queue_wait_s: the longest expected queue wait (the queued tokens at the model's
+            recent pace, every stream counted) at which a request is still admitted; beyond it,
+            and for a request that could not be answered before its deadline behind the queue,
+            `Overloaded` at once with a Retry-After of when the queue will have drained enough.
+            Admission looks at the queue before the request, not at its size, so large requests
+            are admitted as readily as small ones. None: the token cap alone.
         default_timeout_s: deadline of a request that brings none; None for no deadline.
         padding_tolerance: an item joins a batch only if the padding it adds is at most this many
             tokens per token of its own (1.0: a pair never costs more than about twice its
@@ -109,6 +116,7 @@ class BatcherConfig:
     max_batch_size: int | None = None
     max_wait_ms: float = 5.0
     max_queue_tokens: int = 262144
+    max_queue_wait_s: float | None = 5.0
     default_timeout_s: float | None = 30.0
     padding_tolerance: float | None = None
     cross_request: bool = True
@@ -123,6 +131,8 @@ class BatcherConfig:
             raise ValueError("max_wait_ms must not be negative")
         if self.max_queue_tokens < 1:
             raise ValueError("max_queue_tokens must be at least 1")
+        if self.max_queue_wait_s is not None and self.max_queue_wait_s <= 0:
+            raise ValueError("max_queue_wait_s must be positive or None")
         if self.default_timeout_s is not None and self.default_timeout_s <= 0:
             raise ValueError("default_timeout_s must be positive or None")
         if self.padding_tolerance is not None and self.padding_tolerance < 0:
@@ -327,8 +337,17 @@ class DynamicBatcher:
         return self._queue_tokens
 
     def is_overloaded(self) -> bool:
-        """Whether the queue is full, so that any new request would be refused."""
-        return self._queue_tokens >= self._config.max_queue_tokens
+        """Whether the queue is full, or its expected wait too long, so that any new request
+        would be refused."""
+        return self._overload_retry_after(0) is not None
+
+    def expected_wait(self, tokens: int | None = None) -> float | None:
+        """Seconds the model needs for `tokens` (default: the queued tokens) at its recent pace
+        with every stream busy; None before the first batch has run."""
+        rate = self._tokens_per_s
+        if not rate:
+            return None
+        return (self._queue_tokens if tokens is None else tokens) / (rate * self._workers)
 
     def stats(self) -> BatcherStats:
         """A snapshot of the queue and of recent throughput."""
@@ -440,8 +459,9 @@ class DynamicBatcher:
             deadline = now + config.default_timeout_s
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded()
-        if self.is_overloaded():
-            raise self._overloaded(0)
+        refusal = self._overload_retry_after(0)
+        if refusal is not None:
+            raise self._overloaded(refusal)
 
         started = time.perf_counter()
         encoded = await asyncio.to_thread(self._encode, pairs)
@@ -452,13 +472,14 @@ class DynamicBatcher:
         if tokens > config.max_queue_tokens:
             metrics.REQUESTS_REJECTED.labels(reason="too_large").inc()
             raise RequestTooLarge(tokens, config.max_queue_tokens)
-        if self._queue_tokens + tokens > config.max_queue_tokens:
-            raise self._overloaded(tokens)
-        if not self.accepting:
-            raise EngineStopped()
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded()
+        refusal = self._overload_retry_after(tokens, None if deadline is None else deadline - now)
+        if refusal is not None:
+            raise self._overloaded(refusal)
+        if not self.accepting:
+            raise EngineStopped()
 
         request = _Request(asyncio.get_running_loop().create_future(), encoded, tokens, deadline)
         self._requests.add(request)
@@ -476,15 +497,37 @@ class DynamicBatcher:
 
     # --- admission and queue bookkeeping --------------------------------------------------------
 
-    def _overloaded(self, tokens: int) -> Overloaded:
-        """Counts a refusal and estimates when enough of the queue will have drained."""
+    def _overload_retry_after(self, tokens: int, remaining: float | None = None) -> float | None:
+        """None when a request of `tokens` tokens (with `remaining` seconds to its deadline) may
+        be queued now; else the seconds until the queue will have drained enough for it, by the
+        model's recent pace (`_RETRY_AFTER_UNKNOWN_S` before any batch ran)."""
+        config = self._config
+        queued = self._queue_tokens
+        # Any request brings at least one token: a full queue refuses before tokenizing.
+        over_cap = queued + max(tokens, 1) - config.max_queue_tokens
+        wait = self.expected_wait()
+        if wait is None:
+            return _RETRY_AFTER_UNKNOWN_S if over_cap > 0 else None
+        # Each is the queue time that has to pass before the request would be admitted.
+        excess = [0.0]
+        if over_cap > 0:
+            excess.append(self.expected_wait(over_cap) or 0.0)
+        if config.max_queue_wait_s is not None:
+            excess.append(wait - config.max_queue_wait_s)
+        own = self.expected_wait(tokens) or 0.0
+        if remaining is not None and own <= remaining:
+            # Behind this queue it would miss a deadline it could meet alone: refused now, not
+            # a 504 later. (One that cannot meet it even alone is admitted, and answered 504 if
+            # the estimate was right: refusing it would starve it for good.)
+            excess.append(wait + own - remaining)
+        needed = max(excess)
+        if needed <= 0:
+            return None
+        return min(_RETRY_AFTER_MAX_S, max(_RETRY_AFTER_MIN_S, needed))
+
+    def _overloaded(self, retry_after: float) -> Overloaded:
+        """Counts a refusal."""
         metrics.REQUESTS_REJECTED.labels(reason="overloaded").inc()
-        excess = self._queue_tokens + tokens - self._config.max_queue_tokens
-        rate = self._tokens_per_s
-        if not rate:
-            retry_after = _RETRY_AFTER_UNKNOWN_S
-        else:
-            retry_after = min(_RETRY_AFTER_MAX_S, max(_RETRY_AFTER_MIN_S, excess / rate))
         return Overloaded(retry_after)
 
     def _enqueue(self, request: _Request, now: float) -> None:

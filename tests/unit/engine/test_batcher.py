@@ -498,6 +498,68 @@ async def test_consumer_drops_items_whose_deadline_passed_while_queued() -> None
 # --- admission -----------------------------------------------------------------------------------
 
 
+class PacedScorer(FakeScorer):
+    """Takes `seconds_per_token` per real token of a batch: a model of known pace."""
+
+    def __init__(self, seconds_per_token: float) -> None:
+        super().__init__()
+        self.seconds_per_token = seconds_per_token
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        time.sleep(self.seconds_per_token * int(feeds["attention_mask"].sum()))
+        return super().infer(feeds)
+
+
+async def test_admission_is_bounded_by_the_expected_wait_not_by_request_size() -> None:
+    scorer = PacedScorer(seconds_per_token=0.001)  # at most 1,000 tokens/s
+    limit = 0.2
+    async with running(scorer, max_wait_ms=0, max_queue_wait_s=limit) as batcher:
+        assert batcher.expected_wait() is None  # no pace known yet: the token cap alone
+        await batcher.score([pair(10)] * 10)
+        pace = batcher.stats().tokens_per_second
+        assert pace is not None and 300 < pace <= 1000
+        first = await hold_model(batcher, scorer)
+        admitted = await queue_request(batcher, [pair(10)] * int(0.15 * pace / 10))
+        wait = batcher.expected_wait()
+        assert wait is not None and 0.1 < wait < limit and not batcher.is_overloaded()
+        more = await queue_request(batcher, [pair(10)] * int(0.1 * pace / 10))
+        wait = batcher.expected_wait()
+        assert wait is not None and wait > limit and batcher.is_overloaded()
+        started = time.monotonic()
+        with pytest.raises(Overloaded) as refused:
+            await batcher.score([pair(10)])  # small, but behind too long a queue
+        assert time.monotonic() - started < 0.1
+        # Honest: how long until the queue is back under the limit.
+        assert refused.value.retry_after == pytest.approx(wait - limit, abs=0.1)
+        scorer.release()
+        await asyncio.gather(first, admitted, more)
+
+        # An empty queue admits a request whose own scoring takes longer than the wait limit:
+        # size alone never refuses (large requests are not starved).
+        big = [pair(50)] * int(2 * limit * pace / 50)
+        assert batcher.expected_wait(sum(len(encode([p])[0].input_ids) for p in big)) > limit
+        assert len(await batcher.score(big)) == len(big)
+
+
+async def test_a_request_that_would_miss_its_deadline_behind_the_queue_is_refused_at_once() -> None:
+    scorer = PacedScorer(seconds_per_token=0.001)
+    async with running(scorer, max_wait_ms=0, max_queue_wait_s=10.0) as batcher:
+        await batcher.score([pair(10)] * 10)
+        pace = batcher.stats().tokens_per_second
+        assert pace is not None
+        first = await hold_model(batcher, scorer)
+        queued = await queue_request(batcher, [pair(10)] * int(0.3 * pace / 10))
+        wait = batcher.expected_wait()
+        assert wait is not None and wait > 0.25
+        with pytest.raises(Overloaded) as refused:
+            await batcher.score([pair(10)], deadline=time.monotonic() + 0.1)
+        assert refused.value.retry_after == pytest.approx(wait - 0.1, abs=0.1)
+        # The same request with room for the queue is admitted.
+        patient = await queue_request(batcher, [pair(10)], deadline=time.monotonic() + 30)
+        scorer.release()
+        await asyncio.gather(first, queued, patient)
+
+
 async def test_overload_is_refused_at_once_with_retry_after() -> None:
     scorer = FakeScorer()
     rejected = metric("cappy_requests_rejected_total", reason="overloaded")
