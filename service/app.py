@@ -17,7 +17,12 @@ from service.deps import require_api_key
 from service.engine.batcher import BatcherConfig
 from service.engine.runtime import RuntimeConfig, ScoringRuntime
 from service.errors import register_exception_handlers
-from service.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.middleware import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+    ShutdownMiddleware,
+)
 from service.model_source import is_export_dir, resolve_export_dir
 from service.routes import health, proxy, scoring
 from service.settings import Settings, get_settings
@@ -134,6 +139,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.info_router, dependencies=[Depends(require_api_key)])
     app.include_router(scoring.router, dependencies=[Depends(require_api_key)])
     app.include_router(proxy.router, dependencies=[Depends(require_api_key)])
+    # The public routes are those of health.router plus FastAPI's OpenAPI pages; every other
+    # path wants the key when keys are set (checked before the body is read).
+    docs = (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
+    public = {str(getattr(route, "path", "")) for route in health.router.routes}
+    public |= {url for url in docs if url}
+    # Added innermost first: metrics, shutdown, API key, body limit, then the routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list(), public_paths=public)
+    app.add_middleware(ShutdownMiddleware)
     app.add_middleware(MetricsMiddleware)
     return app

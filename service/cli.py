@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 # flag -> (settings field, type, help)
 _FLAGS: dict[str, tuple[str, Any, str]] = {
@@ -76,14 +80,28 @@ def _serve(args: argparse.Namespace) -> int:
     settings = settings.model_copy(
         update={"model_name": settings.model_name or _display_name(settings.model)}
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
+        timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
         access_log=settings.log_level == "debug",
     )
+    server = uvicorn.Server(config)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again with the
+    # handler it found in place, so that the default one kills the process (-SIGTERM, or a
+    # KeyboardInterrupt traceback) after a clean drain. With its own handler in place instead,
+    # the signal that stopped the server is taken as handled and the process exits 0. Installed
+    # now, a signal that arrives before the server starts stops it as well.
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in _STOP_SIGNALS}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        return 3  # uvicorn's own code for a server that could not start (port taken...)
     return 0
 
 

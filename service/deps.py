@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -38,17 +39,18 @@ RuntimeDep = Annotated[ScoringRuntime, Depends(get_runtime)]
 ReadyRuntimeDep = Annotated[ScoringRuntime, Depends(get_ready_runtime)]
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
-    """`Authorization: Bearer <key>` against CAPPY_API_KEYS, compared in constant time.
+def check_api_key(authorization: str, keys: Sequence[str]) -> None:
+    """`authorization` (the header's value) must be `Bearer <one of keys>`; no keys: anything.
 
-    Every configured key is compared (no early exit), so timing says nothing about which key or
-    how much of it matched. Keys are never logged.
+    Every configured key is compared in constant time (no early exit), so timing says nothing
+    about which key or how much of it matched. Keys are never logged.
+
+    Raises:
+        ApiError: 401 with `WWW-Authenticate: Bearer`.
     """
-    keys = settings.api_key_list()
     if not keys:
         return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+    scheme, _, token = authorization.partition(" ")
     token = token.strip()
     matched = False
     for key in keys:
@@ -62,3 +64,13 @@ def require_api_key(request: Request, settings: SettingsDep) -> None:
             code="invalid_api_key",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+def require_api_key(request: Request, settings: SettingsDep) -> None:
+    """The API-key check as a dependency of the protected routers.
+
+    `service.middleware.ApiKeyMiddleware` makes the same check before the body is read, so that
+    a caller without a key learns nothing from how its body is judged; this dependency keeps a
+    protected route protected wherever it is mounted.
+    """
+    check_api_key(request.headers.get("authorization", ""), settings.api_key_list())

@@ -21,6 +21,7 @@ from service.engine.errors import (
     Overloaded,
     RequestTooLarge,
 )
+from service.engine.tokenize import UnencodableText
 from service.schemas.common import ErrorBody, ErrorResponse
 from service.upstream.errors import ProxyError
 
@@ -80,6 +81,9 @@ def _engine_error(exc: EngineError) -> ApiError:
             type="timeout_error",
             code="deadline_exceeded",
         )
+    if isinstance(exc, UnencodableText):
+        metrics.REQUESTS_REJECTED.labels(reason="invalid").inc()
+        return ApiError(400, f"{exc}.", code="invalid_text")
     if isinstance(exc, EngineStopped):
         return not_ready("The scorer is shutting down or unavailable.")
     if isinstance(exc, InferenceFailed):
@@ -118,8 +122,15 @@ def envelope_for(exc: BaseException) -> dict[str, object]:
     return ErrorResponse(error=error.body).model_dump()
 
 
-def _location(loc: tuple[int | str, ...]) -> str | None:
-    parts = [str(part) for part in loc if part not in ("body", "query", "path", "header")]
+def _location(loc: tuple[int | str, ...], ctx: object = None) -> str | None:
+    """The `param` of a validation error: its location without the leading "body", plus the
+    path an error may carry in its context as `at` (a lone surrogate deep inside a field)."""
+    if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
+        loc = loc[1:]  # where the field was sent, not which field: a field may be named "query"
+    parts = [str(part) for part in loc]
+    at = ctx.get("at") if isinstance(ctx, dict) else None
+    if isinstance(at, str) and at:
+        parts.append(at)
     return ".".join(parts) or None
 
 
@@ -129,7 +140,7 @@ def register_exception_handlers(app: FastAPI) -> None:
     async def on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-        param = _location(tuple(first.get("loc", ())))
+        param = _location(tuple(first.get("loc", ())), first.get("ctx"))
         if first.get("type") == "json_invalid":
             message = "The body is not valid JSON."
         else:

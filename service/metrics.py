@@ -117,6 +117,13 @@ UPSTREAM_ERRORS = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+UPSTREAM_SAMPLES_REPAIRED = Counter(
+    "cappy_upstream_samples_repaired_total",
+    "Upstream samples whose text was repaired before scoring, by reason (lone_surrogate: "
+    "unpaired UTF-16 surrogates, which are not Unicode, replaced by U+FFFD).",
+    ["reason"],
+    registry=REGISTRY,
+)
 UPSTREAM_RETRIES = Counter(
     "cappy_upstream_retries_total", "Upstream call retries.", registry=REGISTRY
 )

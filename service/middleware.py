@@ -1,22 +1,33 @@
-"""ASGI middleware: the request body size limit and the request-duration metric.
+"""ASGI middleware: the request-duration metric, the answer to requests cut short by a shutdown,
+the API-key check and the request body size limit.
 
-Both are plain ASGI (no BaseHTTPMiddleware): no extra task or body buffering per request.
+All plain ASGI (no BaseHTTPMiddleware): no extra task or body buffering per request. Their order,
+outermost first (see `service.app.create_app`): metrics, shutdown, API key, body limit — so that
+every answer is measured, and a caller without a key learns nothing from its body (not even its
+size) before the 401. Every error is answered with `service.errors.error_response`.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import logging
 import time
+from collections.abc import Collection, Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.deps import check_api_key
+from service.errors import ApiError, error_response
+
+logger = logging.getLogger(__name__)
 
 _KNOWN_ROUTES = frozenset(
     {
         "/score",
         "/select",
         "/v1/rerank",
+        "/v2/rerank",
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/models",
@@ -30,15 +41,17 @@ _KNOWN_ROUTES = frozenset(
 )
 
 
-def _error_body(message: str, code: str) -> bytes:
-    body = {
-        "error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}
-    }
-    return json.dumps(body).encode()
+async def _answer(error: ApiError, scope: Scope, receive: Receive, send: Send) -> None:
+    await error_response(error)(scope, receive, send)
 
 
 class BodyLimitMiddleware:
-    """Refuses bodies over `max_bytes` with 413, by Content-Length or while streaming."""
+    """Refuses bodies over `max_bytes` with 413, by Content-Length or while streaming.
+
+    A chunked body (no Content-Length) is counted as it is read. Past the limit the read fails,
+    and whatever the app makes of that failure (FastAPI answers a body it could not read with
+    400) is dropped in favour of the 413, as long as nothing was sent yet.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -55,19 +68,93 @@ class BodyLimitMiddleware:
                 except ValueError:
                     too_big = False
                 if too_big:
-                    await self._refuse(send)
+                    await self._refuse(scope, receive, send)
                     return
         received = 0
+        overflow = False
         started = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, overflow
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    overflow = True
                     raise _BodyTooLarge
             return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if overflow and not started:
+                return  # the app's answer to a body it could not read: the 413 replaces it
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyTooLarge:
+            pass
+        if overflow and not started:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        metrics.REQUESTS_REJECTED.labels(reason="body_too_large").inc()
+        error = ApiError(413, f"Request body over {self.max_bytes} bytes.", code="body_too_large")
+        await _answer(error, scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class ApiKeyMiddleware:
+    """With API keys configured, every path except `public_paths` wants
+    `Authorization: Bearer <key>`, checked from the headers before the body is read.
+
+    Protected by default: a path is public only if it is listed (the routes of the public router
+    and the OpenAPI pages, collected by `create_app`), so a new route cannot be left open by
+    forgetting it here, and an unknown path answers 401 rather than 404 to a caller without a key.
+    """
+
+    def __init__(self, app: ASGIApp, keys: Sequence[str], public_paths: Collection[str]) -> None:
+        self.app = app
+        self.keys = list(keys)
+        self.public_paths = frozenset(public_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or scope["path"] in self.public_paths:
+            await self.app(scope, receive, send)
+            return
+        authorization = ""
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+                break
+        try:
+            check_api_key(authorization, self.keys)
+        except ApiError as error:
+            await _answer(error, scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class ShutdownMiddleware:
+    """Answers 503 (with the error envelope and `Retry-After`) to a request that the server
+    cancels before it answered: uvicorn cancels what still runs when
+    `CAPPY_GRACEFUL_SHUTDOWN_S` ends, and would otherwise send a plain-text 500 and log a
+    traceback. The request's work was cancelled with it (its queued pairs are dropped).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
@@ -76,29 +163,27 @@ class BodyLimitMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await self._refuse(send)
-
-    async def _refuse(self, send: Send) -> None:
-        metrics.REQUESTS_REJECTED.labels(reason="body_too_large").inc()
-        body = _error_body(f"Request body over {self.max_bytes} bytes.", "body_too_large")
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-
-class _BodyTooLarge(Exception):
-    pass
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if started or task is None:
+                raise
+            # The cancellation is handled here, by answering: this task ends right after.
+            task.uncancel()
+            metrics.REQUESTS_REJECTED.labels(reason="shutdown").inc()
+            logger.warning(
+                "%s %s cut short by the server's shutdown: answered 503",
+                scope.get("method", ""),
+                _route(scope),
+            )
+            error = ApiError(
+                503,
+                "The server shut down before the request finished; retry it.",
+                type="server_error",
+                code="shutting_down",
+                headers={"Retry-After": "5", "Connection": "close"},
+            )
+            await _answer(error, scope, receive, send)
 
 
 class MetricsMiddleware:

@@ -7,12 +7,17 @@ again. That matters twice over: a saved tokenizer.json may carry its own truncat
 settings (sentence-transformers saves `max_length: 128`, for instance), and mutating a
 `tokenizers.Tokenizer` while another thread is inside `encode_batch` (which releases the GIL)
 fails with "Already borrowed". Read-only use from many threads is safe.
+
+Text the Rust tokenizer cannot take (a lone surrogate, which is not Unicode, or a non-string)
+raises `UnencodableText` naming the pair, never the library's bare TypeError: the HTTP schemas
+refuse such text first; this is the guard behind them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +26,48 @@ from typing import Any
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
+from service.engine.errors import EngineError
 from service.engine.types import EncodedPair
 
 logger = logging.getLogger(__name__)
 
 _PAD_CANDIDATES = ("<pad>", "[PAD]", "<|padding|>")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class TokenizerError(ValueError):
     """The tokenizer files of an export directory are missing or unusable."""
+
+
+class UnencodableText(EngineError):
+    """A text of the request cannot be tokenized: it holds a lone surrogate (not Unicode) or is
+    not a string. The caller's input is at fault; nothing was queued.
+
+    Attributes:
+        pair: index of the first offending pair in the request (None when unknown).
+        side: "instruction" or "response" (None when unknown).
+    """
+
+    def __init__(self, pair: int | None = None, side: str | None = None) -> None:
+        where = f"pair {pair}: the {side}" if pair is not None and side else "a text"
+        super().__init__(
+            f"{where} cannot be tokenized: it is not valid Unicode text (a lone surrogate?)"
+        )
+        self.pair = pair
+        self.side = side
+
+
+def _is_unencodable(text: object) -> bool:
+    return not isinstance(text, str) or _SURROGATE.search(text) is not None
+
+
+def _unencodable(pairs: Sequence[tuple[str, str]]) -> UnencodableText:
+    """The error naming the first pair whose instruction or response the tokenizer refuses."""
+    for i, pair in enumerate(pairs):
+        for side, text in zip(("instruction", "response"), pair, strict=False):
+            if _is_unencodable(text):
+                return UnencodableText(i, side)
+    return UnencodableText()
 
 
 @dataclass(frozen=True)
@@ -215,7 +253,10 @@ class PairTokenizer:
             return []
         template = self._template
         if template is None:
-            encodings = self._truncating.encode_batch(list(pairs), add_special_tokens=True)
+            try:
+                encodings = self._truncating.encode_batch(list(pairs), add_special_tokens=True)
+            except TypeError:  # the Rust side refuses what is not a (Unicode) str
+                raise _unencodable(pairs) from None
             return [self._from_encoding(encoding) for encoding in encodings]
         pieces = self._encode_texts(pairs)
         budget = self.max_length - template.n_special
@@ -254,10 +295,40 @@ class PairTokenizer:
         pieces = self._encode_texts(pairs)
         return [len(pieces[a]) + len(pieces[b]) + n_special for a, b in pairs]
 
+    def truncate_texts(self, texts: Sequence[str], max_tokens: int) -> list[str]:
+        """Each text cut after its first `max_tokens` tokens (no special tokens counted), at the
+        end of that token in the text; shorter texts are returned as they are.
+
+        For a per-document token limit (Cohere's `max_tokens_per_doc`). The cut text can
+        tokenize to a token or so more or fewer than `max_tokens` where a word was split.
+
+        Raises:
+            ValueError: `max_tokens` is below 1.
+            UnencodableText: a text is not valid Unicode (`pair` is its index).
+        """
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if not texts:
+            return []
+        try:
+            encodings = self._plain.encode_batch(list(texts), add_special_tokens=False)
+        except TypeError:
+            raise _unencodable([("", text) for text in texts]) from None
+        out = []
+        for text, encoding in zip(texts, encodings, strict=True):
+            if len(encoding.ids) <= max_tokens:
+                out.append(text)
+            else:
+                out.append(text[: encoding.offsets[max_tokens - 1][1]])
+        return out
+
     def _encode_texts(self, pairs: Sequence[tuple[str, str]]) -> dict[str, np.ndarray]:
         """Token ids (no specials) of every distinct text in `pairs`, each encoded once."""
         texts = list(dict.fromkeys(text for pair in pairs for text in pair))
-        encodings = self._plain.encode_batch(texts, add_special_tokens=False)
+        try:
+            encodings = self._plain.encode_batch(texts, add_special_tokens=False)
+        except TypeError:  # the Rust side refuses what is not a (Unicode) str
+            raise _unencodable(pairs) from None
         return {
             text: np.asarray(encoding.ids, dtype=np.int64)
             for text, encoding in zip(texts, encodings, strict=True)

@@ -11,13 +11,39 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service import metrics
 from service.deps import RuntimeDep, SettingsDep
 from service.routes.scoring import model_name
+from service.schemas.common import error_responses
 
+# Public: no API key, ever (service.app collects these paths for the API-key middleware).
 router = APIRouter(tags=["operations"])
 # /info describes the deployment: behind the API key like the scoring routes.
 info_router = APIRouter(tags=["operations"])
 
+_STATUS: dict[str, Any] = {
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "status": {"type": "string"},
+                    "reason": {"type": "string"},
+                },
+                "required": ["status"],
+            }
+        }
+    }
+}
+_METRICS_CONTENT = {
+    CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}},
+}
 
-@router.get("/health")
+
+@router.get(
+    "/health",
+    responses={
+        200: {**_STATUS, "description": "Alive."},
+        503: {**_STATUS, "description": "The model failed to load or the batcher stopped."},
+    },
+)
 async def health(runtime: RuntimeDep) -> JSONResponse:
     """Liveness: 503 once the model failed to load or the batcher died, else 200."""
     if runtime.load_error is not None:
@@ -27,7 +53,17 @@ async def health(runtime: RuntimeDep) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/ready")
+@router.get(
+    "/ready",
+    responses={
+        200: {**_STATUS, "description": 'Loaded, warm, batcher alive: `{"status": "ready"}`.'},
+        503: {
+            **_STATUS,
+            "description": "Not ready: `status` is exporting, loading or unavailable; "
+            "`Retry-After` says when to ask again.",
+        },
+    },
+)
 async def ready(runtime: RuntimeDep) -> JSONResponse:
     """Readiness: 200 only when the model is loaded, warmed up and the batcher is alive; else 503
     with the phase ("exporting" a checkpoint on first start, "loading", or "unavailable")."""
@@ -37,7 +73,7 @@ async def ready(runtime: RuntimeDep) -> JSONResponse:
     return JSONResponse({"status": status}, 503, headers={"Retry-After": "5"})
 
 
-@info_router.get("/info")
+@info_router.get("/info", responses=error_responses(401))
 async def info(runtime: RuntimeDep, settings: SettingsDep) -> dict[str, Any]:
     """The served model, its export manifest, the engine and the request limits."""
     export = runtime.export
@@ -65,6 +101,16 @@ async def info(runtime: RuntimeDep, settings: SettingsDep) -> dict[str, Any]:
     }
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "content": _METRICS_CONTENT,
+            "description": f"Prometheus text exposition format (`{CONTENT_TYPE_LATEST}`).",
+        }
+    },
+)
 async def prometheus_metrics() -> Response:
+    """Every `cappy_*` collector and the process metrics, for Prometheus to scrape."""
     return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -1,8 +1,11 @@
-"""The scoring routes: /score (pairs -> scores), /select (best candidate), /v1/rerank (Cohere /
-Jina shape). Thin handlers: validate limits, score through the batcher, shape the answer."""
+"""The scoring routes: /score (pairs -> scores), /select (best candidate), /v1/rerank (Cohere v1
+/ Jina shape), /v2/rerank (Cohere v2 shape). Thin handlers: validate limits, score through the
+batcher, shape the answer."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -16,7 +19,9 @@ from service.engine.runtime import ScoringRuntime
 from service.errors import ApiError
 from service.schemas.common import Usage, error_responses
 from service.schemas.scoring import (
+    ApiVersion,
     DocumentText,
+    MetaTokens,
     PairScore,
     RankedCandidate,
     RerankRequest,
@@ -27,9 +32,14 @@ from service.schemas.scoring import (
     ScoreResponse,
     SelectRequest,
     SelectResponse,
+    V2RerankMeta,
+    V2RerankRequest,
+    V2RerankResponse,
+    V2RerankResult,
 )
 from service.settings import Settings
 
+logger = logging.getLogger(__name__)
 router = APIRouter(tags=["scoring"])
 _ERRORS = error_responses(400, 401, 413, 429, 500, 503, 504)
 
@@ -63,11 +73,6 @@ def _check_text(text: str, param: str, settings: Settings) -> None:
         )
 
 
-def _check_not_blank(text: str, param: str) -> None:
-    if not text.strip():
-        raise ApiError(400, f"{param}: must not be empty.", param=param, code="empty_field")
-
-
 async def _score(
     request: Request,
     response: Response,
@@ -82,6 +87,7 @@ async def _score(
         results = await cancel_on_disconnect(request, work(deadline))
     except ClientDisconnected:
         # Nobody reads this answer; 499 is what proxies log for a client that went away.
+        logger.info("%s: client closed the request (499); its pairs were dropped", request.url.path)
         raise ApiError(499, "Client closed the request.", code="client_closed") from None
     response.headers["x-compute-time"] = f"{(time.perf_counter() - started) * 1000:.1f}"
     response.headers["x-pairs"] = str(len(results))
@@ -109,7 +115,6 @@ async def score(
     """Scores each (instruction, response) pair; answers in the request's order."""
     _check_count(len(body.pairs), "pairs", settings)
     for i, pair in enumerate(body.pairs):
-        _check_not_blank(pair.instruction, f"pairs.{i}.instruction")
         _check_text(pair.instruction, f"pairs.{i}.instruction", settings)
         _check_text(pair.response, f"pairs.{i}.response", settings)
     pairs = [(p.instruction, p.response) for p in body.pairs]
@@ -134,7 +139,6 @@ async def select(
     settings: SettingsDep,
 ) -> SelectResponse:
     """Scores every candidate against the instruction and answers with the best one."""
-    _check_not_blank(body.instruction, "instruction")
     _check_text(body.instruction, "instruction", settings)
     _check_count(len(body.candidates), "candidates", settings)
     for i, candidate in enumerate(body.candidates):
@@ -161,6 +165,32 @@ async def select(
     )
 
 
+async def _rerank(
+    request: Request,
+    response: Response,
+    runtime: ScoringRuntime,
+    settings: Settings,
+    query: str,
+    texts: list[str],
+    max_tokens_per_doc: int | None = None,
+) -> tuple[list[ScoredPair], list[int]]:
+    """Scores the documents against the query: (results in request order, indices best first)."""
+    _check_text(query, "query", settings)
+    _check_count(len(texts), "documents", settings)
+    for i, text in enumerate(texts):
+        _check_text(text, f"documents.{i}", settings)
+
+    async def work(deadline: float) -> list[ScoredPair]:
+        documents = texts
+        tokenizer = runtime.tokenizer
+        if max_tokens_per_doc is not None and tokenizer is not None:
+            documents = await asyncio.to_thread(tokenizer.truncate_texts, texts, max_tokens_per_doc)
+        return await runtime.rank(query, documents, deadline=deadline)
+
+    results = await _score(request, response, settings, work)
+    return results, _ranking(results)
+
+
 @router.post(
     "/v1/rerank", response_model=RerankResponse, response_model_exclude_none=True, responses=_ERRORS
 )
@@ -171,20 +201,9 @@ async def rerank(
     runtime: ReadyRuntimeDep,
     settings: SettingsDep,
 ) -> RerankResponse:
-    """Cohere v2 / Jina rerank: documents by Cappy score against the query, best first."""
-    _check_not_blank(body.query, "query")
-    _check_text(body.query, "query", settings)
-    _check_count(len(body.documents), "documents", settings)
-    texts = [d.text if isinstance(d, DocumentText) else d for d in body.documents]
-    for i, text in enumerate(texts):
-        _check_text(text, f"documents.{i}", settings)
-    results = await _score(
-        request,
-        response,
-        settings,
-        lambda deadline: runtime.rank(body.query, texts, deadline=deadline),
-    )
-    order = _ranking(results)
+    """Cohere v1 / Jina rerank: documents by Cappy score against the query, best first."""
+    texts = [d.text for d in body.documents]
+    results, order = await _rerank(request, response, runtime, settings, body.query, texts)
     top = order[: body.top_n] if body.top_n else order
     return RerankResponse(
         id=str(uuid.uuid4()),
@@ -198,4 +217,34 @@ async def rerank(
             for i in top
         ],
         usage=RerankUsage(total_tokens=sum(r.tokens for r in results)),
+    )
+
+
+@router.post("/v2/rerank", response_model=V2RerankResponse, responses=_ERRORS)
+async def rerank_v2(
+    body: V2RerankRequest,
+    request: Request,
+    response: Response,
+    runtime: ReadyRuntimeDep,
+    settings: SettingsDep,
+) -> V2RerankResponse:
+    """Cohere v2 rerank (`cohere.ClientV2().rerank`): documents by Cappy score against the
+    query, best first; `max_tokens_per_doc` cuts each document before scoring."""
+    results, order = await _rerank(
+        request,
+        response,
+        runtime,
+        settings,
+        body.query,
+        body.documents,
+        body.max_tokens_per_doc,
+    )
+    top = order[: body.top_n] if body.top_n else order
+    return V2RerankResponse(
+        id=str(uuid.uuid4()),
+        results=[V2RerankResult(index=i, relevance_score=results[i].score) for i in top],
+        meta=V2RerankMeta(
+            api_version=ApiVersion(version="2"),
+            tokens=MetaTokens(input_tokens=sum(r.tokens for r in results)),
+        ),
     )

@@ -4,7 +4,9 @@ responses, streaming chunks, the model list, and the `cappy` extension object.
 Requests allow unknown fields (`extra="allow"`): whatever the client sends that is not listed here
 (`min_p`, `repeat_penalty`, vendor extensions, newer OpenAI fields) is kept and passed upstream
 unchanged (see `service.upstream.recipe` for exactly which fields the proxy owns). The `cappy`
-object is ours, so it is strict (`extra="forbid"`): a typo there is an error, not a silent no-op.
+object is ours, so it is strict (`extra="forbid"`, no coercion of strings to numbers or booleans):
+a typo there is an error, not a silent no-op. No text anywhere in a request, unknown fields
+included, may hold a lone surrogate (`RequestModel`): it could not be sent upstream nor scored.
 
 Responses are built by `service.upstream.best_of_n` and serialised with `exclude_none=True`.
 """
@@ -14,6 +16,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+from service.schemas.common import RequestModel
 
 _DECODING_NAME = r"^[A-Za-z0-9_.:\-]{1,64}$"
 
@@ -29,7 +33,9 @@ class CappyDecodingSpec(BaseModel):
         "candidate and in the `x-cappy-winning-decoding` header.",
         pattern=_DECODING_NAME,
     )
-    count: int = Field(default=1, ge=1, le=64, description="Samples to draw with this decoding.")
+    count: int = Field(
+        default=1, ge=1, le=64, strict=True, description="Samples to draw with this decoding."
+    )
     temperature: float | None = Field(
         default=None,
         ge=0.0,
@@ -42,6 +48,7 @@ class CappyDecodingSpec(BaseModel):
     top_k: int | None = Field(
         default=None,
         ge=0,
+        strict=True,
         description="Top-k cut-off, sent only to upstreams that accept it (0 disables it on "
         "llama.cpp and vLLM). Unset: not sent.",
     )
@@ -60,6 +67,7 @@ class CappyRequest(BaseModel):
     )
     return_candidates: bool = Field(
         default=False,
+        strict=True,
         description="Add `cappy.candidates` to the response: every sample with its decoding, "
         "score and finish reason.",
     )
@@ -67,6 +75,7 @@ class CappyRequest(BaseModel):
         default=None,
         ge=1,
         le=64,
+        strict=True,
         description="Answer only if at least this many samples arrived (others may fail); "
         "otherwise an error (502, or 504 when the failures were timeouts).",
     )
@@ -181,7 +190,7 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = Field(default=None, description="The call a tool message answers.")
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(RequestModel):
     """`POST /v1/chat/completions`. Unknown fields are kept and passed upstream."""
 
     model_config = ConfigDict(extra="allow")
@@ -333,7 +342,7 @@ class ChatCompletionChunk(BaseModel):
 
 
 # --- completions --------------------------------------------------------------------------------
-class CompletionRequest(BaseModel):
+class CompletionRequest(RequestModel):
     """`POST /v1/completions`. Unknown fields are kept and passed upstream."""
 
     model_config = ConfigDict(extra="allow")

@@ -1,22 +1,31 @@
-"""Wire models of the scoring routes: /score, /select, /v1/rerank."""
+"""Wire models of the scoring routes: /score, /select, /v1/rerank (Cohere v1 / Jina) and
+/v2/rerank (Cohere v2).
+
+Requests are strict: unknown fields are refused, numbers and booleans are not coerced from
+strings (`"top_n": "2"` is a 400), and no text may hold a lone surrogate (`RequestModel`).
+Instructions and queries must not be blank; responses, candidates and documents may be empty
+(an empty answer is a legitimate candidate, and scores low).
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from service.schemas.common import Usage
+from service.schemas.common import InstructionText, RequestModel, Usage
 
 
 class Pair(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    instruction: str = Field(description="The instruction (prompt); scored first.")
-    response: str = Field(description="The response to rate against the instruction.")
+    instruction: InstructionText = Field(
+        description="The instruction (prompt); scored first. Must not be blank."
+    )
+    response: str = Field(description="The response to rate against the instruction; may be empty.")
 
 
-class ScoreRequest(BaseModel):
+class ScoreRequest(RequestModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
@@ -50,7 +59,7 @@ class ScoreResponse(BaseModel):
     usage: Usage
 
 
-class SelectRequest(BaseModel):
+class SelectRequest(RequestModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
@@ -63,10 +72,17 @@ class SelectRequest(BaseModel):
         },
     )
 
-    instruction: str = Field(description="The instruction every candidate answers.")
-    candidates: list[str] = Field(min_length=1, description="Candidate responses.")
+    instruction: InstructionText = Field(
+        description="The instruction every candidate answers. Must not be blank."
+    )
+    candidates: list[str] = Field(
+        min_length=1, description="Candidate responses; a candidate may be empty."
+    )
     top_n: int | None = Field(
-        None, ge=1, description="Length of the returned ranking (default: all candidates)."
+        None,
+        ge=1,
+        strict=True,
+        description="Length of the returned ranking (default: all candidates); an integer.",
     )
     model: str | None = Field(None, description="Ignored if it names the served scorer.")
 
@@ -87,11 +103,24 @@ class SelectResponse(BaseModel):
 
 
 class DocumentText(BaseModel):
-    text: str = Field(description="The document's text.")
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(description="The document's text; may be empty.")
 
 
-class RerankRequest(BaseModel):
-    """Cohere v2 / Jina rerank request."""
+def _as_document(value: Any) -> Any:
+    return {"text": value} if isinstance(value, str) else value
+
+
+# A document is a string or a {text} object on the wire, one model inside. Not a union: a
+# union's errors name its members ("documents.0.str") instead of the field.
+Document = Annotated[
+    DocumentText, BeforeValidator(_as_document, json_schema_input_type=str | DocumentText)
+]
+
+
+class RerankRequest(RequestModel):
+    """Cohere v1 / Jina rerank request."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -108,12 +137,18 @@ class RerankRequest(BaseModel):
     )
 
     model: str | None = Field(None, description="Ignored if it names the served scorer.")
-    query: str = Field(description="The query (Cappy's instruction).")
-    documents: list[str | DocumentText] = Field(
-        min_length=1, description="Documents as strings or {text} objects (Cappy's responses)."
+    query: InstructionText = Field(description="The query (Cappy's instruction). Not blank.")
+    documents: list[Document] = Field(
+        min_length=1,
+        description="Documents as strings or {text} objects (Cappy's responses); "
+        "a document may be empty.",
     )
-    top_n: int | None = Field(None, ge=1, description="How many results (default: all).")
-    return_documents: bool = Field(False, description="Include each document in its result.")
+    top_n: int | None = Field(
+        None, ge=1, strict=True, description="How many results (default: all); an integer."
+    )
+    return_documents: bool = Field(
+        False, strict=True, description="Include each document in its result; true or false."
+    )
 
 
 class RerankResult(BaseModel):
@@ -131,3 +166,63 @@ class RerankResponse(BaseModel):
     model: str
     results: list[RerankResult] = Field(description="Best first (ties: the lowest index).")
     usage: RerankUsage
+
+
+class V2RerankRequest(RequestModel):
+    """Cohere v2 rerank request (`cohere.ClientV2().rerank`)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "rerank-v3.5",
+                    "query": "What is the capital of France?",
+                    "documents": ["Paris is the capital of France.", "Berlin is in Germany."],
+                    "top_n": 1,
+                }
+            ]
+        },
+    )
+
+    model: str | None = Field(None, description="Ignored if it names the served scorer.")
+    query: InstructionText = Field(description="The query (Cappy's instruction). Not blank.")
+    documents: list[str] = Field(
+        min_length=1, description="Documents (Cappy's responses); a document may be empty."
+    )
+    top_n: int | None = Field(
+        None, ge=1, strict=True, description="How many results (default: all); an integer."
+    )
+    max_tokens_per_doc: int | None = Field(
+        None,
+        ge=1,
+        strict=True,
+        description="Cut each document to about this many tokens before scoring (default: "
+        "no cut beyond the model's max length, where every pair is truncated anyway).",
+    )
+
+
+class V2RerankResult(BaseModel):
+    index: int = Field(description="Position of the document in the request.")
+    relevance_score: float = Field(description="Cappy's raw score.")
+
+
+class ApiVersion(BaseModel):
+    version: str = Field(description="The Cohere API version this answer follows.")
+
+
+class MetaTokens(BaseModel):
+    input_tokens: int = Field(description="Tokens the scorer read.")
+
+
+class V2RerankMeta(BaseModel):
+    api_version: ApiVersion
+    tokens: MetaTokens
+
+
+class V2RerankResponse(BaseModel):
+    """Cohere v2 rerank response."""
+
+    id: str
+    results: list[V2RerankResult] = Field(description="Best first (ties: the lowest index).")
+    meta: V2RerankMeta

@@ -38,6 +38,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from service import metrics
+from service.schemas.text import lone_surrogate_path, repair_lone_surrogates
 from service.upstream.errors import FailureKind, UpstreamError, sanitize_identifier
 
 logger = logging.getLogger(__name__)
@@ -438,7 +439,7 @@ def _validate_payload(path: str, response: httpx.Response) -> dict[str, Any]:
     if path == MODELS_PATH:
         if not isinstance(payload.get("data"), list):
             raise _malformed(path, "no `data` list")
-        return payload
+        return _repaired(path, payload)
     if "error" in payload and "choices" not in payload:
         # Some servers answer 200 with an error object; never treat that as a completion.
         raise _malformed(path, "an error object with status 200")
@@ -460,4 +461,27 @@ def _validate_payload(path: str, response: httpx.Response) -> dict[str, Any]:
     usage = payload.get("usage")
     if usage is not None and not isinstance(usage, dict):
         raise _malformed(path, "`usage` is not an object")
-    return payload
+    return _repaired(path, payload)
+
+
+def _repaired(path: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload with lone surrogates (JSON's `\\ud800` escapes without their pair: not
+    Unicode, so neither scorable nor writable as JSON) replaced by U+FFFD, each repaired choice
+    counted in `cappy_upstream_samples_repaired_total{reason="lone_surrogate"}`. One odd sample
+    thus neither fails the request nor loses the others."""
+    try:
+        repaired, changed = repair_lone_surrogates(payload)
+    except RecursionError:  # nested deeper than any completion is
+        raise _malformed(path, "nested too deeply") from None
+    if not changed:
+        return payload
+    choices = payload.get("choices")
+    if isinstance(choices, list):
+        bad = sum(1 for choice in choices if lone_surrogate_path(choice) is not None)
+        if bad:
+            metrics.UPSTREAM_SAMPLES_REPAIRED.labels(reason="lone_surrogate").inc(bad)
+            logger.warning(
+                "upstream %s: %d sample(s) held lone surrogates; repaired with U+FFFD", path, bad
+            )
+    result: dict[str, Any] = repaired
+    return result

@@ -1,18 +1,22 @@
-"""An app on a real export with its lifespan running, driven through httpx's ASGI transport."""
+"""An app on a real export with its lifespan running, driven through httpx's ASGI transport;
+a gated scorer that lets a test hold batches at the model."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from asgi_lifespan import LifespanManager
 
 from service.app import create_app
+from service.engine import runtime as runtime_module
 from service.settings import Settings
 
 
@@ -47,3 +51,55 @@ AppFactory = Callable[..., Any]
 @pytest.fixture
 def app_factory() -> AppFactory:
     return running_app
+
+
+class GatedScorer:
+    """Wraps the real scorer: warm-up and inference wait for the test to open a gate."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.input_names = inner.input_names
+        self.pad_token_id = inner.pad_token_id
+        self.warm_gate = threading.Event()
+        self.run_gate = threading.Event()
+        self.run_gate.set()
+        self.fail_with: Exception | None = None
+        self.entered = threading.Event()  # set when a batch reaches the model
+        self.rows: list[int] = []  # rows of every batch the model scored (warm-up excluded)
+
+    def warmup(self) -> None:
+        self.warm_gate.wait(30)
+        self.inner.warmup()
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        self.entered.set()
+        self.run_gate.wait(30)
+        if self.fail_with is not None:
+            raise self.fail_with
+        scores = self.inner.infer(feeds)
+        self.rows.append(len(scores))
+        return scores
+
+
+async def loaded(gated: list[GatedScorer]) -> GatedScorer:
+    """The gated scorer, once the runtime (loading in a thread) has built it."""
+    for _ in range(600):
+        if gated:
+            return gated[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError("the scorer was never built")
+
+
+@pytest.fixture
+def gated(monkeypatch: pytest.MonkeyPatch) -> list[GatedScorer]:
+    made: list[GatedScorer] = []
+    real = runtime_module.load_scorer
+
+    def load(*args: Any, **kwargs: Any) -> GatedScorer:
+        scorer = GatedScorer(real(*args, **kwargs))
+        made.append(scorer)
+        return scorer
+
+    monkeypatch.setattr(runtime_module, "load_scorer", load)
+    return made

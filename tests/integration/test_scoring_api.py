@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from service.engine import runtime as runtime_module
 from service.schemas.common import ErrorResponse
 from service.schemas.scoring import RerankResponse, ScoreResponse, SelectResponse
-from tests.integration.conftest import running_app, wait_ready
+from tests.integration.conftest import GatedScorer, loaded, running_app, wait_ready
 
 EXACT = {"engine": "onnxruntime", "precision": "fp32"}  # the fp32 graph: equal to PyTorch
 INSTRUCTION = "Which planet is known as the Red Planet?"
@@ -187,54 +184,7 @@ async def test_no_auth_when_no_keys(tiny_export: Path) -> None:
     assert info["limits"]["max_items_per_request"] == 1024
 
 
-class _GatedScorer:
-    """Wraps the real scorer: warm-up and inference wait for the test to open a gate."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.input_names = inner.input_names
-        self.pad_token_id = inner.pad_token_id
-        self.warm_gate = threading.Event()
-        self.run_gate = threading.Event()
-        self.run_gate.set()
-        self.fail_with: Exception | None = None
-
-    def warmup(self) -> None:
-        self.warm_gate.wait(30)
-        self.inner.warmup()
-
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-        self.run_gate.wait(30)
-        if self.fail_with is not None:
-            raise self.fail_with
-        return self.inner.infer(feeds)
-
-
-async def loaded(gated: list[_GatedScorer]) -> _GatedScorer:
-    """The gated scorer, once the runtime (loading in a thread) has built it."""
-    for _ in range(600):
-        if gated:
-            return gated[0]
-        await asyncio.sleep(0.05)
-    raise AssertionError("the scorer was never built")
-
-
-@pytest.fixture
-def gated(monkeypatch: pytest.MonkeyPatch) -> list[_GatedScorer]:
-    made: list[_GatedScorer] = []
-    real = runtime_module.load_scorer
-
-    def load(*args: Any, **kwargs: Any) -> _GatedScorer:
-        scorer = _GatedScorer(real(*args, **kwargs))
-        made.append(scorer)
-        return scorer
-
-    monkeypatch.setattr(runtime_module, "load_scorer", load)
-    return made
-
-
-async def test_not_ready_until_warm(tiny_export: Path, gated: list[_GatedScorer]) -> None:
+async def test_not_ready_until_warm(tiny_export: Path, gated: list[GatedScorer]) -> None:
     async with running_app(tiny_export, ready=False) as client:
         await asyncio.sleep(0.3)
         not_ready = await client.get("/ready")
@@ -250,7 +200,7 @@ async def test_not_ready_until_warm(tiny_export: Path, gated: list[_GatedScorer]
 
 
 async def test_overload_is_429_with_retry_after(
-    tiny_export: Path, gated: list[_GatedScorer]
+    tiny_export: Path, gated: list[GatedScorer]
 ) -> None:
     gated_run = {"max_queue_tokens": 600, "max_batch_tokens": 64, "max_batch_size": 1}
     candidates = ["word " * 20] * 5  # ~525 tokens with the tiny BPE: two do not fit in 600
@@ -272,7 +222,7 @@ async def test_overload_is_429_with_retry_after(
     assert accepted.status_code == 200
 
 
-async def test_internal_error_leaks_nothing(tiny_export: Path, gated: list[_GatedScorer]) -> None:
+async def test_internal_error_leaks_nothing(tiny_export: Path, gated: list[GatedScorer]) -> None:
     async with running_app(tiny_export, ready=False) as client:
         (await loaded(gated)).warm_gate.set()
         await wait_ready(client)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from service.engine import tokenize as tokenize_module
-from service.engine.tokenize import PairTokenizer, TokenizerError, longest_first
+from service.engine.errors import EngineError
+from service.engine.tokenize import PairTokenizer, TokenizerError, UnencodableText, longest_first
 from tests.unit.engine.conftest import TinyExport
 
 WORDS = "the model answers a question about rivers mountains history code music".split()
@@ -238,3 +239,58 @@ def test_empty_input_and_errors(tiny_engine_export: TinyExport, tmp_path: Path) 
         PairTokenizer.from_dir(tmp_path, max_length=512, with_token_type_ids=False)
     with pytest.raises(TokenizerError, match="max_length"):
         PairTokenizer.from_dir(tiny_engine_export.path, max_length=2, with_token_type_ids=False)
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_text_that_is_not_unicode_is_a_domain_error(
+    tiny_engine_export: TinyExport, monkeypatch: pytest.MonkeyPatch, fast_path: bool
+) -> None:
+    """A lone surrogate (JSON's "\\ud800" decodes to one) makes the Rust tokenizer raise a bare
+    TypeError; the tokenizer names the pair instead, with an engine error the service answers."""
+    if not fast_path:
+        never = classmethod(lambda _cls, _tokenizer: None)
+        monkeypatch.setattr(tokenize_module._PairTemplate, "learn", never)
+    tokenizer = PairTokenizer.from_dir(
+        tiny_engine_export.path, max_length=64, with_token_type_ids=False
+    )
+    assert tokenizer.fast_path is fast_path
+    lone = "x\ud800y"
+    pairs = [("fine", "fine"), ("fine", "also fine"), ("fine", lone)]
+    with pytest.raises(UnencodableText) as caught:
+        tokenizer.encode(pairs)
+    assert isinstance(caught.value, EngineError) and not isinstance(caught.value, TypeError)
+    assert (caught.value.pair, caught.value.side) == (2, "response")
+    assert "pair 2" in str(caught.value) and "response" in str(caught.value)
+    with pytest.raises(UnencodableText) as caught:
+        tokenizer.count_tokens([(lone, "a")])
+    assert (caught.value.pair, caught.value.side) == (0, "instruction")
+    # A valid surrogate pair is one code point: encoded as usual.
+    (item,) = tokenizer.encode([("emoji \U0001f600", "ok")])
+    assert item.length > 4
+
+
+def test_truncate_texts_cuts_at_a_token_boundary(tiny_engine_export: TinyExport) -> None:
+    from tokenizers import Tokenizer
+
+    tokenizer = PairTokenizer.from_dir(
+        tiny_engine_export.path, max_length=512, with_token_type_ids=False
+    )
+    reference = Tokenizer.from_file(str(tiny_engine_export.path / "tokenizer.json"))
+    long_text = " ".join(WORDS) * 20
+    texts = [long_text, "short", "", "中文回答 ✓ 🌤️ " * 30]
+    cut = tokenizer.truncate_texts(texts, 7)
+    assert cut[1:3] == ["short", ""]  # within the limit: untouched
+    for original, text in ((texts[0], cut[0]), (texts[3], cut[3])):
+        ids = reference.encode(original, add_special_tokens=False).ids
+        assert original.startswith(text) and len(text) < len(original)
+        # The cut text is the text of the first 7 tokens: it starts the same way and is
+        # about 7 tokens long (a word cut in the middle may merge differently).
+        again = reference.encode(text, add_special_tokens=False).ids
+        assert again[:5] == ids[:5] and 5 <= len(again) <= 9
+    assert tokenizer.truncate_texts(texts, 10_000) == texts
+    assert tokenizer.truncate_texts([], 3) == []
+    with pytest.raises(ValueError, match="max_tokens"):
+        tokenizer.truncate_texts(texts, 0)
+    with pytest.raises(UnencodableText) as caught:
+        tokenizer.truncate_texts(["ok", "bad \udfff"], 3)
+    assert caught.value.pair == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import logging
 import time
 
@@ -312,3 +313,34 @@ def test_config_validation():
         UpstreamConfig(base_url=BASE, max_attempts=0)
     with pytest.raises(ValueError):
         UpstreamConfig(base_url=BASE, timeout_s=0)
+
+
+async def test_lone_surrogates_in_samples_are_repaired_and_counted(mock):
+    """JSON may escape half a surrogate pair; the text it decodes to is not Unicode (it can be
+    neither tokenized nor written as JSON). The client repairs it (U+FFFD), counts each sample
+    it repaired, and leaves the other samples and valid pairs alone."""
+    raw = (
+        b'{"model": "m\\udc80", "choices": ['
+        b'{"index": 0, "message": {"role": "assistant", "content": "ok \\ud83d\\ude00"}},'
+        b'{"index": 1, "message": {"role": "assistant", "content": "bad \\ud800 text",'
+        b' "tool_calls": [{"function": {"name": "f", "arguments": "\\udfff"}}]}},'
+        b'{"index": 2, "message": {"role": "assistant", "content": "also \\udc00"}}]}'
+    )
+    mock.post("/chat/completions").respond(
+        200, content=raw, headers={"content-type": "application/json"}
+    )
+    mock.get("/models").respond(
+        200, content=b'{"data": [{"id": "x\\ud800"}]}', headers={"content-type": "application/json"}
+    )
+    before = sample("cappy_upstream_samples_repaired_total", reason="lone_surrogate")
+    async with make_client() as client:
+        payload = await client.chat_completions(BODY)
+        models = await client.list_models()
+    contents = [c["message"]["content"] for c in payload["choices"]]
+    assert contents == ["ok \U0001f600", "bad \ufffd text", "also \ufffd"]
+    assert payload["choices"][1]["message"]["tool_calls"][0]["function"]["arguments"] == "\ufffd"
+    assert payload["model"] == "m\ufffd"
+    assert models["data"][0]["id"] == "x\ufffd"
+    assert sample("cappy_upstream_samples_repaired_total", reason="lone_surrogate") == before + 2
+    # What the proxy answers with must now be writable as UTF-8 JSON.
+    json.dumps(payload, ensure_ascii=False).encode("utf-8")
