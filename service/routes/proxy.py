@@ -32,8 +32,6 @@ from service.upstream.recipe import Recipe, resolve_options
 
 router = APIRouter(tags=["proxy"])
 _ERRORS = error_responses(400, 401, 404, 429, 500, 502, 503, 504)
-# A failure this early still gets a real status line instead of an in-stream error event.
-_STREAM_GRACE_S = 0.5
 
 
 @dataclass
@@ -88,21 +86,40 @@ async def _answer(
             raise ApiError(499, "Client closed the request.", code="client_closed") from None
         answer = build_response(selection).model_dump(mode="json", exclude_none=True)
         return JSONResponse(answer, headers=selection.headers())
+    # Streaming: the status line waits for the outcome while it comes before the first
+    # keep-alive is due, so a failure then is a real 4xx/5xx with the error envelope. Past that
+    # the 200 and the headers go out with the first keep-alive (idle connections get dropped),
+    # and a failure becomes one `data: {"error": {...}}` event, which the openai SDK raises
+    # as `openai.APIError`.
     task = asyncio.ensure_future(work)
-    done, _ = await asyncio.wait({task}, timeout=_STREAM_GRACE_S)
-    if done and task.exception() is not None:
-        raise task.exception()  # type: ignore[misc]
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    try:
+        await cancel_on_disconnect(
+            request, asyncio.wait({task}, timeout=settings.proxy_stream_keepalive_s)
+        )
+    except ClientDisconnected:
+        await _cancel(task)
+        raise ApiError(499, "Client closed the request.", code="client_closed") from None
+    except asyncio.CancelledError:
+        await _cancel(task)
+        raise
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    if done:
-        headers.update(task.result().headers())
+    if task.done():
+        headers.update(task.result().headers())  # a failure raises: answered with its status
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
     stream = sse_stream(
         task,
         include_usage=include_usage,
         keepalive_s=settings.proxy_stream_keepalive_s,
+        keepalive_at_once=True,
         error_envelope=envelope_for,
     )
     return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    """Cancels the selection (and with it every upstream call) and waits for it to unwind."""
+    task.cancel()
+    await asyncio.wait({task})
 
 
 @router.post(

@@ -942,6 +942,7 @@ async def sse_stream(
     *,
     include_usage: bool = False,
     keepalive_s: float = 10.0,
+    keepalive_at_once: bool = False,
     chunk_chars: int = 24,
     error_envelope: Callable[[BaseException], Mapping[str, Any]] = default_error_envelope,
 ) -> AsyncIterator[str]:
@@ -954,8 +955,12 @@ async def sse_stream(
     `[DONE]` — the status line is already sent by then. To answer errors with a real status,
     wait on the task briefly before starting the stream and only stream if it is still running
     or succeeded. Closing this generator cancels the selection (and so every upstream call).
+    With `keepalive_at_once` (the caller already held the status line for a keep-alive
+    interval), a keep-alive comment opens the stream at once if the selection is still running.
     """
     try:
+        if keepalive_at_once and not selection.done():
+            yield KEEPALIVE
         async for comment in keepalive_until_done(selection, keepalive_s):
             yield comment
         try:
