@@ -53,7 +53,7 @@ _T = TypeVar("_T")
 _BUCKET_WIDTH = 8
 # Stale queue entries (taken or abandoned items not yet swept) tolerated before a full sweep.
 _STALE_SLACK = 4096
-# Weight of the newest batch in the throughput average used for Retry-After.
+# Weight of the newest batch in the pace averages behind admission and Retry-After.
 _THROUGHPUT_ALPHA = 0.2
 _RETRY_AFTER_MIN_S = 0.1
 _RETRY_AFTER_MAX_S = 60.0
@@ -308,7 +308,12 @@ class DynamicBatcher:
         self._in_flight = 0
         self._batches_run = 0
         self._pairs_scored = 0
-        self._tokens_per_s: float | None = None
+        # The pace of the whole model (every stream, re-scoring turns included): real tokens
+        # and busy seconds, each averaged over recent batches. A batch's busy seconds run from
+        # the last completion (or its own start, after an idle spell) to its own completion.
+        self._pace_tokens = 0.0
+        self._pace_seconds = 0.0
+        self._pace_mark: float | None = None
 
     # --- public API -----------------------------------------------------------------------------
 
@@ -344,10 +349,15 @@ class DynamicBatcher:
     def expected_wait(self, tokens: int | None = None) -> float | None:
         """Seconds the model needs for `tokens` (default: the queued tokens) at its recent pace
         with every stream busy; None before the first batch has run."""
-        rate = self._tokens_per_s
+        rate = self._tokens_per_second()
         if not rate:
             return None
-        return (self._queue_tokens if tokens is None else tokens) / (rate * self._workers)
+        return (self._queue_tokens if tokens is None else tokens) / rate
+
+    def _tokens_per_second(self) -> float | None:
+        if self._pace_seconds <= 0:
+            return None
+        return self._pace_tokens / self._pace_seconds
 
     def stats(self) -> BatcherStats:
         """A snapshot of the queue and of recent throughput."""
@@ -360,7 +370,7 @@ class DynamicBatcher:
             batches_in_flight=self._in_flight,
             batches_run=self._batches_run,
             pairs_scored=self._pairs_scored,
-            tokens_per_second=self._tokens_per_s,
+            tokens_per_second=self._tokens_per_second(),
         )
 
     async def start(self) -> None:
@@ -443,8 +453,10 @@ class DynamicBatcher:
             One result per pair, in the order of `pairs`.
 
         Raises:
-            Overloaded: the queue is full (at once, before any work is queued).
-            RequestTooLarge: the request alone needs more than `max_queue_tokens` tokens.
+            Overloaded: the queue is full, its expected wait too long, or the request would miss
+                its deadline behind it (at once, before any work is queued).
+            RequestTooLarge: the request alone needs more than `max_queue_tokens` tokens, or
+                more model time than its deadline leaves at the model's recent pace.
             DeadlineExceeded: the deadline passed first; the request's queued pairs are dropped.
             EngineStopped: the batcher is not running or is shutting down.
             InferenceFailed: the model raised on a batch holding one of these pairs.
@@ -475,7 +487,21 @@ class DynamicBatcher:
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded()
-        refusal = self._overload_retry_after(tokens, None if deadline is None else deadline - now)
+        remaining = None if deadline is None else deadline - now
+        own = self.expected_wait(tokens)
+        if own is not None and remaining is not None and own > remaining:
+            # Even alone it would hold the model past its deadline (and every request queued
+            # behind it), to be answered 504 in the end.
+            metrics.REQUESTS_REJECTED.labels(reason="too_large").inc()
+            limit = int(tokens * remaining / own)
+            raise RequestTooLarge(
+                tokens,
+                limit,
+                f"the request needs {tokens} tokens, about {own:.0f} s of model time at the "
+                f"current pace, more than its {remaining:.0f} s deadline allows (about {limit} "
+                "tokens); send fewer or shorter texts",
+            )
+        refusal = self._overload_retry_after(tokens, remaining)
         if refusal is not None:
             raise self._overloaded(refusal)
         if not self.accepting:
@@ -514,12 +540,9 @@ class DynamicBatcher:
             excess.append(self.expected_wait(over_cap) or 0.0)
         if config.max_queue_wait_s is not None:
             excess.append(wait - config.max_queue_wait_s)
-        own = self.expected_wait(tokens) or 0.0
-        if remaining is not None and own <= remaining:
-            # Behind this queue it would miss a deadline it could meet alone: refused now, not
-            # a 504 later. (One that cannot meet it even alone is admitted, and answered 504 if
-            # the estimate was right: refusing it would starve it for good.)
-            excess.append(wait + own - remaining)
+        if remaining is not None:
+            # Behind this queue it would miss its deadline: refused now, not a 504 later.
+            excess.append(wait + (self.expected_wait(tokens) or 0.0) - remaining)
         needed = max(excess)
         if needed <= 0:
             return None
@@ -836,6 +859,8 @@ class DynamicBatcher:
         # After a hard stop nobody reads the outcome; reading it here keeps asyncio from logging
         # "exception was never retrieved".
         future.add_done_callback(_retrieve)
+        if self._in_flight == 0:
+            self._pace_mark = None  # the model was idle: that gap is not its pace
         self._in_flight += 1
         return _Batch(items, future, real)
 
@@ -871,12 +896,7 @@ class DynamicBatcher:
         metrics.INFERENCE_TIME.observe(elapsed)
         metrics.PAIRS_SCORED.inc(len(items))
         metrics.TOKENS_SCORED.inc(batch.real_tokens)
-        if elapsed > 0:
-            rate = batch.real_tokens / elapsed
-            previous = self._tokens_per_s
-            self._tokens_per_s = (
-                rate if previous is None else previous + _THROUGHPUT_ALPHA * (rate - previous)
-            )
+        self._track_pace(batch.real_tokens, started, finished)
         truncated = 0
         queue_time = metrics.QUEUE_TIME
         for item, value in zip(items, values.tolist(), strict=True):
@@ -892,6 +912,17 @@ class DynamicBatcher:
                 self._resolve(request)
         if truncated:
             metrics.PAIRS_TRUNCATED.inc(truncated)
+
+    def _track_pace(self, tokens: int, started: float, finished: float) -> None:
+        mark = self._pace_mark
+        busy = max(0.0, finished - (started if mark is None else max(mark, started)))
+        self._pace_mark = finished if mark is None else max(mark, finished)
+        if self._pace_seconds <= 0:  # the first batch sets the pace
+            self._pace_tokens, self._pace_seconds = float(tokens), busy
+            return
+        alpha = _THROUGHPUT_ALPHA
+        self._pace_tokens += alpha * (tokens - self._pace_tokens)
+        self._pace_seconds += alpha * (busy - self._pace_seconds)
 
     def _resolve(self, request: _Request) -> None:
         request.done = True

@@ -22,17 +22,20 @@ class Overloaded(EngineError):
 
 
 class RequestTooLarge(EngineError):
-    """A single request needs more tokens than the whole queue may ever hold; retrying the same
-    request can never succeed, so this is not an `Overloaded`.
+    """A single request needs more tokens than the whole queue may ever hold, or more model time
+    than its whole deadline at the model's pace: retrying the same request cannot succeed, so this
+    is not an `Overloaded`.
 
     Attributes:
         tokens: the request's tokens after tokenization.
-        limit: the most tokens one request may carry (the queue's capacity).
+        limit: the most tokens one request may carry (the queue's capacity, or what the model
+            scores before the deadline).
     """
 
-    def __init__(self, tokens: int, limit: int) -> None:
+    def __init__(self, tokens: int, limit: int, message: str | None = None) -> None:
         super().__init__(
-            f"the request needs {tokens} tokens; at most {limit} tokens fit in one request"
+            message
+            or f"the request needs {tokens} tokens; at most {limit} tokens fit in one request"
         )
         self.tokens = tokens
         self.limit = limit

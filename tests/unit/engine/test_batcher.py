@@ -791,3 +791,18 @@ async def test_other_model_work_raises_its_own_errors() -> None:
     async with running(FakeScorer()) as batcher:
         with pytest.raises(ValueError, match="bad feeds"):
             await batcher.run_on_workers(broken)
+
+
+async def test_a_request_that_alone_outlasts_its_deadline_is_too_large() -> None:
+    scorer = PacedScorer(seconds_per_token=0.001)
+    async with running(scorer, max_wait_ms=0) as batcher:
+        await batcher.score([pair(10)] * 10)
+        pace = batcher.stats().tokens_per_second
+        assert pace is not None
+        tokens = int(2 * pace)  # about two seconds of model time
+        started = time.monotonic()
+        with pytest.raises(RequestTooLarge, match="more than its 1 s deadline") as refused:
+            await batcher.score([pair(50)] * (tokens // 50), deadline=started + 1.0)
+        assert time.monotonic() - started < 0.5  # refused at once, nothing scored
+        assert 0 < refused.value.limit < refused.value.tokens
+        assert len(scorer.batches) == 1  # only the pace-setting batch ever ran
