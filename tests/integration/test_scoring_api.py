@@ -203,7 +203,8 @@ async def test_overload_is_429_with_retry_after(
     tiny_export: Path, gated: list[GatedScorer]
 ) -> None:
     gated_run = {"max_queue_tokens": 600, "max_batch_tokens": 64, "max_batch_size": 1}
-    candidates = ["word " * 20] * 5  # ~525 tokens with the tiny BPE: two do not fit in 600
+    # ~525 tokens with the tiny BPE: two do not fit in 600. Distinct: ranking dedupes repeats.
+    candidates = [f"{i} " + "word " * 20 for i in range(5)]
     async with running_app(tiny_export, ready=False, **gated_run) as client:
         scorer = await loaded(gated)
         scorer.warm_gate.set()
