@@ -221,9 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-scores", default=None)
     parser.add_argument("--check-argmax", action="store_true")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check")
+    parser.add_argument(
+        "--allow-ungated",
+        action="store_true",
+        help="load graphs that did not pass a parity gate (an export made with --parity record)",
+    )
     args = parser.parse_args(argv)
 
-    export = ExportDir.load(args.export, verify_hashes=not args.no_verify)
+    export = ExportDir.load(
+        args.export, verify_hashes=not args.no_verify, allow_ungated=args.allow_ungated
+    )
     tokenizer = PairTokenizer.from_dir(
         export.path,
         max_length=export.max_length,

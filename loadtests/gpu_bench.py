@@ -38,11 +38,9 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import functools
 import hashlib
 import importlib.metadata
 import importlib.util
-import io
 import json
 import math
 import os
@@ -54,7 +52,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -606,14 +603,11 @@ class GpuBench:
                 "--out",
                 str(directory),
                 "--force",
+                # A random stand-in: its parity is recorded, not gated (served with
+                # allow_ungated); the gates are for real checkpoints.
+                "--parity",
+                "record",
             ]
-            if cli_accepts("export", "--parity") and cli_accepts("serve", "--allow-ungated"):
-                command += ["--parity", "record"]
-            else:
-                record["note"] = (
-                    "this checkout's `cappy export` has no --parity record or `cappy serve` no "
-                    "--allow-ungated: the random stand-in went through the parity gate"
-                )
             summary, _ = run_json(command, budget, worker_env(0))
             record["export_summary"] = summary
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -742,8 +736,10 @@ class GpuBench:
         scores_path = self.work / "engine_scores.json"
         cuda = self.args.device == "cuda"
         command = [
-            *worker_command("engine"),
-            "--allow-ungated" if self.ungated() else "--gated",
+            sys.executable,
+            "-m",
+            "loadtests.engine_bench",
+            *(["--allow-ungated"] if self.ungated() else []),
             "--export",
             export,
             "--requests",
@@ -891,16 +887,6 @@ def parse_budget(text: str) -> tuple[str, float]:
 
 def worker_command(kind: str) -> list[str]:
     return [sys.executable, "-m", "loadtests.gpu_bench", "worker", kind]
-
-
-def cli_accepts(subcommand: str, flag: str) -> bool:
-    """Whether this checkout's `cappy SUBCOMMAND` takes `flag` (asked of its parser)."""
-    from cappy.cli import build_parser
-
-    text = io.StringIO()
-    with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
-        build_parser().parse_args([subcommand, "--help"])
-    return flag in text.getvalue()
 
 
 def environment(gpu_index: int) -> dict[str, Any]:
@@ -1351,26 +1337,6 @@ def worker_build(args: argparse.Namespace) -> dict[str, Any]:
     return {**info, "seconds": round(time.perf_counter() - started, 1)}
 
 
-def worker_engine(argv: Sequence[str]) -> int:
-    """loadtests/engine_bench.py's main() on `argv` after `--allow-ungated` or `--gated`. An
-    export made with --parity record loads only when ungated graphs are allowed: engine_bench's
-    own --allow-ungated where it has one, else its ExportDir.load called with
-    allow_ungated=True."""
-    from loadtests import engine_bench
-
-    mode, rest = argv[0], list(argv[1:])
-    if mode != "--allow-ungated":
-        return int(engine_bench.main(rest))
-    text = io.StringIO()
-    with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
-        engine_bench.main(["--help"])
-    if "--allow-ungated" in text.getvalue():
-        return int(engine_bench.main([*rest, "--allow-ungated"]))
-    load = functools.partial(engine_bench.ExportDir.load, allow_ungated=True)
-    engine_bench.ExportDir = types.SimpleNamespace(load=load)  # type: ignore[assignment]
-    return int(engine_bench.main(rest))
-
-
 def worker_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtests.gpu_bench worker",
@@ -1611,8 +1577,6 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["worker", "engine"]:
-        return worker_engine(argv[2:])
     if argv and argv[0] == "worker":
         return worker_main(argv[1:])
     args = resolve(build_parser().parse_args(argv))

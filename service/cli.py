@@ -24,16 +24,23 @@ _FLAGS: dict[str, tuple[str, Any, str]] = {
     "--engine": ("engine", str, "auto | onnxruntime | openvino"),
     "--precision": ("precision", str, "auto | fp32 | fp16 | int8 | bf16"),
     "--threads": ("threads", int, "CPU inference threads"),
-    "--streams": ("streams", int, "CPU inference streams (batches run at once)"),
+    "--streams": ("streams", int, "batches run at once (CPU: OpenVINO streams; CUDA: sessions)"),
     "--max-batch-tokens": ("max_batch_tokens", int, "padded tokens per batch"),
     "--max-batch-size": ("max_batch_size", int, "pairs per batch"),
     "--max-wait-ms": ("max_wait_ms", float, "batch fill wait"),
     "--padding-tolerance": ("padding_tolerance", float, "padding per own token a pair may add"),
     "--pad-to-multiple": ("pad_to_multiple", int, "batch widths padded to a multiple of this"),
     "--max-queue-tokens": ("max_queue_tokens", int, "queued tokens before 429"),
+    "--max-queue-wait-s": ("max_queue_wait_s", float, "expected queue wait before 429"),
+    "--max-rescored": ("max_rescored", int, "near-tied leaders re-scored per request"),
     "--cache-dir": ("cache_dir", Path, "where exports of checkpoints are kept"),
     "--model-name": ("model_name", str, "name the API reports for the scorer"),
     "--log-level": ("log_level", str, "debug | info | warning | error"),
+}
+# switch -> (settings field, help): present sets the setting to true.
+_SWITCHES: dict[str, tuple[str, str]] = {
+    "--allow-ungated": ("allow_ungated", "serve graphs that did not pass a parity gate"),
+    "--tensorrt": ("tensorrt", "CUDA: the TensorRT execution provider (fp16) before CUDA"),
 }
 
 
@@ -46,6 +53,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     for flag, (_, kind, text) in _FLAGS.items():
         serve.add_argument(flag, type=kind, default=None, help=text)
+    for flag, (_, text) in _SWITCHES.items():
+        serve.add_argument(flag, action="store_const", const=True, default=None, help=text)
     serve.set_defaults(handler=_serve)
 
 
@@ -56,9 +65,10 @@ def _serve(args: argparse.Namespace) -> int:
     from service.model_source import ModelSourceError, check_model_source
     from service.settings import Settings
 
+    fields = {flag: field for flag, (field, *_) in (_FLAGS | _SWITCHES).items()}
     overrides = {
         field: getattr(args, flag.lstrip("-").replace("-", "_"))
-        for flag, (field, _, _) in _FLAGS.items()
+        for flag, field in fields.items()
         if getattr(args, flag.lstrip("-").replace("-", "_")) is not None
     }
     try:

@@ -57,6 +57,20 @@ class Settings(BaseSettings):
         "each with its own CUDA stream, so that one batch's copies and preparation overlap "
         "another's kernels; unset: 2.",
     )
+    allow_ungated: bool = Field(
+        False,
+        description="Serve graphs that did not pass a parity gate at export time: a variant "
+        "whose parity could not be measured, or an export made with `cappy export --parity "
+        "record` (benchmark stand-ins). Off: such an export or variant is refused; /info's "
+        "`parity_gated` says which was served.",
+    )
+    max_rescored: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Most near-tied leaders of one ranking request that a more precise stage "
+        "re-scores (identical candidates count once): bounds the work one request can buy.",
+    )
     tensorrt: bool = Field(
         False,
         description="CUDA only: put ONNX Runtime's TensorRT execution provider (fp16) before "

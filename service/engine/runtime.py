@@ -39,6 +39,8 @@ class RuntimeConfig:
     # Most near-tied leaders of one request a later ranking stage re-scores: bounds the work
     # (and memory) any one request can buy, whatever its candidates.
     max_rescored: int = 16
+    # Serve graphs that did not pass a parity gate (an export made with --parity record).
+    allow_ungated: bool = False
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
 
 
@@ -86,7 +88,7 @@ class ScoringRuntime:
             export_dir = self._prepare()
         self.phase = "loading"
         started = time.perf_counter()
-        export = ExportDir.load(export_dir)
+        export = ExportDir.load(export_dir, allow_ungated=self.config.allow_ungated)
         tokenizer = PairTokenizer.from_dir(
             export.path,
             max_length=export.max_length,

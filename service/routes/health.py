@@ -78,6 +78,7 @@ async def info(runtime: RuntimeDep, settings: SettingsDep) -> dict[str, Any]:
     """The served model, its export manifest, the engine and the request limits."""
     export = runtime.export
     manifest = export.manifest if export is not None else None
+    described = runtime.describe()
     return {
         "model": model_name(runtime, settings),
         "ready": runtime.ready,
@@ -86,14 +87,19 @@ async def info(runtime: RuntimeDep, settings: SettingsDep) -> dict[str, Any]:
         "max_length": manifest.max_length if manifest else None,
         "inputs": manifest.inputs if manifest else None,
         "parity": manifest.parity if manifest else None,
-        "runtime": runtime.describe(),
+        # False: exported with `cappy export --parity record` (figures recorded, nothing gated),
+        # served only because CAPPY_ALLOW_UNGATED is set.
+        "parity_gated": export.gated if export is not None else None,
+        "runtime": described,
         "score": "raw regression output logits[:, 0] (no sigmoid); ties to the lower index",
         "limits": {
             "max_items_per_request": settings.max_items_per_request,
             "max_text_chars": settings.max_text_chars,
             "max_body_bytes": settings.max_body_bytes,
-            "max_batch_tokens": settings.max_batch_tokens,
-            "max_batch_size": settings.max_batch_size,
+            # Unset settings resolve by device once the model is loaded.
+            "max_batch_tokens": described["max_batch_tokens"] or settings.max_batch_tokens,
+            "max_batch_size": described["max_batch_size"] or settings.max_batch_size,
+            "max_queue_wait_s": settings.max_queue_wait_s,
             "max_wait_ms": settings.max_wait_ms,
             "max_queue_tokens": settings.max_queue_tokens,
             "request_timeout_s": settings.request_timeout_s,
