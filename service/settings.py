@@ -153,7 +153,10 @@ class Settings(BaseSettings):
         "/metrics wants `Authorization: Bearer <key>`.",
     )
     graceful_shutdown_s: float = Field(
-        30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
+        30.0,
+        ge=0,
+        description="On SIGTERM, how long in-flight requests may take to finish; what still "
+        "runs then is answered 503.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
 
@@ -200,7 +203,10 @@ class Settings(BaseSettings):
         120.0, gt=0, description="Deadline for gathering one request's samples."
     )
     proxy_stream_keepalive_s: float = Field(
-        10.0, gt=0, description="SSE keep-alive comment interval while samples are gathered."
+        10.0,
+        gt=0,
+        description="SSE keep-alive comment interval while samples are gathered; a stream's status "
+        "line waits this long for the outcome.",
     )
 
     @field_validator("cache_dir", mode="after")
