@@ -57,6 +57,15 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="max tokens per pair (default: 512, capped by the model's positions)",
     )
+    export.add_argument(
+        "--parity",
+        choices=("gate", "record"),
+        default="gate",
+        help="gate (default): ship only the graphs whose parity with PyTorch passed its gate, and "
+        "nothing at all unless fp32 passes; record: measure and record parity but gate nothing "
+        "(benchmark stand-ins with random weights); the manifest says the export was not gated "
+        "and the service refuses it unless allowed to serve ungated exports",
+    )
     export.add_argument("--force", action="store_true", help="replace --out if it exists")
     export.add_argument("--quiet", action="store_true", help="no progress display")
     export.set_defaults(handler=_export)
@@ -99,19 +108,22 @@ def _export(args: argparse.Namespace) -> int:
             max_length=args.max_length,
             force=args.force,
             progress=not args.quiet,
+            parity=args.parity,
         )
     )
     parity = result.manifest["parity"]
+    fields = ("status", "gated", "max_abs_diff", "max_rel_diff", "argmax_agreement", "provider")
     summary = {
         "out": str(result.out),
         "seconds": round(result.seconds, 1),
         "models": sorted(result.manifest["models"]),
+        "parity_mode": parity["mode"],
         "parity": {
-            k: {f: v.get(f) for f in ("status", "max_abs_diff", "argmax_agreement", "provider")}
-            for k, v in parity.items()
-            if isinstance(v, dict)
+            k: {f: v.get(f) for f in fields} for k, v in parity.items() if isinstance(v, dict)
         },
     }
+    if parity["mode"] != "gate":
+        print("warning: parity recorded, not gated (--parity record)", file=sys.stderr)
     print(json.dumps(summary))
     return 0
 
@@ -125,7 +137,8 @@ def _verify(args: argparse.Namespace) -> int:
         print(line)
     for problem in report.problems:
         print(f"FAILED: {problem}")
-    print("verify: ok" if report.ok else "verify: FAILED")
+    verdict = "ok" if report.ok else "FAILED"
+    print(f"verify: {verdict}" + ("" if report.gated else " (not gated: --parity record)"))
     return 0 if report.ok else 1
 
 

@@ -2,6 +2,12 @@
 
 The schema is the contract between model_export (writer) and the service (reader); its fields are
 documented in the README ("The export directory").
+
+Parity: `parity.mode` says whether the export was gated ("gate": a variant is shipped only when
+its gate passed, and fp32 must pass) or only recorded ("record", `cappy export --parity record`:
+figures kept, nothing enforced). Each variant's record says `gated`: whether a gate passed it for
+serving. Manifests written before these fields existed were gated exports: a missing mode is
+"gate", and a record without `gated` is gated when its status is "passed".
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ VARIANT_FILES = {
     "int8": "model.int8.onnx",
     "openvino-int8": "model.int8.xml",  # its weights: "weights" in the model entry (model.int8.bin)
 }
+PARITY_GATE = "gate"
+PARITY_RECORD = "record"
+PARITY_MODES = (PARITY_GATE, PARITY_RECORD)
 SCORE_SEMANTICS = {
     "output": "logits",
     "index": 0,
@@ -82,7 +91,24 @@ def read(directory: Path) -> dict[str, Any]:
             raise ExportError(f"{path}: missing field {key!r}")
     if "fp32" not in manifest["models"]:
         raise ExportError(f"{path}: no fp32 model listed")
+    if parity_mode(manifest) not in PARITY_MODES:
+        raise ExportError(
+            f"{path}: parity mode {parity_mode(manifest)!r} is not one of {', '.join(PARITY_MODES)}"
+        )
     return manifest
+
+
+def parity_mode(manifest: dict[str, Any]) -> str:
+    """The parity mode, gate or record; manifests from before the field were gated exports."""
+    return str(manifest["parity"].get("mode", PARITY_GATE))
+
+
+def is_gated(manifest: dict[str, Any], variant: str) -> bool:
+    """Whether a gate passed `variant` for serving (see the module docstring)."""
+    record = manifest["parity"].get(variant)
+    if parity_mode(manifest) != PARITY_GATE or not isinstance(record, dict):
+        return False
+    return record.get("status") == "passed" and record.get("gated", True) is not False
 
 
 def check_files(directory: Path, manifest: dict[str, Any]) -> list[str]:

@@ -3,6 +3,13 @@
 An export is built in a hidden temporary sibling of the target and renamed into place only when
 every step passed, with the manifest written last: an interrupted or failed export never leaves a
 directory that looks valid.
+
+What ships (parity gates: model_export.parity). With `parity="gate"` (the default) the fp32 graph
+must pass its gate or nothing is written; an optimised fp32 graph that fails falls back to the
+plain one; a reduced-precision variant ships when it passed (gated), is dropped when it failed
+(its figures stay in the manifest), and ships marked ungated when it could not be measured (the
+service serves it only when told to allow ungated variants). With `parity="record"` every graph
+ships, figures recorded, none gated: an export for benchmarks on stand-in weights.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ class ExportOptions:
     progress: bool = True
     # A JSONL file of candidate sets: also write the calibrated OpenVINO int8 model.
     int8_calibration: Path | None = None
+    # "gate": ship only what passed its parity gate; "record": measure, record, gate nothing.
+    parity: str = mf.PARITY_GATE
 
 
 @dataclass
@@ -131,12 +140,8 @@ class _Prober:
             return parity.not_measured(
                 f"{provider} cannot run it: {str(exc).splitlines()[0]}", len(self.sets), self.pairs
             )
-        thresholds: dict[str, Any] = {
-            "fp32": {"max_abs_diff": parity.FP32_MAX_ABS_DIFF},
-            "fp16": {"min_argmax_agreement": parity.FP16_ARGMAX_AGREEMENT},
-            "int8": {},
-        }[variant]
-        return parity.compare(self.reference, run, self.encoded, provider=provider, **thresholds)
+        gate = parity.GATES[variant]
+        return parity.compare(self.reference, run, self.encoded, provider=provider, **gate)
 
 
 def _measure_openvino_int8(
@@ -161,19 +166,60 @@ def _provider_for(variant: str) -> str:
     return "CPUExecutionProvider"
 
 
-def _parity_record(result: parity.ParityResult, variant: str) -> dict[str, Any]:
-    record = result.as_dict()
-    if variant == "fp32":
-        record["threshold_max_abs_diff"] = parity.FP32_MAX_ABS_DIFF
-    elif variant == "fp16":
-        record["threshold_argmax_agreement"] = parity.FP16_ARGMAX_AGREEMENT
-    return record
+def _parity_record(result: parity.ParityResult, *, gated: bool) -> dict[str, Any]:
+    """The manifest record: the figures, the thresholds applied, and whether a gate passed it
+    for serving (`gated`; False for anything not measured and for a `--parity record` export)."""
+    return {**result.as_dict(), "gated": gated}
+
+
+def _ships(status: str, mode: str) -> tuple[bool, bool]:
+    """(shipped, gated) for a reduced-precision ONNX variant of this parity status."""
+    if mode == mf.PARITY_RECORD:
+        return True, False
+    if status == "passed":
+        return True, True
+    # Not measured: shipped, marked ungated (the export machine may lack the provider it is
+    # meant for); failed: dropped, its figures stay on record.
+    return status == "not_measured", False
+
+
+def _fp32_graph(
+    prober: _Prober, fp32_path: Path, plain: Path, entry: dict[str, Any], mode: str
+) -> parity.ParityResult:
+    """Measures the fp32 graph; an optimised graph that fails falls back to the plain one when
+    that passes. In gate mode a graph that does not pass aborts the export."""
+    result = prober.measure(fp32_path, "fp32")
+    if result.status != "passed" and entry["optimized"]:
+        plain_result = prober.measure(plain, "fp32")
+        # Record mode, and the plain graph fails too: the model's numerics, not the optimiser,
+        # miss the gate; the optimised graph stays (it is what a benchmark should run).
+        if plain_result.status == "passed" or mode == mf.PARITY_GATE:
+            logger.warning(
+                "optimised graph failed parity (%s); using the unoptimised graph", result.reason
+            )
+            shutil.copyfile(plain, fp32_path)
+            entry.update(
+                optimized=False,
+                optimization_error=f"optimised graph failed parity: {result.reason}",
+            )
+            entry.pop("fused_operators", None)
+            result = plain_result
+    if result.status != "passed" and mode == mf.PARITY_GATE:
+        status = "failed" if result.status == "failed" else "not measured"
+        raise ExportError(
+            f"fp32 parity {status} against PyTorch ({result.reason}); nothing written "
+            "(--parity record keeps the figures without gating)"
+        )
+    return result
 
 
 def export(options: ExportOptions) -> ExportResult:
     """Runs the whole export; ExportError with a one-line reason on bad input or failure."""
     started = time.perf_counter()
     out = options.out
+    mode = options.parity
+    if mode not in mf.PARITY_MODES:
+        raise ExportError(f"--parity {mode}: not one of {', '.join(mf.PARITY_MODES)}")
     _check_out(out, options.force)
     calibration = None
     if options.int8_calibration is not None:
@@ -229,25 +275,9 @@ def export(options: ExportOptions) -> ExportResult:
                 shutil.copyfile(cpu_raw, fp32_path)
                 fp32_entry.update(optimized=False, optimization_error=str(exc).splitlines()[0])
         with steps.step("parity fp32"):
-            fp32_parity = prober.measure(fp32_path, "fp32")
-            if fp32_parity.status != "passed" and fp32_entry["optimized"]:
-                logger.warning(
-                    "optimised graph failed parity (%s); using the unoptimised graph",
-                    fp32_parity.reason,
-                )
-                shutil.copyfile(cpu_raw, fp32_path)
-                fp32_entry.update(
-                    optimized=False,
-                    optimization_error=f"optimised graph failed parity: {fp32_parity.reason}",
-                )
-                fp32_entry.pop("fused_operators", None)
-                fp32_parity = prober.measure(fp32_path, "fp32")
-            if fp32_parity.status != "passed":
-                raise ExportError(
-                    f"fp32 parity failed against PyTorch ({fp32_parity.reason}); nothing written"
-                )
+            fp32_parity = _fp32_graph(prober, fp32_path, cpu_raw, fp32_entry, mode)
         models = {"fp32": fp32_entry}
-        parity_records = {"fp32": _parity_record(fp32_parity, "fp32")}
+        parity_records = {"fp32": _parity_record(fp32_parity, gated=mode == mf.PARITY_GATE)}
         variants: list[tuple[str, str, Callable[[Path], dict[str, Any]]]] = []
         if options.fp16:
             variants.append(
@@ -263,12 +293,20 @@ def export(options: ExportOptions) -> ExportResult:
                 extra = build(path)
             with steps.step(f"parity {variant}"):
                 result = prober.measure(path, variant)
-            parity_records[variant] = _parity_record(result, variant)
-            if result.status == "failed":
+            shipped, gated = _ships(result.status, mode)
+            parity_records[variant] = _parity_record(result, gated=gated)
+            if not shipped:
                 # A variant that disagrees with PyTorch is not shipped; its figures stay on record.
                 logger.warning("%s parity failed (%s): not shipped", variant, result.reason)
                 path.unlink()
                 continue
+            if not gated and mode == mf.PARITY_GATE:
+                logger.warning(
+                    "%s parity not measured (%s): shipped ungated; the service serves it only "
+                    "when allowed to serve ungated variants",
+                    variant,
+                    result.reason,
+                )
             models[variant] = {
                 "file": path.name,
                 "dtype": "float16" if variant == "fp16" else "int8-dynamic",
@@ -291,8 +329,11 @@ def export(options: ExportOptions) -> ExportResult:
                 record = _measure_openvino_int8(
                     xml, prober, calibration.heldout, model, tokenizer, max_length
                 )
+            # Its own gate (an absolute bound: the service's re-scoring margin); in record mode
+            # it ships whatever it measured, ungated.
+            record["gated"] = mode == mf.PARITY_GATE and record["status"] == "passed"
             parity_records[openvino_int8.VARIANT] = record
-            if record["status"] != "passed":
+            if record["status"] != "passed" and mode == mf.PARITY_GATE:
                 # Failed, or not measured: either way the service would have no margin to trust.
                 logger.warning(
                     "OpenVINO int8 parity %s (%s): not shipped", record["status"], record["reason"]
@@ -333,6 +374,7 @@ def export(options: ExportOptions) -> ExportResult:
                 "score": mf.SCORE_SEMANTICS,
                 "models": models,
                 "parity": {
+                    "mode": mode,
                     "reference": "PyTorch fp32, same tokenization, one padded batch per set",
                     "pairs": prober.pairs,
                     "candidate_sets": len(prober.sets),
@@ -358,29 +400,48 @@ class VerifyReport:
     directory: Path
     problems: list[str] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
+    # False for an export made with --parity record: its figures were never enforced.
+    gated: bool = True
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
+NOT_GATED = (
+    "not gated (exported with --parity record): the service serves it only when allowed to "
+    "serve ungated exports (CAPPY_ALLOW_UNGATED=1 / --allow-ungated)"
+)
+
+
 def verify(directory: Path, *, remeasure: bool = True, progress: bool = False) -> VerifyReport:
     """Checks the manifest, the hashes and the recorded parity, then re-measures parity when the
-    source checkpoint is reachable without a download (a local path, or the local hub cache)."""
+    source checkpoint is reachable without a download (a local path, or the local hub cache).
+
+    A gated export must hold a passed fp32 record and no failed variant; an export made with
+    --parity record is reported as not gated, its recorded failures are not problems, but a
+    variant that re-measures worse than recorded (failed where it was not) is."""
     report = VerifyReport(directory)
     manifest = mf.read(directory)
+    report.gated = mf.parity_mode(manifest) == mf.PARITY_GATE
     report.lines.append(f"manifest: {mf.MANIFEST} format {manifest['format_version']}")
     problems = mf.check_files(directory, manifest)
     report.problems += problems
     report.lines.append(
         f"hashes: {len(manifest['files'])} files" + (" ok" if not problems else " FAILED")
     )
+    if not report.gated:
+        report.lines.append(f"parity: {NOT_GATED}")
+    recorded: dict[str, str | None] = {}
     for variant in manifest["models"]:
         record = manifest["parity"].get(variant, {})
-        status = record.get("status")
-        if status == "failed" or (variant == "fp32" and status != "passed"):
+        status = recorded[variant] = record.get("status")
+        if report.gated and (status == "failed" or (variant == "fp32" and status != "passed")):
             report.problems.append(f"parity {variant}: recorded status {status!r}")
-        report.lines.append(f"recorded parity {variant}: {_describe(record)}")
+        line = f"recorded parity {variant}: {_describe(record)}"
+        if report.gated and not mf.is_gated(manifest, variant):
+            line += "; not gated: served only when ungated variants are allowed"
+        report.lines.append(line)
     if not remeasure or report.problems:
         return report
     src = manifest["source"]
@@ -399,20 +460,39 @@ def verify(directory: Path, *, remeasure: bool = True, progress: bool = False) -
         if variant == openvino_int8.VARIANT and result.status != "not_measured":
             line += "; probe sets only (the held-out calibration sets are not kept in the export)"
         report.lines.append(line)
-        if result.status == "failed":
+        if result.status == "failed" and recorded[variant] != "failed":
             report.problems.append(f"parity {variant} re-measured: {result.reason}")
     return report
 
 
 def _describe(record: dict[str, Any]) -> str:
+    """One line of a parity record: the verdict, the diff against its threshold, argmax
+    agreement on decided sets and on near-ties (records from before those fields: overall)."""
     if record.get("status") == "not_measured":
         return f"not measured ({record.get('reason')})"
-    diff = record.get("max_abs_diff")
+    diff = [f"relative {_figure(record.get('max_rel_diff'))}"] if "max_rel_diff" in record else []
+    if isinstance(record.get("threshold_max_abs_diff"), int | float):
+        diff.append(f"threshold {_figure(record['threshold_max_abs_diff'])}")
+    parts = [f"max |diff| {_figure(record.get('max_abs_diff'))}" + _parenthesised(diff)]
     agree = record.get("argmax_agreement")
-    diff_text = f"{diff:.2e}" if isinstance(diff, int | float) else "n/a"
-    agree_text = f"{agree:.4f}" if isinstance(agree, int | float) else "n/a"
-    return (
-        f"{record.get('status')}, max |diff| {diff_text}, argmax agreement {agree_text} "
-        f"on {record.get('candidate_sets')} sets / {record.get('pairs')} pairs "
-        f"({record.get('provider')})"
-    )
+    agreement = "argmax agreement " + (f"{agree:.4f}" if isinstance(agree, int | float) else "n/a")
+    if "decided_sets" in record:
+        threshold = record.get("threshold_argmax_agreement")
+        agreement += f" on {record['decided_sets']} decided sets" + _parenthesised(
+            [f"threshold {threshold:g}"] if isinstance(threshold, int | float) else []
+        )
+        ties = record.get("near_tie_agreement")
+        agreement += f", {record.get('near_tie_sets')} near-ties" + _parenthesised(
+            [f"agreement {ties:.4f}, not counted"] if isinstance(ties, int | float) else []
+        )
+    parts.append(agreement)
+    where = f"on {record.get('candidate_sets')} sets / {record.get('pairs')} pairs"
+    return f"{record.get('status')} {where} ({record.get('provider')}): {'; '.join(parts)}"
+
+
+def _parenthesised(items: list[str]) -> str:
+    return f" ({'; '.join(items)})" if items else ""
+
+
+def _figure(value: object) -> str:
+    return f"{value:.2e}" if isinstance(value, int | float) else "n/a"

@@ -19,6 +19,8 @@ def test_loads_a_valid_export(tiny_engine_export: TinyExport) -> None:
     assert export.model_path("fp32") == export.path / "model.onnx"
     assert export.parity("fp32") is not None
     assert export.has_variant("fp32") and not export.has_variant("fp16")
+    # A manifest without parity.mode or records' "gated" (written before them) is a gated export.
+    assert export.gated and export.is_gated("fp32") and not export.allow_ungated
 
 
 def test_extra_manifest_fields_are_kept(export_copy: Path) -> None:
@@ -92,13 +94,109 @@ def test_refuses_file_outside_directory(export_copy: Path) -> None:
         ExportDir.load(export_copy)
 
 
-@pytest.mark.parametrize("status", ["failed", "not_measured"])
-def test_refuses_fp32_parity_not_passed(export_copy: Path, status: str) -> None:
+@pytest.mark.parametrize("allow_ungated", [False, True])
+def test_refuses_fp32_parity_failed(export_copy: Path, allow_ungated: bool) -> None:
     write_manifest(
         export_copy,
-        parity={"fp32": {"status": status, "max_abs_diff": 0.3, "reason": "max |diff| 0.3 > 1e-4"}},
+        parity={
+            "fp32": {"status": "failed", "max_abs_diff": 0.3, "reason": "max |diff| 0.3 > 1e-4"}
+        },
     )
-    with pytest.raises(ExportDirError, match=f"fp32 parity with PyTorch is {status}"):
+    with pytest.raises(
+        ExportDirError,
+        match=r"fp32 parity with PyTorch is failed \(max \|diff\| 0.3 > 1e-4\); refusing to serve",
+    ):
+        ExportDir.load(export_copy, allow_ungated=allow_ungated)
+
+
+def test_fp32_not_measured_is_served_only_when_allowed(
+    export_copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_manifest(export_copy, parity={"fp32": {"status": "not_measured", "reason": "no ORT"}})
+    with pytest.raises(ExportDirError) as info:
+        ExportDir.load(export_copy)
+    assert str(info.value) == (
+        f"{export_copy.resolve()}: the fp32 model's parity with PyTorch is not_measured (no ORT), "
+        "not gated; refusing to serve it (set CAPPY_ALLOW_UNGATED=1 / --allow-ungated to serve it)"
+    )
+    with caplog.at_level("WARNING", logger="service.engine.export_dir"):
+        export = ExportDir.load(export_copy, allow_ungated=True)
+    assert export.has_variant("fp32") and not export.is_gated("fp32")
+    assert export.model_path("fp32").name == "model.onnx"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1  # once per variant, not on every model_path
+    assert "serving the fp32 model although its parity with PyTorch is not_measured" in warnings[0]
+
+
+def _record_mode(export_copy: Path, fp32_status: str) -> None:
+    (export_copy / "model.fp16.onnx").write_bytes((export_copy / "model.onnx").read_bytes())
+    write_manifest(
+        export_copy,
+        models={
+            "fp32": {"file": "model.onnx", "dtype": "float32"},
+            "fp16": {"file": "model.fp16.onnx", "dtype": "float16"},
+        },
+        parity={
+            "mode": "record",
+            "fp32": {"status": fp32_status, "max_abs_diff": 2e-4, "gated": False},
+            "fp16": {"status": "failed", "reason": "argmax agreement 0.9 < 0.999", "gated": False},
+        },
+    )
+
+
+@pytest.mark.parametrize("fp32_status", ["passed", "failed"])
+def test_a_record_mode_export_is_served_only_when_allowed(
+    export_copy: Path, fp32_status: str
+) -> None:
+    # Even figures that would pass: nothing was enforced, so nothing is trusted by default.
+    _record_mode(export_copy, fp32_status)
+    with pytest.raises(
+        ExportDirError,
+        match=rf"fp32 model's parity with PyTorch is {fp32_status}, not gated, exported with "
+        r"--parity record; refusing to serve it \(set CAPPY_ALLOW_UNGATED=1 / --allow-ungated",
+    ):
+        ExportDir.load(export_copy)
+    export = ExportDir.load(export_copy, allow_ungated=True)
+    assert not export.gated and not export.is_gated("fp32")
+    # Recorded, not gated: even a variant whose figures fail is served when allowed.
+    assert export.has_variant("fp16")
+    assert export.model_path("fp16").name == "model.fp16.onnx"
+
+
+def test_an_ungated_variant_is_not_usable_unless_allowed(export_copy: Path) -> None:
+    """fp16 not measured at export (legacy record without "gated", and a new one): "auto"
+    precision must not pick it on a GPU, and asking for it says how to opt in."""
+    (export_copy / "model.fp16.onnx").write_bytes((export_copy / "model.onnx").read_bytes())
+    models = {
+        "fp32": {"file": "model.onnx", "dtype": "float32"},
+        "fp16": {"file": "model.fp16.onnx", "dtype": "float16"},
+    }
+    for fp16 in (
+        {"status": "not_measured", "reason": "CUDAExecutionProvider cannot run it"},
+        {"status": "not_measured", "reason": "CUDAExecutionProvider cannot run it", "gated": False},
+        {"status": "passed", "argmax_agreement": 1.0, "gated": False},
+    ):
+        parity = {"fp32": {"status": "passed", "max_abs_diff": 1e-6}, "fp16": fp16}
+        write_manifest(export_copy, models=models, parity=parity)
+        export = ExportDir.load(export_copy)
+        assert export.gated and not export.is_gated("fp16")
+        assert not export.has_variant("fp16")
+        with pytest.raises(
+            ExportDirError,
+            match=r"the fp16 model's parity with PyTorch is .*, not gated; refusing to serve it "
+            r"\(set CAPPY_ALLOW_UNGATED=1 / --allow-ungated to serve it\)",
+        ):
+            export.model_path("fp16")
+        allowed = ExportDir.load(export_copy, allow_ungated=True)
+        assert allowed.has_variant("fp16")
+        assert allowed.model_path("fp16") == allowed.path / "model.fp16.onnx"
+
+
+def test_refuses_an_unknown_parity_mode(export_copy: Path) -> None:
+    write_manifest(
+        export_copy, parity={"mode": "lenient", "fp32": {"status": "passed", "max_abs_diff": 0}}
+    )
+    with pytest.raises(ExportDirError, match="parity mode 'lenient' is not one of gate, record"):
         ExportDir.load(export_copy)
 
 
@@ -126,6 +224,10 @@ def test_variant_with_failed_parity_is_refused(export_copy: Path) -> None:
     export = ExportDir.load(export_copy)
     assert export.model_path("fp32").name == "model.onnx"
     assert not export.has_variant("int8")
+    # A failed gate is never served, ungated graphs allowed or not.
+    assert not ExportDir.load(export_copy, allow_ungated=True).has_variant("int8")
+    with pytest.raises(ExportDirError, match="int8 model failed parity"):
+        ExportDir.load(export_copy, allow_ungated=True).model_path("int8")
     with pytest.raises(ExportDirError, match="int8 model failed parity"):
         export.model_path("int8")
     with pytest.raises(ExportDirError, match=r"no fp16 model in this export \(its parity failed"):
@@ -146,7 +248,8 @@ def test_sha256_streams_large_files(tmp_path: Path) -> None:
 def test_reads_the_exporters_own_output(tiny_export: Path) -> None:
     """The contract end to end: model_export's real output loads (shared fixture)."""
     export = ExportDir.load(tiny_export)
+    assert export.gated
     assert export.model_path("fp32").is_file()
-    for variant in ("fp16", "int8"):
-        if export.has_variant(variant):
-            assert export.model_path(variant).is_file()
+    for variant in ("fp32", "fp16", "int8"):
+        assert export.is_gated(variant) and export.has_variant(variant)
+        assert export.model_path(variant).is_file()

@@ -111,3 +111,39 @@ def test_console_script_end_to_end(tiny_checkpoint: Path, tmp_path: Path) -> Non
         check=False,
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_parity_record_exports_what_the_gate_refuses(
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stand-in whose fp32 graph misses the gate: refused by default; with --parity record,
+    shipped, and both the summary and `cappy verify` say it was not gated."""
+    from model_export import parity
+
+    impossible = {"max_rel_diff": 1e-12, "min_argmax_agreement": 1.0, "tie_tolerance": 1e-12}
+    monkeypatch.setitem(parity.GATES, "fp32", impossible)
+    out = tmp_path / "out"
+    args = ["export", "--model", str(tiny_checkpoint), "--out", str(out), "--no-fp16", "--quiet"]
+    code, stdout, err = _run(args, capsys)
+    assert code == 1 and stdout == ""
+    assert _error_line(err).startswith("error: fp32 parity failed against PyTorch (max |diff|")
+    assert list(tmp_path.iterdir()) == []
+
+    code, stdout, err = _run([*args, "--parity", "record"], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["parity_mode"] == "record"
+    assert summary["models"] == ["fp32"]
+    assert summary["parity"]["fp32"]["status"] == "failed"
+    assert summary["parity"]["fp32"]["gated"] is False
+    assert "warning: parity recorded, not gated (--parity record)" in err
+
+    code, stdout, _ = _run(["verify", str(out)], capsys)
+    assert code == 0, stdout
+    lines = stdout.strip().splitlines()
+    assert "parity: not gated (exported with --parity record)" in stdout
+    assert any(line.startswith("re-measured parity fp32: failed") for line in lines)
+    assert lines[-1] == "verify: ok (not gated: --parity record)"
