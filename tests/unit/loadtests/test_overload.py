@@ -1,0 +1,73 @@
+"""The overload scenario end to end, bounded: a real `cappy serve` on the MiniLM export, its
+capacity measured, then flooded at 10x and brought back to normal load. What it must show: only
+200s and 429s (each 429 with Retry-After), recovery within seconds of the flood's end, and
+no request size starved."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def workload(path: Path) -> Path:
+    words = "the model answers a question about rivers mountains history code music".split()
+    lines = []
+    for i in range(60):
+        size = 1 if i % 2 else 16
+        candidates = [" ".join(words[(i + j) % len(words) :] + words[:j]) for j in range(size)]
+        lines.append(
+            json.dumps({"id": str(i), "instruction": f"question {i}?", "candidates": candidates})
+        )
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.slow
+def test_overload_is_refused_honestly_and_recovers(minilm_export: Path, tmp_path: Path) -> None:
+    out = tmp_path / "overload.json"
+    command = [
+        sys.executable,
+        "-m",
+        "loadtests.overload",
+        "--self-contained",
+        "--export",
+        str(minilm_export),
+        "--requests",
+        str(workload(tmp_path / "requests.jsonl")),
+        "--serve-arg",
+        "max_queue_wait_s=1.0",
+        "--baseline-seconds",
+        "2",
+        "--capacity-seconds",
+        "6",
+        "--capacity-concurrency",
+        "8",
+        "--overload-seconds",
+        "10",
+        "--recovery-seconds",
+        "10",
+        "--recovery-load",
+        "0.3",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    flood, recovery = result["overload"], result["recovery"]
+    assert set(flood["statuses"]) <= {"200", "429"}, flood["statuses"]
+    assert flood["statuses"].get("429", 0) > 0  # it was overloaded
+    assert flood["refused_without_retry_after"] == 0
+    assert set(recovery["statuses"]) <= {"200", "429"}, recovery["statuses"]
+    # Back to normal within a few seconds of the flood's end (the queue holds ~1 s of work).
+    assert recovery["recovery_s"] is not None and recovery["recovery_s"] <= 5.0
+    shares = flood["ok_share_by_candidates"]
+    assert shares["16"] > 0.3 * shares["1"]  # a 16-pair request is not starved by 1-pair ones
+    rss = [row["rss_mb"] for row in flood["timeline"] if row["rss_mb"]]
+    assert rss and min(rss) > 50  # the server's memory, sampled through the flood
