@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from service.engine import cascade  # noqa: E402
 from service.engine.export_dir import ExportDir  # noqa: E402
 from service.engine.scorer import (  # noqa: E402
     OnnxScorer,
@@ -38,6 +39,7 @@ from service.engine.scorer import (  # noqa: E402
 )
 from service.engine.tokenize import PairTokenizer  # noqa: E402
 from service.engine.types import EncodedPair, Scorer, pad_batch, padded_width  # noqa: E402
+from service.settings import Settings  # noqa: E402
 
 
 def make_batches(lengths: list[int], max_batch_tokens: int, max_batch_size: int) -> list[list[int]]:
@@ -139,6 +141,41 @@ def run_batches(
     return scores, time.perf_counter() - t0, pad_s
 
 
+def rescore(
+    scorer: RefiningScorer, encoded: list[EncodedPair], scores: np.ndarray, args: argparse.Namespace
+) -> np.ndarray:
+    """One request's scores after the service's cascade: the same leaders (cascade.leaders, at
+    most the service's 16) re-scored by each later stage in the same budget-sized batches
+    (cascade.budgeted_chunks); synchronous, without the batchers."""
+    out = np.array(scores, dtype=np.float32, copy=True)
+    rows = np.arange(len(out))
+    stage: Scorer = scorer
+    while isinstance(stage, RefiningScorer) and rows.size > 1:
+        chosen = cascade.leaders(stage, out[rows], args.max_rescored)
+        if not chosen.size:
+            break
+        rows = rows[chosen]
+        chunks = cascade.budgeted_chunks(
+            [encoded[i] for i in rows],
+            args.max_batch_tokens,
+            args.max_batch_size,
+            args.seq_multiple,
+            None,
+        )
+        fed = [
+            pad_batch(
+                chunk,
+                scorer.pad_token_id,
+                scorer.input_names,
+                padded_width(max(e.length for e in chunk), args.seq_multiple),
+            )
+            for chunk in chunks
+        ]
+        out[rows] = np.concatenate([stage.exact.infer(feeds) for feeds in fed])
+        stage = stage.exact
+    return out
+
+
 def request_spans(requests: list[dict[str, Any]]) -> list[slice]:
     """Each request's slice of the flat pair list (candidates in request order)."""
     ends = list(itertools.accumulate(len(r["candidates"]) for r in requests))
@@ -182,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="first N requests only")
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
     parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument(
+        "--max-rescored",
+        type=int,
+        default=Settings.model_fields["max_rescored"].default,
+        help="most near-tied leaders of a request re-scored per stage (the service's default)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--hint", default="LATENCY", choices=["LATENCY", "THROUGHPUT"])
     parser.add_argument("--streams", type=int, default=None)
@@ -272,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         # Each request's near-ties, on as many threads as the scorer runs batches at once (the
         # service runs them on its batch workers).
         with ThreadPoolExecutor(max_workers=max(1, scorer.parallelism)) as pool:
-            refined_parts = list(pool.map(lambda p: scorer.refine(encoded[p], scores[p]), parts))
+            refined_parts = list(
+                pool.map(lambda p: rescore(scorer, encoded[p], scores[p], args), parts)
+            )
         for part, refined in zip(parts, refined_parts, strict=True):
             refined_pairs += int(np.count_nonzero(refined != scores[part]))
             scores[part] = refined

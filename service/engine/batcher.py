@@ -465,21 +465,33 @@ class DynamicBatcher:
             raise EngineStopped()
         if not pairs:
             return []
-        config = self._config
-        now = time.monotonic()
-        if deadline is None and config.default_timeout_s is not None:
-            deadline = now + config.default_timeout_s
-        if deadline is not None and deadline <= now:
-            raise DeadlineExceeded()
+        deadline = self._deadline(deadline)
         refusal = self._overload_retry_after(0)
-        if refusal is not None:
+        if refusal is not None:  # before tokenizing: a full queue costs the caller nothing
             raise self._overloaded(refusal)
+        return await self.score_encoded(await self.encode(pairs), deadline=deadline)
 
+    async def encode(self, pairs: Sequence[tuple[str, str]]) -> list[EncodedPair]:
+        """Tokenizes pairs off the event loop (instruction first), as `score` does."""
         started = time.perf_counter()
         encoded = await asyncio.to_thread(self._encode, pairs)
         metrics.TOKENIZE_TIME.observe(time.perf_counter() - started)
         if len(encoded) != len(pairs):
             raise RuntimeError(f"encode returned {len(encoded)} items for {len(pairs)} pairs")
+        return encoded
+
+    async def score_encoded(
+        self, encoded: Sequence[EncodedPair], *, deadline: float | None = None
+    ) -> list[ScoredPair]:
+        """Scores pairs already tokenized (by `encode`, or kept from an earlier stage of a
+        ranking cascade); otherwise exactly `score`."""
+        if not self.accepting:
+            raise EngineStopped()
+        if not encoded:
+            return []
+        encoded = list(encoded)
+        config = self._config
+        deadline = self._deadline(deadline)
         tokens = sum(pair.length for pair in encoded)
         if tokens > config.max_queue_tokens:
             metrics.REQUESTS_REJECTED.labels(reason="too_large").inc()
@@ -522,6 +534,16 @@ class DynamicBatcher:
             raise
 
     # --- admission and queue bookkeeping --------------------------------------------------------
+
+    def _deadline(self, deadline: float | None) -> float | None:
+        """The request's deadline (now + `default_timeout_s` when it brings none); raises
+        DeadlineExceeded when it has passed."""
+        now = time.monotonic()
+        if deadline is None and self._config.default_timeout_s is not None:
+            deadline = now + self._config.default_timeout_s
+        if deadline is not None and deadline <= now:
+            raise DeadlineExceeded()
+        return deadline
 
     def _overload_retry_after(self, tokens: int, remaining: float | None = None) -> float | None:
         """None when a request of `tokens` tokens (with `remaining` seconds to its deadline) may

@@ -30,7 +30,7 @@ import numpy as np
 from service.engine.errors import ScorerError
 from service.engine.export_dir import ExportDir, ExportDirError
 from service.engine.onnx_runtime import OnnxScorer, cuda_available, usable_cores
-from service.engine.types import EncodedPair, Scorer, pad_batch
+from service.engine.types import Scorer
 from service.engine.warmup import WARMUP_SHAPES, synthetic_feeds
 
 logger = logging.getLogger(__name__)
@@ -196,10 +196,10 @@ class RefiningScorer:
 
     bf16 keeps 8 mantissa bits: a score moves by up to ~1e-3 of its scale, enough to swap two
     candidates whose fp32 scores are that close (on a random-head MiniLM, 3% of the benchmark's
-    candidate sets). `infer` runs the fast engine for everything; ranking code then calls
-    `refine` on each candidate set, which re-scores with the exact engine only the candidates
-    within `margin` of the best one (about 2% of pairs on the benchmark), so the winner and the
-    order of the leaders are those of fp32.
+    candidate sets). `infer` runs the fast engine for everything; the ranking cascade
+    (service/engine/cascade.py) then re-scores with the exact engine only the candidates within
+    `margin` of the best one (`near_top`; about 2% of pairs on the benchmark), so the winner and
+    the order of the leaders are those of fp32.
 
     Attributes:
         fast: the scorer `infer` uses (OpenVINO bf16).
@@ -239,27 +239,6 @@ class RefiningScorer:
             return np.empty(0, dtype=np.int64)
         close = np.flatnonzero(scores >= scores.max() - self.margin)
         return close if close.size > 1 else np.empty(0, dtype=np.int64)
-
-    def refine(self, encoded: Sequence[EncodedPair], scores: np.ndarray) -> np.ndarray:
-        """Re-scores the near-tied leaders of one candidate set with the exact engine.
-
-        Args:
-            encoded: the set's encoded pairs, in the order of `scores`.
-            scores: their fast scores.
-
-        Returns:
-            A copy of `scores` where the leaders' scores are exact (fp32).
-        """
-        out = np.array(scores, dtype=np.float32, copy=True)
-        leaders = self.near_top(out)
-        if leaders.size:
-            subset = [encoded[i] for i in leaders]
-            feeds = pad_batch(subset, self.pad_token_id, self.input_names)
-            exact = self.exact.infer(feeds)
-            if isinstance(self.exact, RefiningScorer):  # a chain: int8 -> bf16 -> fp32
-                exact = self.exact.refine(subset, exact)
-            out[leaders] = exact
-        return out
 
     def warmup(self) -> None:
         """Warms both engines (a chained exact one first, calibrating its own margin); unless a
