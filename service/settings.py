@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.engine.types import Device, Engine, Precision
+
 
 class Settings(BaseSettings):
     """Every knob of the service; the README's settings table lists the same names."""
@@ -29,15 +31,13 @@ class Settings(BaseSettings):
     model_name: str | None = Field(
         None, description="Name the API reports for the scorer (default: the model's name)."
     )
-    device: Literal["auto", "cuda", "cpu"] = Field(
-        "auto", description="auto: CUDA when ONNX Runtime sees a GPU, else CPU."
-    )
-    engine: Literal["auto", "onnxruntime", "openvino"] = Field(
+    device: Device = Field("auto", description="auto: CUDA when ONNX Runtime sees a GPU, else CPU.")
+    engine: Engine = Field(
         "auto",
         description="auto: ONNX Runtime CUDA on GPU; on CPU the fastest faithful engine "
         "(OpenVINO bf16 where the CPU has native bf16, else ONNX Runtime fp32).",
     )
-    precision: Literal["auto", "fp32", "fp16", "int8", "bf16"] = Field(
+    precision: Precision = Field(
         "auto",
         description="auto: fp16 on GPU, bf16 or fp32 on CPU (see engine). int8: on CPU, "
         "when the export has a calibrated OpenVINO int8 model (cappy export --int8-calibration), "

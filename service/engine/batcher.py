@@ -112,12 +112,14 @@ class BatcherConfig:
             too. 1 pads to the longest row only.
     """
 
+    # The defaults are the service's (service/settings.py), so that a batcher built without a
+    # config behaves as the served one.
     max_batch_tokens: int | None = None
     max_batch_size: int | None = None
-    max_wait_ms: float = 5.0
-    max_queue_tokens: int = 262144
+    max_wait_ms: float = 2.0
+    max_queue_tokens: int = 400_000
     max_queue_wait_s: float | None = 5.0
-    default_timeout_s: float | None = 30.0
+    default_timeout_s: float | None = 60.0
     padding_tolerance: float | None = None
     cross_request: bool = True
     pad_to_multiple: int = 8

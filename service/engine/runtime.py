@@ -15,9 +15,9 @@ from typing import Any
 from service.engine import cascade
 from service.engine.batcher import BatcherConfig, DynamicBatcher, ScoredPair
 from service.engine.export_dir import ExportDir
-from service.engine.scorer import Device, Engine, Precision, RefiningScorer, load_scorer
+from service.engine.scorer import RefiningScorer, load_scorer
 from service.engine.tokenize import PairTokenizer
-from service.engine.types import Scorer
+from service.engine.types import Device, Engine, Precision, Scorer
 
 logger = logging.getLogger(__name__)
 

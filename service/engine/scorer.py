@@ -23,21 +23,17 @@ import queue
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from service.engine.errors import ScorerError
 from service.engine.export_dir import ExportDir, ExportDirError
 from service.engine.onnx_runtime import OnnxScorer, cuda_available, usable_cores
-from service.engine.types import Scorer
+from service.engine.types import Device, Engine, Precision, Scorer
 from service.engine.warmup import WARMUP_SHAPES, synthetic_feeds
 
 logger = logging.getLogger(__name__)
-
-Device = Literal["auto", "cuda", "cpu"]
-Engine = Literal["auto", "onnxruntime", "openvino"]
-Precision = Literal["auto", "fp32", "fp16", "int8", "bf16"]
 
 
 # Compiled kernels OpenVINO keeps per input shape (an LRU; its default is 5,000). The batcher's

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
+
+# Where and how a scorer runs (settings, the runtime and load_scorer share these).
+Device = Literal["auto", "cuda", "cpu"]
+Engine = Literal["auto", "onnxruntime", "openvino"]
+Precision = Literal["auto", "fp32", "fp16", "int8", "bf16"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,3 +45,19 @@ def test_every_setting_is_in_the_readme() -> None:
         if f"`CAPPY_{name.upper()}`" not in text
     ]
     assert missing == []
+
+
+def test_batcher_defaults_are_the_services() -> None:
+    """A batcher built without a config behaves as the served one."""
+    from service.engine.batcher import BatcherConfig
+
+    settings, config = Settings(), BatcherConfig()
+    assert config.max_batch_tokens == settings.max_batch_tokens
+    assert config.max_batch_size == settings.max_batch_size
+    assert config.max_wait_ms == settings.max_wait_ms
+    assert config.max_queue_tokens == settings.max_queue_tokens
+    assert config.max_queue_wait_s == settings.max_queue_wait_s
+    assert config.default_timeout_s == settings.request_timeout_s
+    assert config.padding_tolerance == settings.padding_tolerance
+    assert config.pad_to_multiple == settings.pad_to_multiple
+    assert config.cross_request == settings.cross_request_batching
