@@ -1,0 +1,375 @@
+"""`cappy adapt data`, `cappy adapt train` and `cappy eval`: argument parsing, one-line errors and
+the summary each prints; the work is in adapt.data, adapt.train and adapt.evaluate. torch and
+transformers are imported only by `adapt train`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from adapt.errors import AdaptError
+
+API_KEY_ENV = "CAPPY_UPSTREAM_API_KEY"
+UPSTREAM_ENV = "CAPPY_UPSTREAM_BASE_URL"
+
+
+def _examples_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--split", default=None, help="keep only examples whose `split` is this (e.g. train, test)"
+    )
+    parser.add_argument(
+        "--task",
+        dest="tasks",
+        action="append",
+        default=None,
+        metavar="TASK",
+        help="keep only this task (repeatable; default: every task)",
+    )
+    parser.add_argument(
+        "--examples-per-task",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the first N examples of each task, in file order, after --split (default: all)",
+    )
+
+
+def _upstream_flags(parser: argparse.ArgumentParser, *, required_for: str) -> None:
+    parser.add_argument(
+        "--upstream",
+        default=os.environ.get(UPSTREAM_ENV),
+        metavar="URL",
+        help=f"OpenAI-compatible API root incl. version, e.g. http://127.0.0.1:8080/v1 "
+        f"(default: ${UPSTREAM_ENV}); {required_for}",
+    )
+    parser.add_argument(
+        "--model", default=None, help="upstream model name (default: the first it lists)"
+    )
+    parser.add_argument(
+        "--api-key-env",
+        default=API_KEY_ENV,
+        metavar="VAR",
+        help=f"environment variable holding the upstream API key (default: {API_KEY_ENV}); "
+        "never pass a key on the command line",
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=64, help="new tokens per sample (default: 64)"
+    )
+    parser.add_argument(
+        "--endpoint",
+        choices=("chat", "completions"),
+        default="chat",
+        help="chat: the instruction as one user message (default); completions: as the prompt",
+    )
+    parser.add_argument(
+        "--no-top-k",
+        dest="send_top_k",
+        action="store_false",
+        help="never send top_k (upstreams that refuse it, e.g. OpenAI): the top-k decoding then "
+        "samples without it, as the proxy does",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="upstream calls in flight (default: 1; llama.cpp's server runs one at a time)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds per call, retries included"
+    )
+    parser.add_argument(
+        "--max-failures",
+        type=int,
+        default=50,
+        help="stop after this many failed calls (default: 50); failed samples are asked again "
+        "on the next run",
+    )
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    adapt = subparsers.add_parser(
+        "adapt",
+        help="adapt the scorer to a downstream task: regression data, fine-tuning",
+        description="Adapt Cappy to your task (the paper's section 3.4): `adapt data` builds "
+        "regression data from your examples and the upstream LLM's own samples; `adapt train` "
+        "fine-tunes a scorer on it and exports it.",
+    )
+    steps = adapt.add_subparsers(dest="adapt_command", required=True, metavar="STEP")
+
+    data = steps.add_parser(
+        "data",
+        help="build regression data from examples and the LLM's samples",
+        description="Each example gives (instruction, reference) -> 1.0, (instruction, a "
+        "reference of another example of the same task) -> 0.0, and the LLM's samples -> "
+        "Rouge-L against the references; de-duplicated and shuffled. Every LLM answer is "
+        "cached as it arrives: an interrupted run resumes where it stopped.",
+    )
+    data.add_argument(
+        "--train",
+        type=Path,
+        required=True,
+        help='JSONL examples: {"instruction", "targets": [...], "task"?, "id"?, "split"?}',
+    )
+    data.add_argument("--out", type=Path, required=True, help="output directory")
+    _examples_flags(data)
+    data.add_argument(
+        "--samples-per-example",
+        type=int,
+        default=8,
+        metavar="N",
+        help="LLM samples per example, 0-17, taken round-robin over the paper's recipe "
+        "(default: 8; 0: no LLM, ground truth and mismatches only)",
+    )
+    data.add_argument(
+        "--no-mismatch", dest="mismatch", action="store_false", help="no mismatched pairs"
+    )
+    data.add_argument("--seed", type=int, default=0, help="seeds, mismatches, shuffle (default 0)")
+    data.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="the sample cache (default: OUT/samples.jsonl)",
+    )
+    _upstream_flags(data, required_for="required unless --samples-per-example 0")
+    data.add_argument("--quiet", action="store_true", help="no progress bars")
+    data.set_defaults(handler=_data)
+
+    train = steps.add_parser(
+        "train",
+        help="fine-tune a scorer on `adapt data` output and export it",
+        description="Fine-tune with Hugging Face's Trainer (MSE, AdamW, linear warm-up and "
+        "decay), then export and verify through model_export: OUT is a servable export "
+        "directory. Multi-GPU: run this under torchrun or accelerate launch.",
+    )
+    train.add_argument(
+        "--data", type=Path, required=True, help="`adapt data` output (or its pairs.jsonl)"
+    )
+    train.add_argument(
+        "--base",
+        required=True,
+        help="hub id (btan2/cappy-large), local checkpoint, or an encoder without a regression "
+        "head (one is added, num_labels=1)",
+    )
+    train.add_argument("--out", type=Path, required=True, help="export directory to create")
+    train.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="where the fine-tuned checkpoint goes (default: OUT.checkpoint)",
+    )
+    train.add_argument("--revision", default=None, help="hub revision of --base")
+    train.add_argument("--steps", type=int, default=400, help="optimiser steps (default: 400)")
+    train.add_argument(
+        "--lr", dest="learning_rate", type=float, default=2e-5, help="peak lr (default: 2e-5)"
+    )
+    train.add_argument(
+        "--warmup-ratio", type=float, default=0.1, help="linear warm-up share (default: 0.1)"
+    )
+    train.add_argument(
+        "--effective-batch",
+        type=int,
+        default=256,
+        help="pairs per optimiser step: micro-batch x accumulation x processes (default: 256)",
+    )
+    train.add_argument(
+        "--micro-batch", type=int, default=16, help="pairs per forward pass (default: 16)"
+    )
+    train.add_argument("--max-length", type=int, default=512, help="tokens per pair (default: 512)")
+    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW (default: 0)")
+    train.add_argument(
+        "--optim", default="adamw_torch", help="Trainer optimiser name (default: adamw_torch)"
+    )
+    train.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+    train.add_argument("--logging-steps", type=int, default=10, help="loss logged every N steps")
+    train.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPUs)")
+    train.add_argument(
+        "--no-group-by-length",
+        dest="group_by_length",
+        action="store_false",
+        help="plain shuffled batches (default: batches of similar lengths, less padding)",
+    )
+    train.add_argument(
+        "--fp16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="export model.fp16.onnx for GPU serving as well (default: on)",
+    )
+    train.add_argument("--int8", action="store_true", help="export model.int8.onnx as well")
+    train.add_argument(
+        "--parity",
+        choices=("gate", "record"),
+        default="gate",
+        help="the export's parity mode (default: gate)",
+    )
+    train.add_argument(
+        "--force", action="store_true", help="replace OUT and the checkpoint if they exist"
+    )
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(handler=_train)
+
+    evaluate = subparsers.add_parser(
+        "eval",
+        help="measure selection quality: Cappy vs self-scoring, greedy, nucleus, random, oracle",
+        description="For every example, 17 LLM samples with the paper's recipe (with token "
+        "log-probabilities, cached as they arrive), then the Rouge-L of the sample each method "
+        "picks, per task and overall; writes report.md, report.json, report.png. With "
+        "--samples CACHE and no --upstream, the LLM is not called.",
+    )
+    evaluate.add_argument("--data", type=Path, required=True, help="JSONL test examples")
+    evaluate.add_argument(
+        "--scorer", type=Path, default=None, help="export directory to evaluate (Cappy's picks)"
+    )
+    evaluate.add_argument(
+        "--samples",
+        type=Path,
+        default=None,
+        metavar="CACHE",
+        help="the sample cache (default: OUT/samples.jsonl); without --upstream, read only",
+    )
+    evaluate.add_argument(
+        "--out", type=Path, default=Path("cappy-eval"), help="report directory (cappy-eval)"
+    )
+    _examples_flags(evaluate)
+    evaluate.add_argument(
+        "--seed", type=int, default=0, help="call seeds and the random pick (default 0)"
+    )
+    _upstream_flags(evaluate, required_for="without it, every sample must be in the cache")
+    evaluate.add_argument(
+        "--engine",
+        choices=("onnxruntime", "openvino", "auto"),
+        default="onnxruntime",
+        help="scorer engine (default: onnxruntime fp32, the exact scores)",
+    )
+    evaluate.add_argument(
+        "--precision", default="fp32", help="scorer precision (default: fp32; auto, bf16, int8)"
+    )
+    evaluate.add_argument("--threads", type=int, default=None, help="scorer threads")
+    evaluate.add_argument(
+        "--allow-ungated", action="store_true", help="accept an export made with --parity record"
+    )
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    evaluate.set_defaults(handler=_eval)
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    return os.environ.get(args.api_key_env) or None
+
+
+def _data(args: argparse.Namespace) -> int:
+    from adapt.data import DataOptions, run
+
+    result = run(
+        DataOptions(
+            train=args.train,
+            out=args.out,
+            upstream=args.upstream,
+            model=args.model,
+            api_key=_api_key(args),
+            split=args.split,
+            tasks=args.tasks,
+            examples_per_task=args.examples_per_task,
+            samples_per_example=args.samples_per_example,
+            mismatch=args.mismatch,
+            max_tokens=args.max_tokens,
+            endpoint=args.endpoint,
+            send_top_k=args.send_top_k,
+            seed=args.seed,
+            concurrency=args.concurrency,
+            timeout_s=args.timeout,
+            max_failures=args.max_failures,
+            cache=args.cache,
+            progress=not args.quiet,
+        )
+    )
+    manifest = result.manifest
+    keys = ("examples", "pairs", "pairs_by_source", "samples", "cache")
+    print(json.dumps({"out": str(result.out), **{k: manifest[k] for k in keys}}))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    from adapt.train import TrainOptions, train
+
+    hf_logging.set_verbosity_error()
+    options = TrainOptions(
+        **{
+            name: getattr(args, name)
+            for name in TrainOptions.__dataclass_fields__
+            if name != "progress"
+        },
+        progress=not args.quiet,
+    )
+    result = train(options)
+    if result.out is None:  # not the main process of a distributed run
+        return 0
+    summary: dict[str, Any] = {
+        "out": str(result.out),
+        "checkpoint": str(result.checkpoint),
+        "first_loss": result.losses[0][1] if result.losses else None,
+        "last_loss": result.losses[-1][1] if result.losses else None,
+        "seconds": round(result.seconds, 1),
+        "verify": "ok",
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from adapt.evaluate import EvalOptions, run
+
+    result = run(
+        EvalOptions(
+            data=args.data,
+            out=args.out,
+            scorer=args.scorer,
+            samples=args.samples,
+            upstream=args.upstream,
+            model=args.model,
+            api_key=_api_key(args),
+            split=args.split,
+            tasks=args.tasks,
+            examples_per_task=args.examples_per_task,
+            max_tokens=args.max_tokens,
+            endpoint=args.endpoint,
+            send_top_k=args.send_top_k,
+            seed=args.seed,
+            concurrency=args.concurrency,
+            timeout_s=args.timeout,
+            max_failures=args.max_failures,
+            engine=args.engine,
+            precision=args.precision,
+            threads=args.threads,
+            allow_ungated=args.allow_ungated,
+            progress=not args.quiet,
+        )
+    )
+    print(result.markdown.read_text(), end="")
+    print(f"wrote {result.markdown}, {result.json}, {result.chart}", file=sys.stderr)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs `adapt data|train` or `eval`; AdaptError becomes a one-line message and exit 1."""
+    from model_export.errors import ExportError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args))
+    except (AdaptError, ExportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "error: interrupted; every LLM answer received is in the sample cache, re-run the "
+            "same command to resume",
+            file=sys.stderr,
+        )
+        return 130

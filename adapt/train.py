@@ -1,0 +1,333 @@
+"""`cappy adapt train`: fine-tune a scorer on the regression pairs of `cappy adapt data` with
+Hugging Face's Trainer (the paper's §3.4 recipe), then export and verify it through
+model_export, so that what comes out is a servable export directory.
+
+Recipe (every part a flag): MSE regression on the labels, AdamW, lr 2e-5, 10% linear warm-up then
+linear decay to 0, effective batch 256 (micro-batch x gradient accumulation x processes), 400
+optimiser steps, pairs truncated `longest_first` to 512 tokens, instruction first.
+
+`--base` is a hub id (`btan2/cappy-large`), a local checkpoint, or an encoder with no regression
+head: a `num_labels=1` head is added (a classification head of another size is replaced, with a
+warning). The fine-tuned checkpoint is saved next to the export (`OUT.checkpoint/`, with
+`cappy_adapt.json`: options, data, loss history), because the export's manifest names it as its
+source and `cappy verify` re-measures parity against it.
+
+Multi-GPU: the same command under `torchrun --nproc-per-node N -m cappy.cli adapt train ...` or
+`accelerate launch -m cappy.cli adapt train ...`; the Trainer runs DDP, the accumulation is
+divided by the number of processes, and only the main process exports.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapt.data import read_pairs
+from adapt.errors import AdaptError
+
+logger = logging.getLogger(__name__)
+
+ADAPT_RECORD = "cappy_adapt.json"
+
+
+@dataclass
+class TrainOptions:
+    """`cappy adapt train` options (see adapt.cli for each flag)."""
+
+    data: Path
+    base: str
+    out: Path
+    checkpoint: Path | None = None  # default: OUT.checkpoint next to OUT
+    revision: str | None = None
+    steps: int = 400
+    learning_rate: float = 2e-5
+    warmup_ratio: float = 0.1
+    effective_batch: int = 256
+    micro_batch: int = 16
+    max_length: int = 512
+    weight_decay: float = 0.0
+    optim: str = "adamw_torch"
+    seed: int = 0
+    logging_steps: int = 10
+    bf16: bool = False
+    group_by_length: bool = True
+    # export
+    fp16: bool = True
+    int8: bool = False
+    parity: str = "gate"
+    force: bool = False
+    progress: bool = True
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.checkpoint or self.out.with_name(self.out.name + ".checkpoint")
+
+
+@dataclass
+class TrainResult:
+    out: Path | None  # None on processes other than the main one
+    checkpoint: Path
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    export_manifest: dict[str, Any] | None = None
+    verify_lines: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def world_size() -> int:
+    """Processes training together (torchrun and accelerate set WORLD_SIZE)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def accumulation_steps(effective_batch: int, micro_batch: int, processes: int) -> int:
+    """Gradient accumulation that makes micro x processes x accumulation closest to the effective
+    batch (at least 1)."""
+    if effective_batch < 1 or micro_batch < 1:
+        raise AdaptError("--effective-batch and --micro-batch must be >= 1")
+    return max(1, round(effective_batch / (micro_batch * processes)))
+
+
+def _check_outputs(options: TrainOptions) -> None:
+    """Refuses before hours of training what the export would refuse after them."""
+    for path, flag in ((options.out, "--out"), (options.checkpoint_dir, "--checkpoint")):
+        if path.exists() and not options.force:
+            raise AdaptError(f"{flag} {path}: already exists (pass --force to replace it)")
+    parent = options.out.parent
+    if not parent.is_dir():
+        raise AdaptError(f"--out {options.out}: parent directory {parent} does not exist")
+
+
+def _load_base(options: TrainOptions) -> tuple[Any, Any, str]:
+    """(model, tokenizer, head): the base as a num_labels=1 regression model; head says whether
+    its regression head was `kept` or `added`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from model_export.source import hub_offline
+
+    base = options.base
+    kwargs: dict[str, Any] = {"revision": options.revision}
+    where = "is not a local directory, and " + (
+        "the hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache"
+        if hub_offline()
+        else "could not be loaded from the hub"
+    )
+    if Path(base).expanduser().exists():
+        base = str(Path(base).expanduser())
+        where = "cannot be loaded"
+    try:
+        config = AutoConfig.from_pretrained(base, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(base, use_fast=True, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AdaptError(f"--base {options.base}: {where} ({first})") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise AdaptError(f"--base {options.base}: has no fast tokenizer (tokenizer.json)")
+    architectures = list(getattr(config, "architectures", None) or [])
+    is_scorer = config.num_labels == 1 and any(
+        a.endswith("ForSequenceClassification") for a in architectures
+    )
+    head = "kept" if is_scorer else "added"
+    if not is_scorer and any(a.endswith("ForSequenceClassification") for a in architectures):
+        logger.warning(
+            "--base %s has a %d-label classification head; replacing it with a fresh "
+            "regression head (num_labels=1)",
+            options.base,
+            config.num_labels,
+        )
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base,
+        num_labels=1,
+        problem_type="regression",
+        ignore_mismatched_sizes=not is_scorer,
+        dtype=torch.float32,
+        **kwargs,
+    )
+    return model, tokenizer, head
+
+
+class _PairDataset:
+    """Tokenized pairs as a map-style dataset of feature dicts (what the collator pads)."""
+
+    def __init__(self, features: list[dict[str, Any]]):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.features[index]
+
+
+def tokenize_pairs(tokenizer: Any, pairs: list[Any], max_length: int) -> _PairDataset:
+    """Pairs -> features, instruction first, truncated longest_first as the service does."""
+    encoded = tokenizer(
+        [p.instruction for p in pairs],
+        [p.response for p in pairs],
+        truncation="longest_first",
+        max_length=max_length,
+    )
+    names = list(encoded.keys())
+    features = [
+        {**{name: encoded[name][i] for name in names}, "labels": float(pair.label)}
+        for i, pair in enumerate(pairs)
+    ]
+    return _PairDataset(features)
+
+
+def _training_arguments(options: TrainOptions, accumulation: int, scratch: Path) -> Any:
+    from transformers import TrainingArguments
+
+    params = inspect.signature(TrainingArguments.__init__).parameters
+    kwargs: dict[str, Any] = {
+        "output_dir": str(scratch),
+        "max_steps": options.steps,
+        "per_device_train_batch_size": options.micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "learning_rate": options.learning_rate,
+        # An integer step count, which every transformers version reads the same way.
+        "warmup_steps": math.ceil(options.steps * options.warmup_ratio),
+        "lr_scheduler_type": "linear",
+        "optim": options.optim,
+        "weight_decay": options.weight_decay,
+        "logging_steps": options.logging_steps,
+        "logging_first_step": True,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": options.seed,
+        "bf16": options.bf16,
+        "disable_tqdm": not options.progress,
+        "remove_unused_columns": False,
+    }
+    if options.group_by_length:
+        # Batches of similar lengths pad less (bigbench instructions run 25 to 1500 characters).
+        if "train_sampling_strategy" in params:
+            kwargs["train_sampling_strategy"] = "group_by_length"
+        elif "group_by_length" in params:
+            kwargs["group_by_length"] = True
+    return TrainingArguments(**kwargs)
+
+
+def train(options: TrainOptions) -> TrainResult:
+    """Fine-tunes, saves the checkpoint, exports and verifies; see the module docstring.
+
+    Raises:
+        AdaptError: bad input (data, base, outputs), or an export that fails verification.
+    """
+    started = time.perf_counter()
+    if options.steps < 1:
+        raise AdaptError("--steps must be >= 1")
+    if not 0 <= options.warmup_ratio < 1:
+        raise AdaptError("--warmup-ratio must be in [0, 1)")
+    processes = world_size()
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        _check_outputs(options)
+    pairs = read_pairs(options.data)
+    accumulation = accumulation_steps(options.effective_batch, options.micro_batch, processes)
+    effective = options.micro_batch * processes * accumulation
+    if effective != options.effective_batch:
+        logger.warning(
+            "effective batch %d (micro %d x %d processes x accumulation %d), not %d",
+            effective,
+            options.micro_batch,
+            processes,
+            accumulation,
+            options.effective_batch,
+        )
+
+    from transformers import DataCollatorWithPadding, Trainer
+
+    from model_export.source import max_length_for
+
+    model, tokenizer, head = _load_base(options)
+    limit = max_length_for(model.config, tokenizer)
+    max_length = min(options.max_length, limit)
+    if max_length < options.max_length:
+        logger.warning("--max-length %d: this model takes at most %d", options.max_length, limit)
+    dataset = tokenize_pairs(tokenizer, pairs, max_length)
+    checkpoint = options.checkpoint_dir
+    scratch = checkpoint.with_name(checkpoint.name + ".trainer")
+    trainer = Trainer(
+        model=model,
+        args=_training_arguments(options, accumulation, scratch),
+        train_dataset=dataset,
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
+    trainer.train()
+    losses = [
+        (int(entry["step"]), float(entry["loss"]))
+        for entry in trainer.state.log_history
+        if "loss" in entry
+    ]
+    if checkpoint.exists() and trainer.is_world_process_zero():
+        shutil.rmtree(checkpoint)
+    trainer.save_model(str(checkpoint))  # every process: FSDP/DeepSpeed gather the weights
+    result = TrainResult(out=None, checkpoint=checkpoint, losses=losses)
+    if not trainer.is_world_process_zero():
+        return result
+    shutil.rmtree(scratch, ignore_errors=True)
+    tokenizer.save_pretrained(str(checkpoint))
+    record = {
+        "base": options.base,
+        "head": head,
+        "data": str(options.data),
+        "pairs": len(pairs),
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
+        "max_length": max_length,
+        "processes": processes,
+        "gradient_accumulation_steps": accumulation,
+        "effective_batch": effective,
+        "epochs": trainer.state.epoch,
+        "losses": losses,
+        "train_seconds": round(time.perf_counter() - started, 1),
+    }
+    (checkpoint / ADAPT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    del trainer, model
+
+    result.out, result.export_manifest, result.verify_lines = export_checkpoint(
+        checkpoint, options, max_length
+    )
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def export_checkpoint(
+    checkpoint: Path, options: TrainOptions, max_length: int
+) -> tuple[Path, dict[str, Any], list[str]]:
+    """Exports the fine-tuned checkpoint to `options.out` and verifies it (re-measuring parity
+    against the checkpoint). Raises AdaptError when either fails."""
+    from model_export.errors import ExportError
+    from model_export.pipeline import ExportOptions, export, verify
+
+    try:
+        exported = export(
+            ExportOptions(
+                model=str(checkpoint),
+                out=options.out,
+                fp16=options.fp16,
+                int8=options.int8,
+                max_length=max_length,
+                force=options.force,
+                progress=options.progress,
+                parity=options.parity,
+            )
+        )
+    except ExportError as exc:
+        raise AdaptError(
+            f"export of the fine-tuned checkpoint {checkpoint} failed: {exc}"
+        ) from None
+    report = verify(exported.out, remeasure=True, progress=False)
+    if not report.ok:
+        raise AdaptError(f"{exported.out}: verification failed: {'; '.join(report.problems)}")
+    return exported.out, exported.manifest, report.lines
