@@ -299,6 +299,8 @@ def _train(args: argparse.Namespace) -> int:
     from adapt.train import TrainOptions, train
 
     hf_logging.set_verbosity_error()
+    if args.quiet:
+        hf_logging.disable_progress_bar()
     options = TrainOptions(
         **{
             name: getattr(args, name)

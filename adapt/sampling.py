@@ -53,7 +53,9 @@ class SamplingConfig:
             decoding then samples without it, as the proxy does).
         seed: the base every call's seed is derived from.
         recipe: the decodings sampled, in order (each up to its count).
-        samples_per_example: how many samples each example gets (see `plan_decodings`).
+        samples_per_example: how many samples each example gets (see `plan_decodings`). Not
+            part of the cache header: a sample's key does not depend on it, so a cache made
+            with fewer samples per example is extended, not refused, by a run asking for more.
     """
 
     model: str
@@ -75,13 +77,14 @@ class SamplingConfig:
             "send_top_k": self.send_top_k,
             "seed": self.seed,
             "recipe": self.recipe.to_list(),
-            "samples_per_example": self.samples_per_example,
         }
 
     @classmethod
     def from_header(cls, config: dict[str, Any]) -> SamplingConfig:
-        """The configuration a cache was made with (for evaluating from a cache alone)."""
+        """The configuration a cache was made with, planning the whole recipe per example (for
+        evaluating from a cache alone)."""
         try:
+            recipe = Recipe.from_spec(config["recipe"], max_samples=10_000, where="recipe")
             return cls(
                 model=str(config["model"]),
                 endpoint=config["endpoint"],
@@ -89,8 +92,8 @@ class SamplingConfig:
                 logprobs=bool(config["logprobs"]),
                 send_top_k=bool(config["send_top_k"]),
                 seed=int(config["seed"]),
-                recipe=Recipe.from_spec(config["recipe"], max_samples=10_000, where="recipe"),
-                samples_per_example=int(config["samples_per_example"]),
+                recipe=recipe,
+                samples_per_example=recipe.total,
             )
         except (KeyError, TypeError, ValueError, RecipeError) as exc:
             raise AdaptError(f"sample cache header is incomplete or invalid ({exc})") from None
