@@ -1,21 +1,21 @@
-"""The dynamic batcher: it owns the queue of tokenized pairs, forms model batches under a token
-budget, runs the model in worker threads, and answers each request in the caller's order.
+"""The dynamic batcher: admission, the consumer that turns the queue into model batches, the
+worker threads, and the answer of each request in the caller's order. The queue itself and the
+forming of a batch are plain, synchronous code in queue.py.
 
 How a request travels:
 
-1. `score()` tokenizes the request's pairs off the event loop, refuses it at once when the queue
-   is full (`Overloaded`), and queues one item per pair.
-2. One consumer task forms batches. A batch is seeded by the oldest queued item (so nothing
-   starves) and grown greedily with the queued items that add the least padding, taken from
-   length buckets next to the seed's, while rows x width (the longest row rounded up to
-   `pad_to_multiple`) stays within `max_batch_tokens`, rows within `max_batch_size`, and no item
-   would cost more than `padding_tolerance` padding tokens per real token. Items whose request
-   was cancelled or whose deadline passed are dropped here, before they reach the model.
+1. `score()` tokenizes the request's pairs off the event loop (`encode`); `score_encoded()`
+   refuses it at once when the queue is full or its expected wait too long (`Overloaded`), or
+   when it alone would outlast its deadline (`RequestTooLarge`), and queues one item per pair.
+2. One consumer task takes batches from the queue (`PairQueue.take_batch`: the oldest pair plus
+   the neighbours in length that add the least padding, within the budget). Items whose request
+   was cancelled or whose deadline passed are dropped there, before they reach the model.
 3. The padded batch runs in a worker thread (the engines release the GIL): one thread per batch
-   the scorer can run at once (`parallelism`: OpenVINO streams on CPU, 1 for ONNX Runtime). While
-   they run, the consumer pads and queues the next batch as soon as a full one is waiting, so the
-   model never waits on the event loop; a partial batch instead keeps filling until a stream is
-   free. At most `parallelism` batches run and one more waits behind them.
+   the scorer can run at once (`parallelism`: OpenVINO streams on CPU, ONNX Runtime sessions on
+   CUDA, 1 for ONNX Runtime on CPU). While they run, the consumer pads and queues the next batch
+   as soon as a full one is waiting, so the model never waits on the event loop; a partial batch
+   instead keeps filling until a stream is free. At most `parallelism` batches run and one more
+   waits behind them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import logging
 import math
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -42,24 +41,19 @@ from service.engine.errors import (
     Overloaded,
     RequestTooLarge,
 )
-from service.engine.types import EncodedPair, Scorer, pad_batch, padded_width
+from service.engine.queue import Item, PairQueue, QueuedRequest
+from service.engine.types import EncodedPair, Scorer, pad_batch
 
 logger = logging.getLogger(__name__)
 
 Encoder = Callable[[Sequence[tuple[str, str]]], list[EncodedPair]]
 _T = TypeVar("_T")
 
-# Width of a length bucket in tokens: 64 buckets cover a 512-token model.
-_BUCKET_WIDTH = 8
-# Stale queue entries (taken or abandoned items not yet swept) tolerated before a full sweep.
-_STALE_SLACK = 4096
 # Weight of the newest batch in the pace averages behind admission and Retry-After.
 _THROUGHPUT_ALPHA = 0.2
 _RETRY_AFTER_MIN_S = 0.1
 _RETRY_AFTER_MAX_S = 60.0
 _RETRY_AFTER_UNKNOWN_S = 1.0
-# Bucket steps of the three candidate sources of a batch: the seed's bucket, below, above.
-_SOURCE_STEPS = (0, -1, 1)
 # Padding tolerance on CPU when none is configured: measured best on the MiniLM benchmark
 # (README, Benchmarks: 0.1 against 0.25 and 0.5 at concurrency 32, and at concurrency 1).
 CPU_PADDING_TOLERANCE = 0.1
@@ -173,20 +167,10 @@ class BatcherStats:
     tokens_per_second: float | None
 
 
-class _Request:
-    """One `score()` call: its future, its results so far, and its share of the queue."""
+class _Request(QueuedRequest):
+    """One `score()` call: its share of the queue, its future and its results so far."""
 
-    __slots__ = (
-        "deadline",
-        "done",
-        "encoded",
-        "future",
-        "items",
-        "queued_pairs",
-        "queued_tokens",
-        "remaining",
-        "scores",
-    )
+    __slots__ = ("future", "remaining", "scores")
 
     def __init__(
         self,
@@ -195,32 +179,10 @@ class _Request:
         tokens: int,
         deadline: float | None,
     ) -> None:
+        super().__init__(encoded, tokens, deadline)
         self.future = future
-        self.encoded = encoded
         self.scores = [0.0] * len(encoded)
         self.remaining = len(encoded)
-        self.queued_pairs = len(encoded)
-        self.queued_tokens = tokens
-        self.deadline = deadline
-        self.items: list[_Item] = []  # its queued items, shortest first (per-request batching)
-        # Answered, failed or abandoned: its queued items are stale and its results unwanted.
-        self.done = False
-
-
-class _Item:
-    """One queued pair."""
-
-    __slots__ = ("arrival", "encoded", "index", "length", "request", "taken")
-
-    def __init__(
-        self, request: _Request, index: int, encoded: EncodedPair, length: int, arrival: float
-    ) -> None:
-        self.request = request
-        self.index = index
-        self.encoded = encoded
-        self.length = length
-        self.arrival = arrival
-        self.taken = False
 
 
 class _Batch:
@@ -229,15 +191,17 @@ class _Batch:
     __slots__ = ("future", "items", "real_tokens")
 
     def __init__(
-        self, items: list[_Item], future: asyncio.Future[tuple[np.ndarray, float, float]], real: int
+        self, items: list[Item], future: asyncio.Future[tuple[np.ndarray, float, float]], real: int
     ) -> None:
         self.items = items
         self.future = future
         self.real_tokens = real
 
 
-def _bucket(length: int) -> int:
-    return max(length - 1, 0) // _BUCKET_WIDTH
+def _owner(item: Item) -> _Request:
+    request = item.request
+    assert isinstance(request, _Request)  # the only kind a batcher queues
+    return request
 
 
 def _padding_tolerance(configured: float | None, scorer: Scorer) -> float:
@@ -289,18 +253,18 @@ class DynamicBatcher:
         assert self._config.max_batch_tokens is not None and self._config.max_batch_size is not None
         self.max_batch_tokens: int = self._config.max_batch_tokens
         self.max_batch_size: int = self._config.max_batch_size
-        self._max_length = max_length
         # Batches the scorer can run at once (OpenVINO streams); one worker thread each.
         self._workers = max(1, int(getattr(scorer, "parallelism", 1)))
         self.padding_tolerance = _padding_tolerance(self._config.padding_tolerance, scorer)
-        # Every queued item in arrival order (finds the oldest), and the same items by length
-        # bucket, each bucket in arrival order (finds similar lengths). Taken and abandoned items
-        # are removed lazily when they reach the head, or by a sweep when too many pile up.
-        self._fifo: deque[_Item] = deque()
-        self._buckets: list[deque[_Item]] = []
-        self._bucket_entries = 0
-        self._queue_pairs = 0
-        self._queue_tokens = 0
+        self._queue = PairQueue(
+            max_batch_tokens=self.max_batch_tokens,
+            max_batch_size=self.max_batch_size,
+            padding_tolerance=self.padding_tolerance,
+            pad_to_multiple=self._config.pad_to_multiple,
+            max_length=max_length,
+            cross_request=self._config.cross_request,
+            expire=self._expire,
+        )
         self._requests: set[_Request] = set()
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -336,12 +300,12 @@ class DynamicBatcher:
     @property
     def queue_pairs(self) -> int:
         """Pairs waiting for a batch."""
-        return self._queue_pairs
+        return self._queue.pairs
 
     @property
     def queue_tokens(self) -> int:
         """Real tokens waiting for a batch."""
-        return self._queue_tokens
+        return self._queue.tokens
 
     def is_overloaded(self) -> bool:
         """Whether the queue is full, or its expected wait too long, so that any new request
@@ -354,7 +318,7 @@ class DynamicBatcher:
         rate = self._tokens_per_second()
         if not rate:
             return None
-        return (self._queue_tokens if tokens is None else tokens) / rate
+        return (self._queue.tokens if tokens is None else tokens) / rate
 
     def _tokens_per_second(self) -> float | None:
         if self._pace_seconds <= 0:
@@ -366,8 +330,8 @@ class DynamicBatcher:
         return BatcherStats(
             alive=self.alive,
             accepting=self.accepting,
-            queue_pairs=self._queue_pairs,
-            queue_tokens=self._queue_tokens,
+            queue_pairs=self._queue.pairs,
+            queue_tokens=self._queue.tokens,
             pending_requests=len(self._requests),
             batches_in_flight=self._in_flight,
             batches_run=self._batches_run,
@@ -411,7 +375,7 @@ class DynamicBatcher:
                     logger.warning(
                         "the batcher did not drain within %.1f s; failing %d queued pairs",
                         timeout,
-                        self._queue_pairs,
+                        self._queue.pairs,
                     )
             if not task.done():
                 task.cancel()
@@ -523,7 +487,8 @@ class DynamicBatcher:
 
         request = _Request(asyncio.get_running_loop().create_future(), encoded, tokens, deadline)
         self._requests.add(request)
-        self._enqueue(request, now)
+        self._queue.add(request, now)
+        self._set_queue_gauges()
         self._notify()
         try:
             async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
@@ -552,7 +517,7 @@ class DynamicBatcher:
         be queued now; else the seconds until the queue will have drained enough for it, by the
         model's recent pace (`_RETRY_AFTER_UNKNOWN_S` before any batch ran)."""
         config = self._config
-        queued = self._queue_tokens
+        queued = self._queue.tokens
         # Any request brings at least one token: a full queue refuses before tokenizing.
         over_cap = queued + max(tokens, 1) - config.max_queue_tokens
         wait = self.expected_wait()
@@ -577,25 +542,6 @@ class DynamicBatcher:
         metrics.REQUESTS_REJECTED.labels(reason="overloaded").inc()
         return Overloaded(retry_after)
 
-    def _enqueue(self, request: _Request, now: float) -> None:
-        buckets = self._buckets
-        fifo = self._fifo
-        for index, pair in enumerate(request.encoded):
-            length = pair.length
-            item = _Item(request, index, pair, length, now)
-            bucket = _bucket(length)
-            while bucket >= len(buckets):
-                buckets.append(deque())
-            buckets[bucket].append(item)
-            fifo.append(item)
-            request.items.append(item)
-        if not self._config.cross_request:
-            request.items.sort(key=lambda item: item.length)
-        self._bucket_entries += len(request.encoded)
-        self._queue_pairs += request.queued_pairs
-        self._queue_tokens += request.queued_tokens
-        self._set_queue_gauges()
-
     def _abandon(self, request: _Request, reason: str, error: EngineError | None = None) -> None:
         """Ends a request that will not be answered with scores: its queued items become stale
         (skipped before the model) and `error`, if any, is raised to its caller."""
@@ -603,45 +549,26 @@ class DynamicBatcher:
             return
         request.done = True
         self._requests.discard(request)
-        if request.queued_pairs:
-            metrics.PAIRS_DROPPED.labels(reason=reason).inc(request.queued_pairs)
-            self._queue_pairs -= request.queued_pairs
-            self._queue_tokens -= request.queued_tokens
-            request.queued_pairs = request.queued_tokens = 0
+        dropped = self._queue.forget(request)
+        if dropped:
+            metrics.PAIRS_DROPPED.labels(reason=reason).inc(dropped)
             self._set_queue_gauges()
         if error is not None and not request.future.done():
             request.future.set_exception(error)
 
+    def _expire(self, request: QueuedRequest) -> None:
+        assert isinstance(request, _Request)  # the only kind this batcher queues
+        self._abandon(request, "deadline", DeadlineExceeded())
+
     def _fail_all(self) -> None:
         for request in list(self._requests):
             self._abandon(request, "stopped", EngineStopped())
-        self._clear_queue()
-
-    def _clear_queue(self) -> None:
-        self._fifo.clear()
-        for bucket in self._buckets:
-            bucket.clear()
-        self._bucket_entries = 0
-
-    def _sweep_if_stale(self) -> None:
-        """Drops stale entries once they outnumber live ones (amortized O(1) per item); lazy
-        removal alone would keep abandoned items forever in buckets that are rarely visited."""
-        limit = 2 * self._queue_pairs + _STALE_SLACK
-        if len(self._fifo) <= limit and self._bucket_entries <= limit:
-            return
-
-        def live(item: _Item) -> bool:
-            return not item.taken and not item.request.done
-
-        self._fifo = deque(filter(live, self._fifo))
-        for index, bucket in enumerate(self._buckets):
-            self._buckets[index] = deque(filter(live, bucket))
-        self._bucket_entries = sum(len(bucket) for bucket in self._buckets)
+        self._queue.clear()
 
     def _set_queue_gauges(self) -> None:
         # The gauges cover every running batcher of the process (one per scoring stage).
-        metrics.QUEUE_PAIRS.set(sum(b._queue_pairs for b in _RUNNING))
-        metrics.QUEUE_TOKENS.set(sum(b._queue_tokens for b in _RUNNING))
+        metrics.QUEUE_PAIRS.set(sum(b._queue.pairs for b in _RUNNING))
+        metrics.QUEUE_TOKENS.set(sum(b._queue.tokens for b in _RUNNING))
 
     def _notify(self) -> None:
         waiter = self._waiter
@@ -670,9 +597,9 @@ class DynamicBatcher:
             for finished in [b for b in in_flight if b.future.done()]:
                 in_flight.remove(finished)
                 self._complete(finished)
-            if self._queue_pairs == 0:
-                if self._fifo or self._bucket_entries:
-                    self._clear_queue()  # only stale entries left
+            if self._queue.pairs == 0:
+                if self._queue.has_stale():
+                    self._queue.clear()  # only stale entries left
                 if self._draining and not in_flight:
                     return
                 await self._wait(in_flight, None)
@@ -682,24 +609,25 @@ class DynamicBatcher:
                 continue
             now = time.monotonic()
             full = (
-                self._queue_pairs >= self.max_batch_size
-                or self._queue_tokens >= self.max_batch_tokens
+                self._queue.pairs >= self.max_batch_size
+                or self._queue.tokens >= self.max_batch_tokens
             )
             if not full and not self._draining:
                 if len(in_flight) >= workers:
                     # The model is busy: let the partial batch keep filling until it is free.
                     await self._wait(in_flight, None)
                     continue
-                oldest = self._peek_oldest(now)
+                oldest = self._queue.oldest(now)
                 if oldest is None:
                     continue  # everything queued had expired
                 launch_at = oldest.arrival + max_wait
                 if now < launch_at:
                     await self._wait(in_flight, launch_at - now)
                     continue
-            items = self._take_batch(now)
+            items = self._queue.take_batch(now)
+            self._set_queue_gauges()
             if not items:
-                if self._queue_pairs:
+                if self._queue.pairs:
                     raise RuntimeError(
                         "queue bookkeeping is inconsistent: pairs counted, none queued"
                     )
@@ -720,149 +648,10 @@ class DynamicBatcher:
         finally:
             self._waiter = None
 
-    def _is_expired(self, item: _Item, now: float) -> bool:
-        deadline = item.request.deadline
-        if deadline is not None and deadline <= now:
-            self._abandon(item.request, "deadline", DeadlineExceeded())
-            return True
-        return False
-
-    def _peek_oldest(self, now: float) -> _Item | None:
-        fifo = self._fifo
-        while fifo:
-            item = fifo[0]
-            if item.taken or item.request.done or self._is_expired(item, now):
-                fifo.popleft()
-                continue
-            return item
-        return None
-
-    def _head(self, bucket: int, now: float) -> _Item | None:
-        """The oldest live item of a bucket, dropping stale and expired ones before it."""
-        queue = self._buckets[bucket]
-        while queue:
-            item = queue[0]
-            if item.taken or item.request.done or self._is_expired(item, now):
-                queue.popleft()
-                self._bucket_entries -= 1
-                continue
-            return item
-        return None
-
-    def _width(self, length: int) -> int:
-        """The batch width a row of `length` tokens needs (`pad_to_multiple` steps)."""
-        return padded_width(length, self._config.pad_to_multiple, self._max_length)
-
-    def _take(self, item: _Item) -> None:
-        item.taken = True
-        request = item.request
-        request.queued_pairs -= 1
-        request.queued_tokens -= item.length
-        self._queue_pairs -= 1
-        self._queue_tokens -= item.length
-
-    def _scan(self, cursors: list[int], source: int, now: float) -> _Item | None:
-        """The next live item of a candidate source, moving its bucket cursor away from the
-        seed's bucket past empty buckets (source 0, the seed's own bucket, never moves)."""
-        step = _SOURCE_STEPS[source]
-        bucket = cursors[source]
-        n_buckets = len(self._buckets)
-        while 0 <= bucket < n_buckets:
-            item = self._head(bucket, now)
-            if item is not None or step == 0:
-                cursors[source] = bucket
-                return item
-            bucket += step
-        return None
-
-    def _take_batch(self, now: float) -> list[_Item] | None:
-        """Removes the next batch from the queue: the oldest item plus the neighbours in length
-        that add the least padding, within the budget and the padding tolerance.
-
-        Candidates come from three sources: the seed's own bucket, the nearest non-empty bucket
-        below it and the nearest above, each in arrival order. A source whose next item is
-        unacceptable is closed, since the items behind it (further away in length) would be
-        worse. Cost per batch: O(rows + buckets), whatever the depth of the queue.
-        """
-        self._sweep_if_stale()
-        seed = self._peek_oldest(now)
-        if seed is None:
-            return None
-        config = self._config
-        budget = self.max_batch_tokens
-        max_rows = self.max_batch_size
-        tolerance = self.padding_tolerance
-        self._fifo.popleft()
-        if not config.cross_request:
-            return self._take_from_request(seed)
-        self._take(seed)
-        items = [seed]
-        width = self._width(seed.length)
-        home = _bucket(seed.length)
-        cursors = [home, home - 1, home + 1]
-        heads = [self._scan(cursors, source, now) for source in range(3)]
-        while len(items) < max_rows:
-            rows = len(items)
-            if (rows + 1) * width > budget:
-                break  # not even an item as long as the widest fits any more
-            best: _Item | None = None
-            best_source = -1
-            best_cost = 0
-            for source, candidate in enumerate(heads):
-                if candidate is None:
-                    continue
-                length = self._width(candidate.length)
-                # Padding added: the candidate's own, or widening every row already in (rows of
-                # the same `pad_to_multiple` step add none: every row pays its own step anyway).
-                cost = width - length if length <= width else rows * (length - width)
-                if (
-                    best is None
-                    or cost < best_cost
-                    or (cost == best_cost and candidate.arrival < best.arrival)
-                ):
-                    best, best_source, best_cost = candidate, source, cost
-            if best is None:
-                break
-            length = best.length
-            new_width = max(width, self._width(length))
-            if (rows + 1) * new_width > budget or best_cost > tolerance * length:
-                heads[best_source] = None
-                continue
-            self._buckets[cursors[best_source]].popleft()
-            self._bucket_entries -= 1
-            self._take(best)
-            items.append(best)
-            width = new_width
-            heads[best_source] = self._scan(cursors, best_source, now)
-        self._set_queue_gauges()
-        return items
-
-    def _take_from_request(self, seed: _Item) -> list[_Item]:
-        """Per-request batching: the seed (the oldest pair, already off the FIFO) plus its
-        request's other queued pairs, shortest first, within the budget. Taken items stay in
-        the FIFO and the buckets, where they are skipped as stale later."""
-        self._take(seed)
-        items = [seed]
-        width = self._width(seed.length)
-        for item in seed.request.items:
-            if item.taken:
-                continue
-            new_width = max(width, self._width(item.length))
-            if (
-                len(items) >= self.max_batch_size
-                or (len(items) + 1) * new_width > self.max_batch_tokens
-            ):
-                break
-            self._take(item)
-            items.append(item)
-            width = new_width
-        self._set_queue_gauges()
-        return items
-
-    def _submit(self, items: list[_Item]) -> _Batch | None:
+    def _submit(self, items: list[Item]) -> _Batch | None:
         """Pads a batch and queues it on the worker threads; None if padding failed."""
         rows = len(items)
-        width = self._width(max(item.length for item in items))
+        width = self._queue.width(max(item.length for item in items))
         try:
             feeds = pad_batch(
                 [item.encoded for item in items],
@@ -925,7 +714,7 @@ class DynamicBatcher:
         queue_time = metrics.QUEUE_TIME
         for item, value in zip(items, values.tolist(), strict=True):
             queue_time.observe(started - item.arrival)
-            request = item.request
+            request = _owner(item)
             if item.encoded.truncated:
                 truncated += 1
             if request.done:
@@ -959,10 +748,10 @@ class DynamicBatcher:
                 ]
             )
 
-    def _fail_batch(self, items: list[_Item], cause: BaseException) -> None:
+    def _fail_batch(self, items: list[Item], cause: BaseException) -> None:
         """Fails the requests of a batch the model could not score; the batcher keeps going."""
         logger.error("model inference failed on a batch of %d pairs", len(items), exc_info=cause)
-        for request in dict.fromkeys(item.request for item in items):
+        for request in dict.fromkeys(_owner(item) for item in items):
             if not request.done:
                 error = InferenceFailed()
                 error.__cause__ = cause

@@ -484,9 +484,9 @@ async def test_consumer_drops_items_whose_deadline_passed_while_queued() -> None
         first = await hold_model(batcher, scorer)
         late = await queue_request(batcher, [pair(9, marker=996)], deadline=time.monotonic() + 5)
         ok = await queue_request(batcher, [pair(9)])
-        for item in list(batcher._fifo):  # the deadline passes without the loop seeing a timer
-            item.request.deadline = time.monotonic() - 1
-            break
+        queued = batcher._queue.oldest(time.monotonic())  # late's pair, behind the held one
+        assert queued is not None
+        queued.request.deadline = time.monotonic() - 1  # passes without the loop seeing a timer
         scorer.release()
         await first
         with pytest.raises(DeadlineExceeded):
@@ -682,7 +682,7 @@ async def test_dead_consumer_fails_pending_and_new_requests(
         def broken(_now: float) -> None:
             raise RuntimeError("consumer bug")
 
-        monkeypatch.setattr(batcher, "_take_batch", broken)
+        monkeypatch.setattr(batcher._queue, "take_batch", broken)
         with pytest.raises(EngineStopped):
             await batcher.score([pair(6)])
         assert not batcher.alive
