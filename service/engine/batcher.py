@@ -529,6 +529,11 @@ class DynamicBatcher:
             excess.append(self.expected_wait(over_cap) or 0.0)
         if config.max_queue_wait_s is not None:
             excess.append(wait - config.max_queue_wait_s)
+            # The estimate's check: the oldest queued pair has waited longer than the limit (the
+            # pace fell, e.g. a busy host), so the queue drains slower than it says.
+            oldest = self._queue.oldest(time.monotonic())
+            if oldest is not None:
+                excess.append(time.monotonic() - oldest.arrival - config.max_queue_wait_s)
         if remaining is not None:
             # Behind this queue it would miss its deadline: refused now, not a 504 later.
             excess.append(wait + (self.expected_wait(tokens) or 0.0) - remaining)

@@ -541,6 +541,27 @@ async def test_admission_is_bounded_by_the_expected_wait_not_by_request_size() -
         assert len(await batcher.score(big)) == len(big)
 
 
+async def test_a_queue_older_than_the_wait_limit_refuses_whatever_the_estimate() -> None:
+    """When the model slows down (a busy host), the pace lags: the age of the oldest queued
+    pair is the check on the estimate."""
+    scorer = PacedScorer(seconds_per_token=0.0001)  # a fast pace first
+    async with running(scorer, max_wait_ms=0, max_queue_wait_s=0.2) as batcher:
+        await batcher.score([pair(10)] * 10)
+        first = await hold_model(batcher, scorer)  # then the model stalls
+        queued = await queue_request(batcher, [pair(10)])
+        wait = batcher.expected_wait()
+        assert wait is not None and wait < 0.05  # the estimate still says "no wait"
+        assert not batcher.is_overloaded()
+        await asyncio.sleep(0.3)  # ... but that pair has now waited past the limit
+        assert batcher.is_overloaded()
+        with pytest.raises(Overloaded) as refused:
+            await batcher.score([pair(10)])
+        assert refused.value.retry_after >= 0.1
+        scorer.release()
+        await asyncio.gather(first, queued)
+        assert not batcher.is_overloaded()
+
+
 async def test_a_request_that_would_miss_its_deadline_behind_the_queue_is_refused_at_once() -> None:
     scorer = PacedScorer(seconds_per_token=0.001)
     async with running(scorer, max_wait_ms=0, max_queue_wait_s=10.0) as batcher:
