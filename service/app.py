@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI
 
-from service.deps import require_api_key
+from service.deps import ProxyState, require_api_key
 from service.engine.batcher import BatcherConfig
 from service.engine.runtime import RuntimeConfig, ScoringRuntime
 from service.errors import register_exception_handlers
@@ -66,7 +66,7 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
     )
 
 
-def proxy_state(settings: Settings, runtime: ScoringRuntime) -> proxy.ProxyState | None:
+def proxy_state(settings: Settings, runtime: ScoringRuntime) -> ProxyState | None:
     """The best-of-N proxy over one shared upstream client, or None without an upstream.
 
     Raises:
@@ -86,22 +86,17 @@ def proxy_state(settings: Settings, runtime: ScoringRuntime) -> proxy.ProxyState
             max_attempts=settings.upstream_max_attempts,
         )
     )
-
-    async def score(instruction: str, texts: list[str]) -> list[float]:
-        # The same batcher as /select: proxy traffic batches with everything else.
-        results = await runtime.rank(instruction, texts)
-        return [r.score for r in results]
-
+    # Ranked by the runtime, as /select is: proxy traffic batches with everything else.
     best_of_n = BestOfN(
         client,
-        score,
+        runtime.rank,
         ProxyConfig(
             n_support=settings.upstream_n_support,
             top_k_support=settings.upstream_top_k_support,
             timeout_s=settings.proxy_timeout_s,
         ),
     )
-    return proxy.ProxyState(client=client, best_of_n=best_of_n, recipe=recipe)
+    return ProxyState(client=client, best_of_n=best_of_n, recipe=recipe)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -1,9 +1,11 @@
-"""Typed accessors for what routes need (settings, the scoring runtime) and the API-key check."""
+"""Typed accessors for what routes need (settings, the scoring runtime, the proxy) and the
+API-key check."""
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -12,6 +14,19 @@ from service.engine.runtime import ScoringRuntime
 from service.errors import ApiError, not_ready
 from service.metrics import REQUESTS_REJECTED
 from service.settings import Settings
+from service.upstream.best_of_n import BestOfN
+from service.upstream.client import UpstreamClient
+from service.upstream.recipe import Recipe
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyState:
+    """The best-of-N proxy, built by the app when CAPPY_UPSTREAM_BASE_URL is set: one upstream
+    client, one `BestOfN` over it, the configured recipe."""
+
+    client: UpstreamClient
+    best_of_n: BestOfN
+    recipe: Recipe
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -34,9 +49,31 @@ def get_ready_runtime(runtime: Annotated[ScoringRuntime, Depends(get_runtime)]) 
     raise not_ready("The scorer is not available.")
 
 
+def get_optional_proxy(request: Request) -> ProxyState | None:
+    """The proxy, or None when no upstream is configured."""
+    proxy: ProxyState | None = request.app.state.proxy
+    return proxy
+
+
+def get_proxy(
+    proxy: Annotated[ProxyState | None, Depends(get_optional_proxy)],
+) -> ProxyState:
+    """The proxy, or 404 when no upstream is configured."""
+    if proxy is None:
+        raise ApiError(
+            404,
+            "The proxy is not configured: set CAPPY_UPSTREAM_BASE_URL.",
+            type="not_found_error",
+            code="proxy_not_configured",
+        )
+    return proxy
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 RuntimeDep = Annotated[ScoringRuntime, Depends(get_runtime)]
 ReadyRuntimeDep = Annotated[ScoringRuntime, Depends(get_ready_runtime)]
+ProxyDep = Annotated[ProxyState, Depends(get_proxy)]
+OptionalProxyDep = Annotated[ProxyState | None, Depends(get_optional_proxy)]
 
 
 def check_api_key(authorization: str, keys: Sequence[str]) -> None:

@@ -1,11 +1,12 @@
-"""HTTP errors: the API's own error type and every exception handler, registered in layers from
-one function: framework errors, then domain errors (engine, upstream), then a generic 500 that
-never echoes the exception."""
+"""HTTP errors: the API's own error type, the one builder of the error envelope, and every
+exception handler, registered in layers from one function: framework errors, then domain errors
+(engine, upstream), then a generic 500 that never echoes the exception."""
 
 from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -47,12 +48,14 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+def envelope(error: ApiError) -> dict[str, Any]:
+    """OpenAI's error envelope, `{"error": {"message", "type", "param", "code"}}`: the one place
+    it is built (responses, in-stream error events, middleware answers)."""
+    return ErrorResponse(error=error.body).model_dump()
+
+
 def error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(
-        ErrorResponse(error=error.body).model_dump(),
-        status_code=error.status,
-        headers=error.headers,
-    )
+    return JSONResponse(envelope(error), status_code=error.status, headers=error.headers)
 
 
 def not_ready(reason: str) -> ApiError:
@@ -108,8 +111,9 @@ def _proxy_error(exc: ProxyError) -> ApiError:
     )
 
 
-def envelope_for(exc: BaseException) -> dict[str, object]:
-    """The error body for an exception raised after a response started (an SSE stream)."""
+def envelope_for(exc: BaseException) -> dict[str, Any]:
+    """The error body for an exception raised after a response started (an SSE stream): mapped
+    as the exception handlers map it; an unknown exception is a 500 that never echoes it."""
     if isinstance(exc, ApiError):
         error = exc
     elif isinstance(exc, EngineError):
@@ -119,7 +123,7 @@ def envelope_for(exc: BaseException) -> dict[str, object]:
     else:
         logger.error("unhandled error in a stream", exc_info=exc)
         error = ApiError(500, "Internal server error.", type="server_error")
-    return ErrorResponse(error=error.body).model_dump()
+    return envelope(error)
 
 
 def _location(loc: tuple[int | str, ...], ctx: object = None) -> str | None:

@@ -7,14 +7,13 @@ app's lifespan when CAPPY_UPSTREAM_BASE_URL is set; without it these routes answ
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from service.cancellation import ClientDisconnected, cancel_on_disconnect
-from service.deps import ReadyRuntimeDep, SettingsDep
+from service.deps import OptionalProxyDep, ProxyDep, ProxyState, ReadyRuntimeDep, SettingsDep
 from service.errors import ApiError, envelope_for
 from service.routes.scoring import model_name
 from service.schemas.common import error_responses
@@ -26,34 +25,12 @@ from service.schemas.openai import (
     ModelList,
 )
 from service.settings import Settings
-from service.upstream.best_of_n import BestOfN, build_response, sse_stream
-from service.upstream.client import UpstreamClient
-from service.upstream.recipe import Recipe, resolve_options
+from service.upstream.answer import build_response, response_headers
+from service.upstream.recipe import resolve_options
+from service.upstream.sse import sse_stream
 
 router = APIRouter(tags=["proxy"])
 _ERRORS = error_responses(400, 401, 404, 429, 500, 502, 503, 504)
-
-
-@dataclass
-class ProxyState:
-    client: UpstreamClient
-    best_of_n: BestOfN
-    recipe: Recipe
-
-
-def get_proxy(request: Request) -> ProxyState:
-    proxy: ProxyState | None = getattr(request.app.state, "proxy", None)
-    if proxy is None:
-        raise ApiError(
-            404,
-            "The proxy is not configured: set CAPPY_UPSTREAM_BASE_URL.",
-            type="not_found_error",
-            code="proxy_not_configured",
-        )
-    return proxy
-
-
-ProxyDep = Annotated[ProxyState, Depends(get_proxy)]
 
 
 def _caller_key(request: Request, settings: Settings) -> str | None:
@@ -77,15 +54,15 @@ async def _answer(
         default_min_candidates=settings.proxy_min_candidates,
         max_samples=settings.proxy_max_samples,
     )
-    BestOfN.validate(body)
-    work = proxy.best_of_n.select(body, options, api_key=_caller_key(request, settings))
+    prepared = proxy.best_of_n.prepare(body)
+    work = proxy.best_of_n.select(prepared, options, api_key=_caller_key(request, settings))
     if not body.stream:
         try:
             selection = await cancel_on_disconnect(request, work)
         except ClientDisconnected:
             raise ApiError(499, "Client closed the request.", code="client_closed") from None
         answer = build_response(selection).model_dump(mode="json", exclude_none=True)
-        return JSONResponse(answer, headers=selection.headers())
+        return JSONResponse(answer, headers=response_headers(selection))
     # Streaming: the status line waits for the outcome while it comes before the first
     # keep-alive is due, so a failure then is a real 4xx/5xx with the error envelope. Past that
     # the 200 and the headers go out with the first keep-alive (idle connections get dropped),
@@ -104,14 +81,15 @@ async def _answer(
         raise
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     if task.done():
-        headers.update(task.result().headers())  # a failure raises: answered with its status
+        # A failure raises: answered with its status.
+        headers.update(response_headers(task.result()))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     stream = sse_stream(
         task,
+        error_envelope=envelope_for,
         include_usage=include_usage,
         keepalive_s=settings.proxy_stream_keepalive_s,
         keepalive_at_once=True,
-        error_envelope=envelope_for,
     )
     return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
@@ -159,11 +137,10 @@ async def completions(
 
 @router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
 async def list_models(
-    request: Request, settings: SettingsDep, runtime: ReadyRuntimeDep
+    request: Request, settings: SettingsDep, runtime: ReadyRuntimeDep, proxy: OptionalProxyDep
 ) -> dict[str, Any]:
     """The upstream's models (passed through) plus the scorer."""
     models: list[dict[str, Any]] = []
-    proxy: ProxyState | None = getattr(request.app.state, "proxy", None)
     if proxy is not None:
         upstream = await proxy.client.list_models(api_key=_caller_key(request, settings))
         models = [m for m in upstream.get("data", []) if isinstance(m, dict)]

@@ -8,50 +8,106 @@ object is ours, so it is strict (`extra="forbid"`, no coercion of strings to num
 a typo there is an error, not a silent no-op. No text anywhere in a request, unknown fields
 included, may hold a lone surrogate (`RequestModel`): it could not be sent upstream nor scored.
 
-Responses are built by `service.upstream.best_of_n` and serialised with `exclude_none=True`.
+Responses are built by `service.upstream.answer` and serialised with `exclude_none=True`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    model_serializer,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from service.schemas.common import RequestModel
 
-_DECODING_NAME = r"^[A-Za-z0-9_.:\-]{1,64}$"
-
 
 # --- the cappy extension ------------------------------------------------------------------------
+# These models are the one statement of the recipe rules: a request's `cappy` object is validated
+# by them, and so is CAPPY_PROXY_RECIPE (`service.upstream.recipe`, through a TypeAdapter over
+# `CappyRecipe`). Only the bound on a recipe's total samples, which is a setting, is checked there.
+def _must_be(rule: str) -> WrapValidator:
+    """Words a value's error as its rule ("must be an integer >= 1") in place of pydantic's
+    wording of the one constraint it broke; errors inside the value (a field of an item) keep
+    their own words. The error type (the answer's `code`) stays pydantic's."""
+
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            errors = exc.errors()
+            if any(error["loc"] for error in errors):
+                raise
+            raise PydanticCustomError(errors[0]["type"], "must be {rule}", {"rule": rule}) from None
+
+    return WrapValidator(validate)
+
+
 class CappyDecodingSpec(BaseModel):
     """One decoding of a recipe given in a request."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(
+    name: Annotated[
+        str,
+        Field(pattern=r"^[A-Za-z0-9_.:\-]{1,64}$", strict=True),
+        _must_be("1-64 characters of [A-Za-z0-9_.:-]"),
+    ] = Field(
         description="Label of this decoding, unique within the recipe; reported with each "
-        "candidate and in the `x-cappy-winning-decoding` header.",
-        pattern=_DECODING_NAME,
+        "candidate and in the `x-cappy-winning-decoding` header."
     )
-    count: int = Field(
-        default=1, ge=1, le=64, strict=True, description="Samples to draw with this decoding."
+    count: Annotated[int, Field(ge=1, strict=True), _must_be("an integer >= 1")] = Field(
+        default=1,
+        description="Samples to draw with this decoding (the recipe's total is bounded by "
+        "the server, 64 by default).",
     )
-    temperature: float | None = Field(
+    temperature: (
+        Annotated[float, Field(ge=0.0, le=2.0, strict=True), _must_be("a number in [0, 2]")] | None
+    ) = Field(
         default=None,
-        ge=0.0,
-        le=2.0,
         description="Sampling temperature; 0 is greedy. Unset: the upstream's default.",
     )
-    top_p: float | None = Field(
-        default=None, gt=0.0, le=1.0, description="Nucleus mass. Unset: the upstream's default."
-    )
-    top_k: int | None = Field(
+    top_p: (
+        Annotated[float, Field(gt=0.0, le=1.0, strict=True), _must_be("a number in (0, 1]")] | None
+    ) = Field(default=None, description="Nucleus mass. Unset: the upstream's default.")
+    top_k: Annotated[int, Field(ge=0, strict=True), _must_be("an integer >= 0")] | None = Field(
         default=None,
-        ge=0,
-        strict=True,
         description="Top-k cut-off, sent only to upstreams that accept it (0 disables it on "
         "llama.cpp and vLLM). Unset: not sent.",
     )
+
+
+def _unique_names(decodings: list[CappyDecodingSpec]) -> list[CappyDecodingSpec]:
+    seen: set[str] = set()
+    for i, decoding in enumerate(decodings):
+        if decoding.name in seen:
+            error = PydanticCustomError(
+                "duplicate_name",
+                "must not duplicate an earlier decoding's name ('{name}')",
+                {"name": decoding.name},
+            )
+            details = InitErrorDetails(type=error, loc=(i, "name"), input=decoding.name)
+            raise ValidationError.from_exception_data("CappyRecipe", [details])
+        seen.add(decoding.name)
+    return decodings
+
+
+CappyRecipe = Annotated[
+    list[Annotated[CappyDecodingSpec, _must_be("an object")]],
+    Field(min_length=1),
+    _must_be("a list of at least one decoding"),
+    AfterValidator(_unique_names),
+]
+"""A sampling recipe: decodings in sample order, at least one, names unique."""
 
 
 class CappyRequest(BaseModel):
@@ -59,25 +115,23 @@ class CappyRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    recipe: list[CappyDecodingSpec] | None = Field(
+    recipe: CappyRecipe | None = Field(
         default=None,
-        min_length=1,
         description="Decodings to sample with, replacing the configured recipe (default: the "
         "paper's 17 samples). The total count is bounded by the server (64 by default).",
     )
-    return_candidates: bool = Field(
+    return_candidates: Annotated[bool, Field(strict=True), _must_be("a boolean")] = Field(
         default=False,
-        strict=True,
         description="Add `cappy.candidates` to the response: every sample with its decoding, "
         "score and finish reason.",
     )
-    min_candidates: int | None = Field(
-        default=None,
-        ge=1,
-        le=64,
-        strict=True,
-        description="Answer only if at least this many samples arrived (others may fail); "
-        "otherwise an error (502, or 504 when the failures were timeouts).",
+    min_candidates: Annotated[int, Field(ge=1, strict=True), _must_be("an integer >= 1")] | None = (
+        Field(
+            default=None,
+            description="Answer only if at least this many samples arrived (others may fail), "
+            "at most the recipe's total; otherwise an error (502, or 504 when the failures "
+            "were timeouts).",
+        )
     )
 
 
@@ -150,8 +204,9 @@ class _ChoiceBase(BaseModel):
         return data
 
 
-class Usage(BaseModel):
-    """Token counts of one request, summed over every upstream sample (billing sums them too)."""
+class CompletionUsage(BaseModel):
+    """Token counts of one proxy request, summed over every upstream sample (billing sums them
+    too); OpenAI's `CompletionUsage`, not the scorer's `service.schemas.common.Usage`."""
 
     prompt_tokens: int = Field(default=0, ge=0, description="Prompt tokens, summed over all calls.")
     completion_tokens: int = Field(
@@ -288,7 +343,9 @@ class ChatCompletionResponse(BaseModel):
     created: int = Field(description="Unix time (seconds) of the response.")
     model: str = Field(description="The upstream model that produced the selected sample.")
     choices: list[ChatCompletionChoice] = Field(description="One choice: the best sample.")
-    usage: Usage = Field(description="Tokens summed over every sample drawn for this request.")
+    usage: CompletionUsage = Field(
+        description="Tokens summed over every sample drawn for this request."
+    )
     system_fingerprint: str | None = Field(
         default=None, description="The upstream's system fingerprint for the selected sample."
     )
@@ -331,7 +388,7 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatCompletionChunkChoice] = Field(
         description="One choice, or none in the final usage chunk."
     )
-    usage: Usage | None = Field(
+    usage: CompletionUsage | None = Field(
         default=None, description="Only in the final chunk, with `stream_options.include_usage`."
     )
     system_fingerprint: str | None = Field(default=None, description="The upstream's fingerprint.")
@@ -423,7 +480,9 @@ class CompletionResponse(BaseModel):
     created: int = Field(description="Unix time (seconds) of the response.")
     model: str = Field(description="The upstream model that produced the selected sample.")
     choices: list[CompletionChoice] = Field(description="One choice: the best sample.")
-    usage: Usage = Field(description="Tokens summed over every sample drawn for this request.")
+    usage: CompletionUsage = Field(
+        description="Tokens summed over every sample drawn for this request."
+    )
     system_fingerprint: str | None = Field(default=None, description="The upstream's fingerprint.")
     cappy: CappyResponse | None = Field(
         default=None, description="Candidates and scores (when `cappy.return_candidates`)."
@@ -451,7 +510,7 @@ class CompletionChunk(BaseModel):
     choices: list[CompletionChunkChoice] = Field(
         description="One choice, or none in the final usage chunk."
     )
-    usage: Usage | None = Field(
+    usage: CompletionUsage | None = Field(
         default=None, description="Only in the final chunk, with `stream_options.include_usage`."
     )
     system_fingerprint: str | None = Field(default=None, description="The upstream's fingerprint.")

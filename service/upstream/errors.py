@@ -1,8 +1,8 @@
 """Domain errors of the best-of-N proxy and its upstream client (no HTTP framework here).
 
 Every error carries what an HTTP layer needs to answer in OpenAI's error envelope
-(`{"error": {"message", "type", "param", "code"}}`): `http_status`, `error_type`, `param`,
-`code`, and a `message` that is safe to show a caller.
+(`{"error": {"message", "type", "param", "code"}}`, built by `service.errors`): `http_status`,
+`error_type`, `param`, `code`, and a `message` that is safe to show a caller.
 
 Safe means: messages are composed only from our own words, upstream HTTP status codes, failure
 kinds and short sanitized identifiers. They never contain an API key, a request header, an
@@ -62,17 +62,6 @@ class ProxyError(Exception):
         self.message = message
         self.param = param
         self.code = code
-
-    def to_envelope(self) -> dict[str, dict[str, str | None]]:
-        """The OpenAI error body for this error."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
 
 
 class InvalidProxyRequest(ProxyError):

@@ -10,33 +10,30 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from collections.abc import Sequence
 
 import openai.types as oai
 import openai.types.chat as oai_chat
 import pytest
 
+from service.errors import envelope_for
 from service.schemas.openai import ChatCompletionRequest, CompletionRequest
-from service.upstream.best_of_n import (
-    KEEPALIVE,
-    SSE_DONE,
-    BestOfN,
-    ProxyConfig,
-    build_response,
-    sse_stream,
-    stream_chunks,
-)
+from service.upstream.answer import build_response, stream_chunks
+from service.upstream.best_of_n import BestOfN, ProxyConfig
 from service.upstream.client import UpstreamClient, UpstreamConfig
 from service.upstream.recipe import Recipe, resolve_options
+from service.upstream.sse import KEEPALIVE, SSE_DONE, sse_stream
+from tests.support.upstream import Ranked
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 MAX_TOKENS = 24
 
 
-async def length_test_scorer(instruction: str, texts: list[str]) -> list[float]:
+async def length_test_scorer(instruction: str, texts: Sequence[str]) -> list[Ranked]:
     """TEST SCORER (not Cappy): longer text scores higher; deterministic."""
     assert instruction
-    return [float(len(text)) for text in texts]
+    return [Ranked(float(len(text))) for text in texts]
 
 
 @pytest.fixture
@@ -64,7 +61,7 @@ async def test_best_of_17_chat_against_llama_cpp(proxy: BestOfN):
         }
     )
     options = resolve_options({"return_candidates": True}, default_recipe=Recipe.default())
-    selection = await proxy.select(request, options)
+    selection = await proxy.select(proxy.prepare(request), options)
 
     # 17 real samples, as the paper's recipe asks.
     assert len(selection.candidates) == 17 and not selection.failures
@@ -120,8 +117,13 @@ async def test_completions_stream_with_keepalives_against_llama_cpp(proxy: BestO
         },
         default_recipe=Recipe.default(),
     )
-    task = asyncio.create_task(proxy.select(request, options))
-    events = [e async for e in sse_stream(task, include_usage=True, keepalive_s=0.05)]
+    task = asyncio.create_task(proxy.select(proxy.prepare(request), options))
+    events = [
+        e
+        async for e in sse_stream(
+            task, error_envelope=envelope_for, include_usage=True, keepalive_s=0.05
+        )
+    ]
     assert events[0] == KEEPALIVE  # four real generations take longer than 50 ms
     assert events[-1] == SSE_DONE
     data = [json.loads(e[len("data: ") :]) for e in events if e.startswith("data: {")]

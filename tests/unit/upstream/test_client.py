@@ -15,6 +15,7 @@ import respx
 from prometheus_client import generate_latest
 
 from service import metrics
+from service.errors import envelope_for
 from service.upstream.client import UpstreamClient, UpstreamConfig, parse_retry_after, redact_url
 from service.upstream.errors import FailureKind, UpstreamError
 
@@ -295,7 +296,7 @@ async def test_no_secret_in_config_repr_errors_logs_or_metrics(mock, caplog):
             errors.append(info.value)
     for error in errors:
         assert SECRET not in str(error) and SECRET not in repr(error)
-        assert SECRET not in str(error.to_envelope())
+        assert SECRET not in str(envelope_for(error))
         assert error.__cause__ is None and error.__suppress_context__
     assert SECRET not in caplog.text
     assert SECRET not in generate_latest(metrics.REGISTRY).decode()

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from service.errors import envelope_for
 from service.schemas.openai import CappyRequest
 from service.upstream.errors import RecipeError
 from service.upstream.recipe import (
@@ -84,7 +85,7 @@ def test_from_spec_rejects_with_a_clear_message(spec, param, fragment):
     assert info.value.param == param
     assert fragment in info.value.message
     assert info.value.http_status == 400
-    envelope = info.value.to_envelope()["error"]
+    envelope = envelope_for(info.value)["error"]
     assert envelope["type"] == "invalid_request_error" and envelope["param"] == param
 
 
