@@ -14,7 +14,9 @@ The default is the paper's (Cappy, §4.2; reference `scripts/bigbench_flan_gener
 A recipe comes from, in order of precedence: the request's `cappy.recipe`, then the
 `CAPPY_PROXY_RECIPE` setting (the same JSON list), then the default above. `cappy.min_candidates`
 overrides `CAPPY_PROXY_MIN_CANDIDATES`. A recipe's total samples are bounded
-(`CAPPY_PROXY_MAX_SAMPLES`, 64 by default).
+(`CAPPY_PROXY_MAX_SAMPLES`, 64 by default). Both are validated by the wire model
+`service.schemas.openai.CappyRecipe` (the rules of a decoding, stated once); this module adds only
+that bound, which is a setting.
 
 What wins between the client's own parameters and the recipe — exactly:
 - The recipe owns the sampling triple `temperature`, `top_p`, `top_k`. Whatever the client sent
@@ -38,30 +40,32 @@ What wins between the client's own parameters and the recipe — exactly:
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
+from service.schemas.openai import CappyDecodingSpec, CappyRecipe, CappyRequest
 from service.upstream.errors import RecipeError
 
 DEFAULT_MAX_SAMPLES = 64
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
-_DECODING_KEYS = frozenset({"name", "count", "temperature", "top_p", "top_k"})
-_CAPPY_KEYS = frozenset({"recipe", "return_candidates", "min_candidates"})
+_RECIPE: TypeAdapter[list[CappyDecodingSpec]] = TypeAdapter(CappyRecipe)
+# The errors that keep pydantic's wording, worded to follow a parameter path.
+_WORDS = {"missing": "must be given", "extra_forbidden": "is an unknown field"}
 
 
 @dataclass(frozen=True, slots=True)
 class Decoding:
-    """One decoding of a recipe: `count` samples drawn with these sampling parameters.
+    """One decoding of a recipe: `count` samples drawn with these sampling parameters (the
+    rules on each are `CappyDecodingSpec`'s).
 
     Attributes:
-        name: a label ([A-Za-z0-9_.:-], at most 64 characters), unique within a recipe.
-        count: samples to draw with this decoding (>= 1).
+        name: a label, unique within a recipe.
+        count: samples to draw with this decoding.
         temperature: 0 (greedy) to 2, or None to leave the upstream's default.
-        top_p: nucleus mass in (0, 1], or None for the upstream's default.
-        top_k: top-k cut-off (>= 0; 0 disables it on llama.cpp / vLLM), or None to send none.
+        top_p: nucleus mass, or None for the upstream's default.
+        top_k: top-k cut-off (0 disables it on llama.cpp / vLLM), or None to send none.
     """
 
     name: str
@@ -69,6 +73,10 @@ class Decoding:
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+
+    @classmethod
+    def from_spec(cls, spec: CappyDecodingSpec) -> Decoding:
+        return cls(spec.name, spec.count, spec.temperature, spec.top_p, spec.top_k)
 
     @property
     def is_greedy(self) -> bool:
@@ -121,13 +129,9 @@ class Recipe:
 
     @classmethod
     def from_spec(
-        cls,
-        spec: Sequence[Mapping[str, Any]],
-        *,
-        max_samples: int = DEFAULT_MAX_SAMPLES,
-        where: str = "cappy.recipe",
+        cls, spec: object, *, max_samples: int = DEFAULT_MAX_SAMPLES, where: str = "cappy.recipe"
     ) -> Recipe:
-        """Parses and validates a recipe given as a list of decoding objects.
+        """Validates a recipe given as a list of decoding objects.
 
         Args:
             spec: e.g. `[{"name": "t09", "count": 4, "temperature": 0.9}, ...]`.
@@ -137,22 +141,22 @@ class Recipe:
         Raises:
             RecipeError: with a message naming the offending entry and field.
         """
-        if isinstance(spec, str | bytes) or not isinstance(spec, Sequence):
-            raise RecipeError(f"{where} must be a list of decodings", param=where)
-        if not spec:
-            raise RecipeError(f"{where} must contain at least one decoding", param=where)
-        decodings: list[Decoding] = []
-        seen: set[str] = set()
-        for i, item in enumerate(spec):
-            decoding = _parse_decoding(item, f"{where}[{i}]")
-            if decoding.name in seen:
-                raise RecipeError(
-                    f"{where}[{i}].name: duplicate decoding name {decoding.name!r}",
-                    param=f"{where}[{i}].name",
-                )
-            seen.add(decoding.name)
-            decodings.append(decoding)
-        recipe = cls(tuple(decodings))
+        try:
+            specs = _RECIPE.validate_python(spec)
+        except ValidationError as exc:
+            raise _recipe_error(exc, where) from None
+        return cls.from_decodings(specs, max_samples=max_samples, where=where)
+
+    @classmethod
+    def from_decodings(
+        cls, specs: Sequence[CappyDecodingSpec], *, max_samples: int, where: str
+    ) -> Recipe:
+        """The recipe of validated decodings, within `max_samples` samples in total.
+
+        Raises:
+            RecipeError: the decodings draw more than `max_samples` samples.
+        """
+        recipe = cls(tuple(Decoding.from_spec(spec) for spec in specs))
         if recipe.total > max_samples:
             raise RecipeError(
                 f"{where}: {recipe.total} samples in total, at most {max_samples} allowed",
@@ -186,7 +190,7 @@ class Recipe:
                     f"CAPPY_PROXY_RECIPE is not valid JSON: {exc.msg} at position {exc.pos}",
                     param="CAPPY_PROXY_RECIPE",
                 ) from None
-        return cls.from_spec(value, max_samples=max_samples, where="CAPPY_PROXY_RECIPE")  # type: ignore[arg-type]
+        return cls.from_spec(value, max_samples=max_samples, where="CAPPY_PROXY_RECIPE")
 
     def to_list(self) -> list[dict[str, Any]]:
         return [d.to_dict() for d in self.decodings]
@@ -202,7 +206,7 @@ class ProxyOptions:
 
 
 def resolve_options(
-    cappy: Mapping[str, Any] | Any | None,
+    cappy: CappyRequest | Mapping[str, Any] | None,
     *,
     default_recipe: Recipe,
     default_min_candidates: int = 1,
@@ -211,101 +215,41 @@ def resolve_options(
     """Applies a request's `cappy` object over the configured defaults.
 
     Args:
-        cappy: the request's `cappy` extension: a mapping or a pydantic model with the keys
-            `recipe`, `return_candidates`, `min_candidates`; None when absent.
+        cappy: the request's `cappy` extension (validated with the request), or a mapping
+            validated here the same way; None when absent.
         default_recipe: the configured recipe (see `Recipe.from_setting`).
         default_min_candidates: the configured floor; clamped to the recipe's total.
         max_samples: the bound on a recipe's total samples.
 
     Raises:
-        RecipeError: for an invalid recipe, an unknown key, or `min_candidates` above the
-            recipe's total.
+        RecipeError: for an invalid `cappy` object, a recipe over `max_samples`, or
+            `min_candidates` above the recipe's total.
     """
     if cappy is None:
-        spec: Mapping[str, Any] = {}
-    elif hasattr(cappy, "model_dump"):
-        spec = cappy.model_dump(exclude_none=True)
-    elif isinstance(cappy, Mapping):
-        spec = cappy
-    else:
-        raise RecipeError("cappy must be an object", param="cappy")
-    unknown = sorted(set(spec) - _CAPPY_KEYS)
-    if unknown:
-        raise RecipeError(
-            f"cappy: unknown field(s) {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(sorted(_CAPPY_KEYS))}",
-            param=f"cappy.{unknown[0]}",
-        )
+        cappy = CappyRequest()
+    elif not isinstance(cappy, CappyRequest):
+        try:
+            cappy = CappyRequest.model_validate(cappy)
+        except ValidationError as exc:
+            raise _recipe_error(exc, "cappy") from None
     recipe = default_recipe
-    if spec.get("recipe") is not None:
-        recipe = Recipe.from_spec(spec["recipe"], max_samples=max_samples)
-
-    return_candidates = spec.get("return_candidates", False)
-    if not isinstance(return_candidates, bool):
-        raise RecipeError(
-            "cappy.return_candidates must be a boolean", param="cappy.return_candidates"
-        )
-
-    if spec.get("min_candidates") is not None:
-        min_candidates = spec["min_candidates"]
-        if not _is_int(min_candidates) or min_candidates < 1:
-            raise RecipeError(
-                "cappy.min_candidates must be an integer >= 1", param="cappy.min_candidates"
-            )
-        if min_candidates > recipe.total:
-            raise RecipeError(
-                f"cappy.min_candidates is {min_candidates} but the recipe draws only "
-                f"{recipe.total} samples",
-                param="cappy.min_candidates",
-            )
-    else:
+    if cappy.recipe is not None:
+        recipe = Recipe.from_decodings(cappy.recipe, max_samples=max_samples, where="cappy.recipe")
+    min_candidates = cappy.min_candidates
+    if min_candidates is None:
         min_candidates = max(1, min(default_min_candidates, recipe.total))
-    return ProxyOptions(recipe, min_candidates, return_candidates)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _parse_decoding(item: object, where: str) -> Decoding:
-    if hasattr(item, "model_dump"):
-        item = item.model_dump(exclude_none=True)
-    if not isinstance(item, Mapping):
-        raise RecipeError(f"{where} must be an object", param=where)
-    unknown = sorted(set(item) - _DECODING_KEYS)
-    if unknown:
+    elif min_candidates > recipe.total:
         raise RecipeError(
-            f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(sorted(_DECODING_KEYS))}",
-            param=f"{where}.{unknown[0]}",
+            f"cappy.min_candidates is {min_candidates} but the recipe draws only "
+            f"{recipe.total} samples",
+            param="cappy.min_candidates",
         )
-    name = item.get("name")
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise RecipeError(
-            f"{where}.name must be 1-64 characters of [A-Za-z0-9_.:-]", param=f"{where}.name"
-        )
-    count = item.get("count", 1)
-    if not _is_int(count) or count < 1:
-        raise RecipeError(f"{where}.count must be an integer >= 1", param=f"{where}.count")
-    temperature = item.get("temperature")
-    if temperature is not None and (not _is_number(temperature) or not 0 <= temperature <= 2):
-        raise RecipeError(
-            f"{where}.temperature must be a number in [0, 2]", param=f"{where}.temperature"
-        )
-    top_p = item.get("top_p")
-    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
-        raise RecipeError(f"{where}.top_p must be a number in (0, 1]", param=f"{where}.top_p")
-    top_k = item.get("top_k")
-    if top_k is not None and (not _is_int(top_k) or top_k < 0):
-        raise RecipeError(f"{where}.top_k must be an integer >= 0", param=f"{where}.top_k")
-    return Decoding(
-        name=name,
-        count=count,
-        temperature=float(temperature) if temperature is not None else None,
-        top_p=float(top_p) if top_p is not None else None,
-        top_k=top_k,
-    )
+    return ProxyOptions(recipe, min_candidates, cappy.return_candidates)
+
+
+def _recipe_error(exc: ValidationError, where: str) -> RecipeError:
+    """The first error of a recipe's or a `cappy` object's validation, as a `RecipeError` whose
+    `param` is the path below `where` (`cappy.recipe[0].count`, `CAPPY_PROXY_RECIPE[1].name`)."""
+    error = exc.errors(include_url=False)[0]
+    param = where + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+    return RecipeError(f"{param} {_WORDS.get(error['type'], error['msg'])}", param=param)

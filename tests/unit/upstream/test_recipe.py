@@ -1,13 +1,15 @@
-"""The sampling recipe: the paper's default, parsing, validation, and request overrides."""
+"""The sampling recipe: the paper's default, parsing, validation (the same rules for the setting
+and a request), and request overrides."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from service.errors import envelope_for
-from service.schemas.openai import CappyRequest
+from service.schemas.openai import CappyRequest, ChatCompletionRequest
 from service.upstream.errors import RecipeError
 from service.upstream.recipe import (
     PAPER_DECODINGS,
@@ -160,3 +162,34 @@ def test_resolve_options_errors(cappy, param):
 
 def test_paper_decodings_have_distinct_names():
     assert len({d.name for d in PAPER_DECODINGS}) == len(PAPER_DECODINGS)
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        [{"name": "bad name!"}],
+        [{"name": "a", "count": 0}],
+        [{"name": "a", "count": 1.5}],
+        [{"name": "a", "temperature": "0.9"}],
+        [{"name": "a", "top_p": 1.5}],
+        [{"name": "a", "top_k": -1}],
+        [{"name": "a"}, {"name": "a"}],
+        [],
+    ],
+)
+def test_the_setting_and_a_request_are_held_to_the_same_rules(recipe):
+    with pytest.raises(RecipeError) as setting:
+        Recipe.from_setting(json.dumps(recipe), max_samples=64)
+    with pytest.raises(ValidationError) as request:
+        ChatCompletionRequest.model_validate(
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": "hi"}],
+                "cappy": {"recipe": recipe},
+            }
+        )
+    error = request.value.errors()[0]
+    assert error["loc"][:2] == ("cappy", "recipe")
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"][2:])
+    assert setting.value.param == f"CAPPY_PROXY_RECIPE{where}"
+    assert setting.value.message == f"CAPPY_PROXY_RECIPE{where} {error['msg']}"
