@@ -648,13 +648,17 @@ def _reference_checkpoint(export: Path | None) -> Path | None:
     return None
 
 
-def _batches_by_length(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Index lists sorted by length, cut so that rows x longest row stays within max_tokens."""
+def batches_by_length(
+    lengths: Sequence[int], max_tokens: float = math.inf, max_rows: float = math.inf
+) -> list[list[int]]:
+    """Index lists sorted by length, cut so that rows x longest row stays within `max_tokens`
+    and rows within `max_rows` (a single longer row goes alone): the in-process batching of
+    every benchmark here."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
-    for i in order:
-        if current and (len(current) + 1) * lengths[i] > max_tokens:
+    for i in order:  # ascending: the newest row is the longest
+        if current and ((len(current) + 1) * lengths[i] > max_tokens or len(current) >= max_rows):
             batches.append(current)
             current = []
         current.append(i)
@@ -819,7 +823,7 @@ def write_reference(argv: Sequence[str]) -> int:
             candidates = item["candidates"]
             lengths = scorer.lengths(item["instruction"], candidates)
             scores = [0.0] * len(candidates)
-            for batch in _batches_by_length(lengths, args.max_batch_tokens):
+            for batch in batches_by_length(lengths, args.max_batch_tokens):
                 values = scorer.score(item["instruction"], [candidates[i] for i in batch])
                 for i, value in zip(batch, values, strict=True):
                     scores[i] = value

@@ -1,7 +1,7 @@
 """In-process engine benchmark: tokenize the bench workload with PairTokenizer, form length-sorted
 batches under a token budget (rows x longest row), run a scorer, print ONE JSON line of figures.
 
-    python loadtests/engine_bench.py --export DIR --requests ../shared/data/bench_requests.jsonl \
+    python -m loadtests.engine_bench --export DIR --requests ../shared/data/bench_requests.jsonl \
         --engine openvino --precision bf16 --limit 300 --reference-scores ref.json
 
 `pairs_per_s` counts inference (padding included) plus, for a refining scorer (the service's
@@ -19,7 +19,6 @@ import argparse
 import itertools
 import json
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,37 +26,18 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from service.engine import cascade  # noqa: E402
-from service.engine.export_dir import ExportDir  # noqa: E402
-from service.engine.scorer import (  # noqa: E402
+from loadtests.bench import batches_by_length
+from service.engine import cascade
+from service.engine.export_dir import ExportDir
+from service.engine.scorer import (
     OnnxScorer,
     OpenVinoScorer,
     RefiningScorer,
     load_scorer,
 )
-from service.engine.tokenize import PairTokenizer  # noqa: E402
-from service.engine.types import EncodedPair, Scorer, pad_batch, padded_width  # noqa: E402
-from service.settings import Settings  # noqa: E402
-
-
-def make_batches(lengths: list[int], max_batch_tokens: int, max_batch_size: int) -> list[list[int]]:
-    """Indices sorted by length, cut greedily so that rows x longest row <= the budget."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        width = lengths[index]  # ascending: the newest item is the longest
-        if current and (
-            (len(current) + 1) * width > max_batch_tokens or len(current) >= max_batch_size
-        ):
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
+from service.engine.tokenize import PairTokenizer
+from service.engine.types import EncodedPair, Scorer, pad_batch, padded_width
+from service.settings import Settings
 
 
 def build_scorer(args: argparse.Namespace, export: ExportDir, pad_token_id: int) -> Scorer:
@@ -288,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     encoded = tokenizer.encode(pairs)
     tokenize_s = time.perf_counter() - t0
-    batches = make_batches([e.length for e in encoded], args.max_batch_tokens, args.max_batch_size)
+    batches = batches_by_length(
+        [e.length for e in encoded], args.max_batch_tokens, args.max_batch_size
+    )
 
     t0 = time.perf_counter()
     scorer = build_scorer(args, export, tokenizer.pad_token_id)

@@ -1024,12 +1024,6 @@ def confine(threads: int) -> list[int] | None:
     return cores
 
 
-def sorted_batches(lengths: Sequence[int], rows: int) -> list[list[int]]:
-    """Indices sorted by length, cut every `rows`."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i : i + rows] for i in range(0, len(order), rows)]
-
-
 def pad_columns(
     encoded: dict[str, list[list[int]]], batch: Sequence[int], pad_id: int
 ) -> dict[str, Any]:
@@ -1100,7 +1094,7 @@ def worker_transformers(args: argparse.Namespace, fp32: bool) -> dict[str, Any]:
         lengths = [len(ids) for ids in columns["input_ids"]]
         outputs, order = [], []
         with torch.inference_mode():
-            for batch in sorted_batches(lengths, args.batch_size):
+            for batch in bench.batches_by_length(lengths, max_rows=args.batch_size):
                 feeds = {
                     k: torch.from_numpy(v).to(device)
                     for k, v in pad_columns(columns, batch, tokenizer.pad_token_id).items()

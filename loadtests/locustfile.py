@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import os
 import random
-import sys
-from pathlib import Path
 from typing import Any
 
 from locust import FastHttpUser, constant, events, task
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from loadtests.bench import (  # noqa: E402
+from loadtests.bench import (
     DEFAULT_REQUESTS,
     check_loopback,
     load_workload,

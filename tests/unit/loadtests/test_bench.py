@@ -313,7 +313,7 @@ def test_other_targets_are_refused(url: str) -> None:
 
 def test_batches_by_length_respects_the_token_budget() -> None:
     lengths = [10, 300, 20, 5, 300, 40]
-    batches = bench._batches_by_length(lengths, max_tokens=600)
+    batches = bench.batches_by_length(lengths, max_tokens=600)
     assert sorted(i for b in batches for i in b) == list(range(6))
     for batch in batches:
         assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 600
@@ -543,8 +543,9 @@ def test_against_a_real_server_and_reference(
     assert figures["server"]["mean_batch_size"] > 0
     assert figures["server_info"]["runtime"]["engine"]
     assert figures["argmax"]["compared"] == 5
-    # fp32 against fp32 on a random tiny model: near-ties may flip, most must agree.
-    assert figures["argmax"]["agreement"] >= 0.6
+    # ONNX Runtime fp32 against PyTorch fp32: the tiny model's wide random weights keep
+    # candidates far apart (its scores differ by far more than float noise), so every set agrees.
+    assert figures["argmax"]["agreement"] == 1.0
     assert figures["serve_args"] == ["engine=onnxruntime", "precision=fp32", "max_wait_ms=1"]
 
 
@@ -558,7 +559,8 @@ def test_locustfile_runs_headless(fake_url: str, tmp_path: Path) -> None:
         pytest.skip("locust is not installed (pip install locust)")
     workload, _ = _workload(tmp_path)
     root = Path(bench.__file__).parents[1]
-    env = {**os.environ, "CAPPY_BENCH_REQUESTS": str(workload)}
+    # Run from the repository root with it on the path, as loadtests/README.md says.
+    env = {**os.environ, "CAPPY_BENCH_REQUESTS": str(workload), "PYTHONPATH": str(root)}
     # The workload's FAIL request answers 500: drop it so that the run has no failures.
     lines = workload.read_text(encoding="utf-8").splitlines()
     workload.write_text("\n".join(line for line in lines if "FAIL" not in line) + "\n")
