@@ -17,10 +17,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cappy.export_format import FORMAT, MANIFEST
 from model_export.errors import ExportError
 
-MANIFEST = "cappy_export.json"
-FORMAT = "cappy-export"
 FORMAT_VERSION = 1
 VARIANT_FILES = {
     "fp32": "model.onnx",

@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from cappy.export_format import MANIFEST
 
-MANIFEST = "cappy_export.json"
+logger = logging.getLogger(__name__)
 
 
 class ModelSourceError(Exception):

@@ -26,10 +26,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cappy.export_format import MANIFEST
+
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "cappy_export.json"
-FORMAT = "cappy-export"
 SUPPORTED_FORMAT_VERSIONS = (1,)
 # "openvino-int8": an OpenVINO IR statically quantised with NNCF on calibration text
 # (`cappy export --int8-calibration`), used on CPU to screen candidates before re-scoring.
@@ -177,10 +177,10 @@ class ExportDir:
         directory = Path(path).expanduser().resolve()
         if not directory.is_dir():
             raise ExportDirError(f"{directory}: no such export directory")
-        manifest_path = directory / MANIFEST_NAME
+        manifest_path = directory / MANIFEST
         if not manifest_path.is_file():
             raise ExportDirError(
-                f"{directory}: no {MANIFEST_NAME}; not an export directory (or an unfinished one). "
+                f"{directory}: no {MANIFEST}; not an export directory (or an unfinished one). "
                 "Create one with `cappy export --model MODEL --out DIR`."
             )
         try:
