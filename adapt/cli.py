@@ -15,6 +15,8 @@ from typing import Any
 from adapt.errors import AdaptError
 
 API_KEY_ENV = "CAPPY_UPSTREAM_API_KEY"
+# What the `adapt` extra installs (pyproject.toml).
+_EXTRA_MODULES = ("rouge_score", "accelerate", "matplotlib")
 UPSTREAM_ENV = "CAPPY_UPSTREAM_BASE_URL"
 
 
@@ -367,6 +369,17 @@ def run(args: argparse.Namespace) -> int:
         return int(args.handler(args))
     except (AdaptError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ImportError as exc:
+        missing = exc.name if exc.name in _EXTRA_MODULES else None
+        missing = missing or next((m for m in _EXTRA_MODULES if m in str(exc)), None)
+        if missing is None:
+            raise
+        print(
+            f"error: {missing} is not installed; install the adapt extra: "
+            "pip install 'cappy-serve[adapt]'",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print(

@@ -145,7 +145,8 @@ def picks(
         "cappy": _argmax(list(cappy), everything) if cappy is not None else None,
     }
     for k in SUBSET_SIZES:
-        among = order[:k] if k <= n else []
+        # In recipe order, so that ties go to the first in recipe order, as the proxy breaks them.
+        among = sorted(order[:k]) if k <= n else []
         chosen[f"self_scoring@{k}"] = _argmax(logprobs, among)
         chosen[f"cappy@{k}"] = _argmax(list(cappy), among) if cappy is not None else None
     return chosen

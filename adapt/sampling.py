@@ -184,11 +184,12 @@ def _logprobs(choice: dict[str, Any], endpoint: Endpoint) -> tuple[float, ...] |
         tokens = raw.get("content")
         if not isinstance(tokens, list):
             return None
-        values = [t.get("logprob") for t in tokens if isinstance(t, dict)]
+        values: list[Any] = [t.get("logprob") for t in tokens if isinstance(t, dict)]
     else:
-        values = raw.get("token_logprobs")
-        if not isinstance(values, list):
+        listed = raw.get("token_logprobs")
+        if not isinstance(listed, list):
             return None
+        values = listed
     # None: a token without a log-probability (some servers' first prompt token); -inf/NaN:
     # not a number a mean can use.
     return tuple(
@@ -252,11 +253,14 @@ async def resolve_model(client: UpstreamClient, model: str | None) -> str:
         raise AdaptError(
             f"cannot list the upstream's models ({exc.describe()}); pass --model"
         ) from None
-    ids = [m.get("id") for m in listed["data"] if isinstance(m, dict)]
-    ids = [i for i in ids if isinstance(i, str) and i]
+    ids = [
+        m["id"]
+        for m in listed["data"]
+        if isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"]
+    ]
     if not ids:
         raise AdaptError("the upstream lists no model; pass --model")
-    return ids[0]
+    return str(ids[0])
 
 
 @dataclass

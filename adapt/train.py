@@ -186,6 +186,7 @@ def tokenize_pairs(tokenizer: Any, pairs: list[Any], max_length: int) -> _PairDa
 
 
 def _training_arguments(options: TrainOptions, accumulation: int, scratch: Path) -> Any:
+    import torch
     from transformers import TrainingArguments
 
     params = inspect.signature(TrainingArguments.__init__).parameters
@@ -208,6 +209,8 @@ def _training_arguments(options: TrainOptions, accumulation: int, scratch: Path)
         "bf16": options.bf16,
         "disable_tqdm": not options.progress,
         "remove_unused_columns": False,
+        # Page-locked batches help only a GPU (and warn without one).
+        "dataloader_pin_memory": torch.cuda.is_available(),
     }
     if options.group_by_length:
         # Batches of similar lengths pad less (bigbench instructions run 25 to 1500 characters).

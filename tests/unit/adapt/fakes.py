@@ -175,7 +175,7 @@ def toy_examples(
         for i in range(per_task):
             row: dict[str, Any] = {
                 "task": f"task{t}",
-                "id": f"task{t}-{i}",
+                "id": f"task{t}-{split}-{i}" if split else f"task{t}-{i}",
                 "instruction": f"Task {t}, question {i}: list the words.",
                 "targets": [" ".join(WORDS), f"answer {t} {i}"],
             }
