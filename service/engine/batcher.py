@@ -55,7 +55,7 @@ _RETRY_AFTER_MIN_S = 0.1
 _RETRY_AFTER_MAX_S = 60.0
 _RETRY_AFTER_UNKNOWN_S = 1.0
 # Padding tolerance on CPU when none is configured: measured best on the MiniLM benchmark
-# (README, Benchmarks: 0.1 against 0.25 and 0.5 at concurrency 32, and at concurrency 1).
+# (0.1 against 0.25 and 0.5, at concurrency 32 and at concurrency 1).
 CPU_PADDING_TOLERANCE = 0.1
 # Batch limits (padded tokens, rows) when none are configured. On CPU a padded token costs as much
 # as a real one and rows beyond a few dozen gain nothing. A GPU needs far more work per launch to
@@ -102,7 +102,7 @@ class BatcherConfig:
             (never past the model's max length), and lengths are compared in these steps, so
             pairs of the same step share a batch for free. Fewer distinct shapes: OpenVINO on
             CPU ran the served batches of the benchmark ~3% faster padded to multiples of 8,
-            though they held 1.3% more tokens (README, Benchmarks); GPUs favour multiples of 8
+            though they held 1.3% more tokens; GPUs favour multiples of 8
             too. 1 pads to the longest row only.
     """
 

@@ -313,7 +313,7 @@ def load_scorer(
 
     chosen_automatically = engine == "auto"
     # Opt-in: on the flat-scored MiniLM benchmark the int8 screen's honest margin (its parity
-    # error) sent a third of the pairs on to bf16, slower than bf16 alone (README, Benchmarks).
+    # error) sent a third of the pairs on to bf16, slower than bf16 alone.
     # Shipped is enough here: an ungated one is then refused by model_path with the reason.
     screen = precision == "int8" and "openvino-int8" in export_dir.manifest.models
     if engine == "auto":
@@ -369,7 +369,7 @@ def _streamed_scorer(
     `pinned=False` is for a model that runs in turn with the main one on the same workers (a
     re-scoring stage): OpenVINO pins a model's busy stream to a core of its own choosing, the
     same core for every compiled model, so a re-scoring call beside one running batch shared
-    that batch's core while the other core idled (both ~50% slower; README, Benchmarks). Left
+    that batch's core while the other core idled (both ~50% slower). Left
     to the OS, its thread runs on the free core."""
     hint = "LATENCY" if streams == 1 else "THROUGHPUT"
     return OpenVinoScorer(
@@ -398,8 +398,8 @@ def _openvino_scorer(
     if refine and scorer.precision == "bf16":
         # Compiled like the fast scorer (one stream per batch worker) because the runtime runs
         # the re-scoring on the batcher's workers, in turn with the batches: served, that
-        # measured +9% pairs/s over a latency-mode twin using every core beside the streams
-        # (README, Benchmarks). Unpinned: see _streamed_scorer.
+        # measured +9% pairs/s over a latency-mode twin using every core beside the streams.
+        # Unpinned: see _streamed_scorer.
         exact = _streamed_scorer(model, "fp32", threads, streams, common, pinned=False)
         return RefiningScorer(scorer, exact)
     return scorer
