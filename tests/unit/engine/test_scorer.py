@@ -145,14 +145,31 @@ def test_refining_scorer_calibrates_its_margin(export, tokenizer) -> None:
     assert scorer.name == "openvino-cpu-bf16-refined" and scorer.precision == "bf16"
 
 
+requires_bf16 = pytest.mark.skipif(
+    not openvino_bf16_supported(), reason="no native bf16 on this CPU (or no OpenVINO)"
+)
+
+
+@requires_bf16
+def test_load_scorer_picks_refined_bf16_where_the_cpu_has_it(export) -> None:
+    auto = load_scorer(export, device="cpu")
+    assert isinstance(auto, RefiningScorer) and auto.name == "openvino-cpu-bf16-refined"
+    assert load_scorer(export, device="cpu", refine=False).name == "openvino-cpu-bf16"
+    refined = load_scorer(export, device="cpu", streams=2)
+    assert isinstance(refined, RefiningScorer) and refined.parallelism == 2
+    # The re-scoring twin runs in turn with the batches on the same workers: unpinned, so it
+    # lands on the free core rather than on the core OpenVINO pinned a busy stream to.
+    assert isinstance(refined.exact, OpenVinoScorer) and refined.exact.streams == 2
+    assert refined.exact.pinned is False
+
+
+@pytest.mark.skipif(openvino_bf16_supported(), reason="this CPU has native bf16")
+def test_load_scorer_picks_onnxruntime_fp32_without_native_bf16(export) -> None:
+    assert load_scorer(export, device="cpu").name == "onnxruntime-cpu-fp32"
+
+
 @requires_openvino
 def test_load_scorer_cpu_choices(export) -> None:
-    auto = load_scorer(export, device="cpu")
-    bf16 = openvino_bf16_supported()
-    assert auto.name == ("openvino-cpu-bf16-refined" if bf16 else "onnxruntime-cpu-fp32")
-    if bf16:
-        assert isinstance(auto, RefiningScorer)
-        assert load_scorer(export, device="cpu", refine=False).name == "openvino-cpu-bf16"
     assert load_scorer(export, device="cpu", engine="onnxruntime").name == "onnxruntime-cpu-fp32"
     assert load_scorer(export, "cpu", "openvino", "fp32").name == "openvino-cpu-fp32"
     with pytest.raises(ScorerError, match="fp16"):
@@ -171,13 +188,6 @@ def test_load_scorer_streams_set_how_many_batches_run_at_once(export, cases) -> 
     auto = load_scorer(export, "cpu", "openvino", "fp32")  # OpenVINO's throughput hint decides
     assert 1 <= auto.parallelism <= 64
     assert_close(two, cases, atol=1e-4)
-    if openvino_bf16_supported():
-        refined = load_scorer(export, device="cpu", streams=2)
-        assert isinstance(refined, RefiningScorer) and refined.parallelism == 2
-        # The re-scoring twin runs in turn with the batches on the same workers: unpinned, so
-        # it lands on the free core rather than on the core OpenVINO pinned a busy stream to.
-        assert isinstance(refined.exact, OpenVinoScorer) and refined.exact.streams == 2
-        assert refined.exact.pinned is False
 
 
 def test_load_scorer_falls_back_to_onnxruntime_when_openvino_fails(
@@ -224,8 +234,9 @@ def test_load_scorer_int8_screening_is_opt_in(export_copy: Path) -> None:
     screened = load_scorer(export, device="cpu", precision="int8")
     assert isinstance(screened, RefiningScorer)
     assert screened.fast.name == "openvino-cpu-int8" and screened.margin == 0.0123
-    if openvino_bf16_supported():
-        assert isinstance(screened.exact, RefiningScorer)
+    # The bf16 stage between int8 and fp32 where the CPU has native bf16 (else fp32 directly).
+    assert isinstance(screened.exact, RefiningScorer) == openvino_bf16_supported()
+    if isinstance(screened.exact, RefiningScorer):
         assert screened.exact.name == "openvino-cpu-bf16-refined"
         assert screened.exact.fast.pinned is False  # re-scores in turn with the int8 batches
     assert "int8" not in load_scorer(export, device="cpu").name
