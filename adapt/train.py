@@ -212,6 +212,10 @@ def _training_arguments(options: TrainOptions, accumulation: int, scratch: Path)
         # Page-locked batches help only a GPU (and warn without one).
         "dataloader_pin_memory": torch.cuda.is_available(),
     }
+    if world_size() > 1 and not torch.cuda.is_available():
+        # Without a GPU the Trainer sets up DDP (gloo) only when told to use the CPU; otherwise
+        # each process would train alone on all the data.
+        kwargs["use_cpu"] = True
     if options.group_by_length:
         # Batches of similar lengths pad less (bigbench instructions run 25 to 1500 characters).
         if "train_sampling_strategy" in params:
@@ -273,11 +277,11 @@ def train(options: TrainOptions) -> TrainResult:
         for entry in trainer.state.log_history
         if "loss" in entry
     ]
-    if checkpoint.exists() and trainer.is_world_process_zero():
+    if checkpoint.exists() and trainer.is_world_process_zero() and main_process:
         shutil.rmtree(checkpoint)
     trainer.save_model(str(checkpoint))  # every process: FSDP/DeepSpeed gather the weights
     result = TrainResult(out=None, checkpoint=checkpoint, losses=losses)
-    if not trainer.is_world_process_zero():
+    if not (trainer.is_world_process_zero() and main_process):
         return result
     shutil.rmtree(scratch, ignore_errors=True)
     tokenizer.save_pretrained(str(checkpoint))

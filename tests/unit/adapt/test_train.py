@@ -112,3 +112,35 @@ def test_outputs_are_checked_before_training(
     with pytest.raises(AdaptError, match="--base ./missing-model: .*cannot be loaded|--base"):
         train(_options(pairs_file, Path("./missing-model"), tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_unchanged_under_torchrun(tiny_checkpoint: Path, pairs_file: Path, tmp_path: Path) -> None:
+    """Two processes (CPU, gloo): DDP splits the data, only the main process exports."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "-m", "cappy", "adapt", "train",
+        "--data", str(pairs_file), "--base", str(tiny_checkpoint), "--out", str(out),
+        "--steps", "4", "--effective-batch", "16", "--micro-batch", "4", "--logging-steps", "1",
+        "--no-fp16", "--quiet",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command,
+        cwd=Path(__file__).resolve().parents[3],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "ddp.checkpoint" / ADAPT_RECORD).read_text())
+    # 2 processes x micro-batch 4 x accumulation 2 = 16 pairs a step: 4 steps are one epoch of
+    # the 64 pairs only if each process saw its own half.
+    assert (record["processes"], record["gradient_accumulation_steps"]) == (2, 2)
+    assert record["epochs"] == pytest.approx(1.0)
+    assert verify(out).ok
