@@ -36,6 +36,7 @@ from adapt.cache import SampleCache, SampleRecord
 from adapt.errors import AdaptError
 from adapt.examples import Example, by_task, load_examples
 from adapt.labels import RougeL, mismatch_reference
+from service.upstream.recipe import Recipe
 
 PAIRS_FILE = "pairs.jsonl"
 MANIFEST_FILE = "data.json"
@@ -253,7 +254,7 @@ def run(options: DataOptions, *, transport: httpx.AsyncBaseTransport | None = No
         examples_per_task=options.examples_per_task,
     )
     # Validate the sample count before any call is made.
-    sampling.plan_decodings(sampling.Recipe.default(), options.samples_per_example)
+    sampling.plan_decodings(Recipe.default(), options.samples_per_example)
     options.out.mkdir(parents=True, exist_ok=True)
     cache_path = options.cache or options.out / CACHE_FILE
     samples: dict[str, list[SampleRecord]] = {}
