@@ -141,6 +141,9 @@ def ort_runner(
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), sess_options=options, providers=[provider])
+    used = session.get_providers()
+    if not used or used[0] != provider:  # ORT falls back to CPU when a provider cannot start
+        raise RuntimeError(f"{provider} is not usable here (ONNX Runtime chose {used})")
     names = [i.name for i in session.get_inputs()]
 
     def run(feeds: dict[str, np.ndarray]) -> np.ndarray:

@@ -362,7 +362,10 @@ def test_an_unmeasured_variant_ships_ungated_and_is_not_served_silently(
     result = export(ExportOptions(model=str(tiny_checkpoint), out=out, progress=False))
     record = result.manifest["parity"]["fp16"]
     assert record["status"] == "not_measured" and record["gated"] is False
-    assert record["reason"] == "CPUExecutionProvider cannot run it: no kernel for this fp16 graph"
+    # Every provider tried said why (CUDA first where onnxruntime-gpu lists it), CPU last.
+    assert record["reason"].endswith(
+        "CPUExecutionProvider cannot run it: no kernel for this fp16 graph"
+    )
     assert "fp16" in result.manifest["models"] and (out / "model.fp16.onnx").is_file()
     report = verify(out, remeasure=False)
     assert report.ok and report.gated
