@@ -4,7 +4,9 @@ middleware into a FastAPI app. Nothing else lives here."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -16,7 +18,7 @@ from fastapi import Depends, FastAPI
 from service.deps import ProxyState, require_api_key
 from service.engine.batcher import BatcherConfig
 from service.engine.runtime import RuntimeConfig, ScoringRuntime
-from service.errors import register_exception_handlers
+from service.errors import ApiError, register_exception_handlers
 from service.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
@@ -24,7 +26,7 @@ from service.middleware import (
     ShutdownMiddleware,
 )
 from service.model_source import is_export_dir, resolve_export_dir
-from service.routes import health, proxy, scoring
+from service.routes import admin, health, proxy, scoring
 from service.settings import Settings, get_settings
 from service.upstream.best_of_n import BestOfN, ProxyConfig
 from service.upstream.client import UpstreamClient, UpstreamConfig
@@ -99,6 +101,27 @@ def proxy_state(settings: Settings, runtime: ScoringRuntime) -> ProxyState | Non
     return ProxyState(client=client, best_of_n=best_of_n, recipe=recipe)
 
 
+_background: set[asyncio.Task[None]] = set()
+
+
+def reload_on_sighup(runtime: ScoringRuntime) -> None:
+    """SIGHUP: re-reads CAPPY_MODEL (the environment, or a path such as a symlink that now
+    points to another export) and switches to it as `POST /admin/reload` does."""
+    task = asyncio.get_running_loop().create_task(reload_from_settings(runtime))
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+async def reload_from_settings(runtime: ScoringRuntime) -> None:
+    model = Settings().model
+    try:
+        answer = await admin.reload_model(runtime, model)
+    except ApiError as exc:
+        logger.error("SIGHUP: reload of %s refused: %s", model, exc)
+    else:
+        logger.info("SIGHUP: serving %s", answer["model"])
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app for `settings.model`: an export directory, or a checkpoint or hub id that is
     exported (once, into `settings.cache_dir`) in the background while /health already answers
@@ -116,9 +139,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Load in the background: the port opens at once, /health answers, /ready stays 503
         # until the model is loaded and warm.
         loading = asyncio.create_task(runtime.start())
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            # Not on Windows, nor outside the main thread (some test runners).
+            loop.add_signal_handler(signal.SIGHUP, reload_on_sighup, runtime)
         try:
             yield
         finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(signal.SIGHUP)
             await loading
             await runtime.stop(timeout=settings.graceful_shutdown_s)
             if upstream is not None:
@@ -139,6 +168,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.info_router, dependencies=[Depends(require_api_key)])
     app.include_router(scoring.router, dependencies=[Depends(require_api_key)])
     app.include_router(proxy.router, dependencies=[Depends(require_api_key)])
+    app.include_router(admin.router, dependencies=[Depends(require_api_key)])
     # The public routes are those of health.router plus FastAPI's OpenAPI pages; every other
     # path wants the key when keys are set (checked before the body is read).
     docs = (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)

@@ -4,22 +4,45 @@ batcher, with an explicit lifecycle (load and warm up, then serve; drain, then s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from service.engine import cascade
 from service.engine.batcher import BatcherConfig, DynamicBatcher, ScoredPair
+from service.engine.errors import EngineError, EngineStopped
 from service.engine.export_dir import ExportDir
 from service.engine.scorer import RefiningScorer, load_scorer
 from service.engine.tokenize import PairTokenizer
 from service.engine.types import Device, Engine, Precision, Scorer
 
 logger = logging.getLogger(__name__)
+
+
+class ReloadError(EngineError):
+    """A reload cannot start now (not serving, or another reload under way)."""
+
+
+@dataclass
+class _Loaded:
+    """One loaded model and its batchers: what a request uses from start to end."""
+
+    export: ExportDir
+    tokenizer: PairTokenizer
+    scorer: Scorer
+    batchers: list[DynamicBatcher]
+    cascade: cascade.Cascade
+    seconds: float
+    users: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
 
 
 @dataclass(frozen=True)
@@ -66,6 +89,8 @@ class ScoringRuntime:
         self.cascade: cascade.Cascade | None = None
         self.load_error: str | None = None
         self.load_seconds: float | None = None
+        self._loaded: _Loaded | None = None
+        self._reloading = asyncio.Lock()
 
     @property
     def ready(self) -> bool:
@@ -80,11 +105,8 @@ class ScoringRuntime:
     def loading(self) -> bool:
         return self.phase in ("exporting", "loading")
 
-    def _load_blocking(self) -> None:
-        export_dir = self.config.export_dir
-        if self._prepare is not None:  # phase is "exporting" since __init__
-            export_dir = self._prepare()
-        self.phase = "loading"
+    def _load(self, export_dir: Path) -> _Loaded:
+        """Reads, verifies, loads and warms one export directory (blocking: run off the loop)."""
         started = time.perf_counter()
         export = ExportDir.load(export_dir, allow_ungated=self.config.allow_ungated)
         tokenizer = PairTokenizer.from_dir(
@@ -104,36 +126,47 @@ class ScoringRuntime:
             trt_cache=None if config.trt_cache is None else str(config.trt_cache),
         )
         scorer.warmup()
-        self.export, self.tokenizer, self.scorer = export, tokenizer, scorer
-        self.load_seconds = time.perf_counter() - started
+        batchers = [
+            DynamicBatcher(stage, tokenizer.encode, config.batcher, export.max_length)
+            for stage in cascade.batched_stages(scorer)
+        ]
+        ranking = cascade.Cascade(
+            scorer, batchers, max_rescored=config.max_rescored, max_length=export.max_length
+        )
+        seconds = time.perf_counter() - started
         logger.info(
-            "scorer %s loaded and warm in %.1f s (max_length %d)",
+            "scorer %s from %s loaded and warm in %.1f s (max_length %d)",
             scorer.name,
-            self.load_seconds,
+            export.path,
+            seconds,
             export.max_length,
         )
+        return _Loaded(export, tokenizer, scorer, batchers, ranking, seconds)
+
+    async def _serve(self, loaded: _Loaded) -> None:
+        """Starts a loaded model's batchers and makes it the one requests use."""
+        started: list[DynamicBatcher] = []
+        try:
+            for batcher in loaded.batchers:
+                await batcher.start()
+                started.append(batcher)
+        except BaseException:
+            for batcher in started:
+                await batcher.stop(drain=False)
+            raise
+        self._loaded = loaded
+        self.export, self.tokenizer, self.scorer = loaded.export, loaded.tokenizer, loaded.scorer
+        self.batchers, self.batcher = loaded.batchers, loaded.batchers[-1]
+        self.cascade, self.load_seconds = loaded.cascade, loaded.seconds
 
     async def start(self) -> None:
         """Loads, warms up and starts the batcher; records a load failure instead of raising."""
         try:
-            await asyncio.to_thread(self._load_blocking)
-            assert self.scorer is not None and self.tokenizer is not None
-            assert self.export is not None
-            self.batchers = [
-                DynamicBatcher(
-                    stage, self.tokenizer.encode, self.config.batcher, self.export.max_length
-                )
-                for stage in cascade.batched_stages(self.scorer)
-            ]
-            self.batcher = self.batchers[-1]
-            self.cascade = cascade.Cascade(
-                self.scorer,
-                self.batchers,
-                max_rescored=self.config.max_rescored,
-                max_length=self.export.max_length,
-            )
-            for batcher in self.batchers:
-                await batcher.start()
+            export_dir = self.config.export_dir
+            if self._prepare is not None:  # phase is "exporting" since __init__
+                export_dir = await asyncio.to_thread(self._prepare)
+            self.phase = "loading"
+            await self._serve(await asyncio.to_thread(self._load, export_dir))
             self.phase = "ready"
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
@@ -148,11 +181,50 @@ class ScoringRuntime:
         for batcher in self.batchers:
             await batcher.stop(drain=True, timeout=timeout)
 
+    async def reload(self, export_dir: Path) -> None:
+        """Switches to another export directory without failing a request: the new model is
+        loaded and warmed beside the serving one, then takes every new request; requests in
+        flight finish on the old one, whose batchers then drain and stop.
+
+        Raises:
+            ReloadError: not serving, or another reload is under way.
+            ExportDirError, ScorerError and the like: the directory cannot be served (the old
+                model keeps serving).
+        """
+        if self.phase != "ready" or self._loaded is None:
+            raise ReloadError(f"the runtime is {self.phase}, not serving: nothing to reload")
+        if self._reloading.locked():
+            raise ReloadError("another reload is under way")
+        async with self._reloading:
+            loaded = await asyncio.to_thread(self._load, export_dir)
+            old = self._loaded
+            await self._serve(loaded)
+            self.config = replace(self.config, export_dir=loaded.export.path)
+            logger.info("serving %s (was %s)", loaded.export.path, old.export.path)
+            await old.idle.wait()
+            for batcher in old.batchers:
+                await batcher.stop(drain=True)
+
+    @contextlib.contextmanager
+    def _in_use(self) -> Iterator[_Loaded]:
+        """The model a request uses from its start to its end, even if a reload switches."""
+        loaded = self._loaded
+        if loaded is None:
+            raise EngineStopped()
+        loaded.users += 1
+        loaded.idle.clear()
+        try:
+            yield loaded
+        finally:
+            loaded.users -= 1
+            if loaded.users == 0:
+                loaded.idle.set()
+
     async def score(
         self, pairs: Sequence[tuple[str, str]], *, deadline: float | None = None
     ) -> list[ScoredPair]:
-        assert self.batcher is not None
-        return await self.batcher.score(pairs, deadline=deadline)
+        with self._in_use() as loaded:
+            return await loaded.batchers[-1].score(pairs, deadline=deadline)
 
     async def rank(
         self, instruction: str, candidates: Sequence[str], *, deadline: float | None = None
@@ -168,14 +240,13 @@ class ScoringRuntime:
             DeadlineExceeded: the deadline passed, in any stage.
             and whatever `DynamicBatcher.score_encoded` raises.
         """
-        assert self.cascade is not None, "rank() before start()"
-        first = self.batchers[0]
         if deadline is None and self.config.batcher.default_timeout_s is not None:
             deadline = time.monotonic() + self.config.batcher.default_timeout_s
         slot_of: dict[str, int] = {}
         slots = [slot_of.setdefault(text, len(slot_of)) for text in candidates]
-        encoded = await first.encode([(instruction, text) for text in slot_of])
-        results = await self.cascade.rank(encoded, deadline=deadline)
+        with self._in_use() as loaded:  # one model's tokenizer and cascade throughout
+            encoded = await loaded.batchers[0].encode([(instruction, t) for t in slot_of])
+            results = await loaded.cascade.rank(encoded, deadline=deadline)
         return [results[slot] for slot in slots]
 
     def describe(self) -> dict[str, Any]:

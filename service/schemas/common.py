@@ -76,7 +76,9 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, object]]:
     descriptions = {
         400: "Invalid request (missing or empty field, wrong type, over a limit, bad JSON).",
         401: "Missing or invalid API key.",
+        403: "Not allowed (admin routes without API keys configured).",
         404: "Not found.",
+        409: "Conflict (another reload is under way, or nothing to reload).",
         413: "Request body or request too large.",
         429: "Overloaded: retry after the number of seconds in Retry-After.",
         500: "Internal error (no details are exposed).",
