@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 
 from adapt import sampling
-from adapt.cache import SampleCache, SampleRecord
+from adapt.cache import SampleRecord
 from adapt.errors import AdaptError
 from adapt.examples import Example, by_task, load_examples
 from adapt.labels import RougeL, mismatch_reference
@@ -204,43 +204,6 @@ class DataResult:
     manifest: dict[str, Any]
 
 
-async def _collect(
-    options: DataOptions,
-    examples: list[Example],
-    cache_path: Path,
-    transport: httpx.AsyncBaseTransport | None,
-) -> tuple[sampling.SamplingConfig, dict[str, list[SampleRecord]], sampling.CollectStats]:
-    assert options.upstream is not None
-    async with sampling.make_client(
-        options.upstream,
-        api_key=options.api_key,
-        concurrency=options.concurrency,
-        timeout_s=options.timeout_s,
-        transport=transport,
-    ) as client:
-        config = sampling.SamplingConfig(
-            model=await sampling.resolve_model(client, options.model),
-            endpoint=options.endpoint,
-            max_tokens=options.max_tokens,
-            logprobs=False,
-            send_top_k=options.send_top_k,
-            seed=options.seed,
-            samples_per_example=options.samples_per_example,
-        )
-        planned = sampling.plan(examples, config)
-        with SampleCache(cache_path, config.header()) as cache:
-            stats = await sampling.collect(
-                planned,
-                client,
-                cache,
-                config,
-                concurrency=options.concurrency,
-                max_failures=options.max_failures,
-                progress=options.progress,
-            )
-            return config, sampling.samples_by_example(planned, cache), stats
-
-
 def run(options: DataOptions, *, transport: httpx.AsyncBaseTransport | None = None) -> DataResult:
     """Builds the regression data; see the module docstring.
 
@@ -265,7 +228,16 @@ def run(options: DataOptions, *, transport: httpx.AsyncBaseTransport | None = No
             raise AdaptError(
                 "--upstream is required to collect LLM samples (or pass --samples-per-example 0)"
             )
-        config, samples, stats = asyncio.run(_collect(options, examples, cache_path, transport))
+        config, samples, stats = asyncio.run(
+            sampling.gather(
+                options,
+                examples,
+                cache_path,
+                transport,
+                logprobs=False,
+                samples_per_example=options.samples_per_example,
+            )
+        )
         sampling_info = config.header()
     instruction_of = {e.id: sampling.instruction_for(e, options.endpoint) for e in examples}
     pairs = build_pairs(

@@ -44,7 +44,7 @@ import httpx
 from tqdm import tqdm
 
 from adapt import sampling
-from adapt.cache import SampleCache, SampleRecord, read_cache
+from adapt.cache import SampleRecord, read_cache
 from adapt.data import write_atomic, write_jsonl_atomic
 from adapt.errors import AdaptError
 from adapt.examples import Example, load_examples
@@ -184,45 +184,6 @@ def aggregate(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, 
     return result
 
 
-async def _collect(
-    options: EvalOptions,
-    examples: list[Example],
-    cache_path: Path,
-    transport: httpx.AsyncBaseTransport | None,
-) -> tuple[sampling.SamplingConfig, dict[str, list[SampleRecord]], sampling.CollectStats]:
-    assert options.upstream is not None
-    async with sampling.make_client(
-        options.upstream,
-        api_key=options.api_key,
-        concurrency=options.concurrency,
-        timeout_s=options.timeout_s,
-        transport=transport,
-    ) as client:
-        recipe = Recipe.default()
-        config = sampling.SamplingConfig(
-            model=await sampling.resolve_model(client, options.model),
-            endpoint=options.endpoint,
-            max_tokens=options.max_tokens,
-            logprobs=True,
-            send_top_k=options.send_top_k,
-            seed=options.seed,
-            recipe=recipe,
-            samples_per_example=recipe.total,
-        )
-        planned = sampling.plan(examples, config)
-        with SampleCache(cache_path, config.header()) as cache:
-            stats = await sampling.collect(
-                planned,
-                client,
-                cache,
-                config,
-                concurrency=options.concurrency,
-                max_failures=options.max_failures,
-                progress=options.progress,
-            )
-            return config, sampling.samples_by_example(planned, cache), stats
-
-
 def _from_cache(
     examples: list[Example], cache_path: Path
 ) -> tuple[sampling.SamplingConfig, dict[str, list[SampleRecord]], sampling.CollectStats]:
@@ -266,7 +227,17 @@ def run(options: EvalOptions, *, transport: httpx.AsyncBaseTransport | None = No
             allow_ungated=options.allow_ungated,
         )
     if options.upstream:
-        config, samples, stats = asyncio.run(_collect(options, examples, cache_path, transport))
+        config, samples, stats = asyncio.run(
+            sampling.gather(
+                options,
+                examples,
+                cache_path,
+                transport,
+                logprobs=True,
+                samples_per_example=Recipe.default().total,
+                recipe=Recipe.default(),
+            )
+        )
     else:
         config, samples, stats = _from_cache(examples, cache_path)
     planned_per_example = sampling.plan_decodings(config.recipe, config.samples_per_example)

@@ -21,7 +21,8 @@ import math
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 import httpx
 from tqdm import tqdm
@@ -367,3 +368,63 @@ def samples_by_example(
         if record is not None:
             grouped[sample.example.id].append(record)
     return grouped
+
+
+class UpstreamOptions(Protocol):
+    """What a command says about the upstream and how to sample it (DataOptions, EvalOptions)."""
+
+    upstream: str | None
+    model: str | None
+    api_key: str | None
+    endpoint: Endpoint
+    max_tokens: int
+    send_top_k: bool
+    seed: int
+    concurrency: int
+    timeout_s: float
+    max_failures: int
+    progress: bool
+
+
+async def gather(
+    options: UpstreamOptions,
+    examples: list[Example],
+    cache_path: Path,
+    transport: httpx.AsyncBaseTransport | None,
+    *,
+    logprobs: bool,
+    samples_per_example: int,
+    recipe: Recipe | None = None,
+) -> tuple[SamplingConfig, dict[str, list[SampleRecord]], CollectStats]:
+    """Every example's samples from the upstream, through the cache (resumes where it stopped):
+    the one sampling path of `cappy adapt data` and `cappy eval`."""
+    assert options.upstream is not None
+    async with make_client(
+        options.upstream,
+        api_key=options.api_key,
+        concurrency=options.concurrency,
+        timeout_s=options.timeout_s,
+        transport=transport,
+    ) as client:
+        config = SamplingConfig(
+            model=await resolve_model(client, options.model),
+            endpoint=options.endpoint,
+            max_tokens=options.max_tokens,
+            logprobs=logprobs,
+            send_top_k=options.send_top_k,
+            seed=options.seed,
+            recipe=recipe or Recipe.default(),
+            samples_per_example=samples_per_example,
+        )
+        planned = plan(examples, config)
+        with SampleCache(cache_path, config.header()) as cache:
+            stats = await collect(
+                planned,
+                client,
+                cache,
+                config,
+                concurrency=options.concurrency,
+                max_failures=options.max_failures,
+                progress=options.progress,
+            )
+            return config, samples_by_example(planned, cache), stats
