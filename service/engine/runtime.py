@@ -1,5 +1,6 @@
-"""The scoring runtime: one export directory loaded into a tokenizer, a scorer and the dynamic
-batcher, with an explicit lifecycle (load and warm up, then serve; drain, then stop)."""
+"""The scoring runtime: one export directory loaded into a tokenizer, a scorer and its batchers,
+with an explicit lifecycle (load and warm up, then serve; switch to another export without
+failing a request; drain, then stop)."""
 
 from __future__ import annotations
 
