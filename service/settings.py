@@ -99,7 +99,7 @@ class Settings(BaseSettings):
         "Retry-After.",
     )
     max_queue_wait_s: float | None = Field(
-        5.0,
+        10.0,
         gt=0,
         le=3600,
         description="Longest expected queue wait (queued tokens at the model's recent pace) at "
