@@ -258,8 +258,25 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(handler=_eval)
 
 
-def _api_key(args: argparse.Namespace) -> str | None:
-    return os.environ.get(args.api_key_env) or None
+def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options `cappy adapt data` and `cappy eval` share: which examples, which upstream,
+    how to sample it. The key comes from the environment only, never from a flag."""
+    return {
+        "upstream": args.upstream,
+        "model": args.model,
+        "api_key": os.environ.get(args.api_key_env) or None,
+        "split": args.split,
+        "tasks": args.tasks,
+        "examples_per_task": args.examples_per_task,
+        "max_tokens": args.max_tokens,
+        "endpoint": args.endpoint,
+        "send_top_k": args.send_top_k,
+        "seed": args.seed,
+        "concurrency": args.concurrency,
+        "timeout_s": args.timeout,
+        "max_failures": args.max_failures,
+        "progress": not args.quiet,
+    }
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -269,23 +286,10 @@ def _data(args: argparse.Namespace) -> int:
         DataOptions(
             train=args.train,
             out=args.out,
-            upstream=args.upstream,
-            model=args.model,
-            api_key=_api_key(args),
-            split=args.split,
-            tasks=args.tasks,
-            examples_per_task=args.examples_per_task,
             samples_per_example=args.samples_per_example,
             mismatch=args.mismatch,
-            max_tokens=args.max_tokens,
-            endpoint=args.endpoint,
-            send_top_k=args.send_top_k,
-            seed=args.seed,
-            concurrency=args.concurrency,
-            timeout_s=args.timeout,
-            max_failures=args.max_failures,
             cache=args.cache,
-            progress=not args.quiet,
+            **_sampling_options(args),
         )
     )
     manifest = result.manifest
@@ -335,24 +339,11 @@ def _eval(args: argparse.Namespace) -> int:
             out=args.out,
             scorer=args.scorer,
             samples=args.samples,
-            upstream=args.upstream,
-            model=args.model,
-            api_key=_api_key(args),
-            split=args.split,
-            tasks=args.tasks,
-            examples_per_task=args.examples_per_task,
-            max_tokens=args.max_tokens,
-            endpoint=args.endpoint,
-            send_top_k=args.send_top_k,
-            seed=args.seed,
-            concurrency=args.concurrency,
-            timeout_s=args.timeout,
-            max_failures=args.max_failures,
             engine=args.engine,
             precision=args.precision,
             threads=args.threads,
             allow_ungated=args.allow_ungated,
-            progress=not args.quiet,
+            **_sampling_options(args),
         )
     )
     print(result.markdown.read_text(), end="")
