@@ -19,7 +19,7 @@ log() { echo "[$(date -u +%FT%TZ)] $*" | tee -a $RUNS/run.log; }
 
 start_server() {  # port, extra flags
   local port=$1; shift
-  nice -n 10 $PY -m llama_cpp.server --model "$GGUF" --model_alias $ALIAS --host 127.0.0.1 \
+  nice -n 10 $PY -m loadtests.llama_upstream --model "$GGUF" --model_alias $ALIAS --host 127.0.0.1 \
     --port $port --n_ctx 2048 --n_threads 2 "$@" > $RUNS/llama-$port.log 2>&1 &
   echo $! > $RUNS/llama.pid
   for _ in $(seq 240); do
