@@ -5,14 +5,20 @@ transformers are imported only by `adapt train`."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from adapt.errors import AdaptError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_Options = TypeVar("_Options", bound="DataclassInstance")
 
 API_KEY_ENV = "CAPPY_UPSTREAM_API_KEY"
 # What the `adapt` extra installs (pyproject.toml).
@@ -258,23 +264,23 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(handler=_eval)
 
 
+def _options(cls: type[_Options], args: argparse.Namespace, **derived: Any) -> _Options:
+    """A command's options dataclass, each field from the flag of the same name; `derived` gives
+    the fields that no flag names directly."""
+    return cls(
+        **{
+            f.name: derived[f.name] if f.name in derived else getattr(args, f.name)
+            for f in dataclasses.fields(cls)
+        }
+    )
+
+
 def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The options `cappy adapt data` and `cappy eval` share: which examples, which upstream,
-    how to sample it. The key comes from the environment only, never from a flag."""
+    """The fields `cappy adapt data` and `cappy eval` share that no flag names directly. The key
+    comes from the environment only, never from a flag."""
     return {
-        "upstream": args.upstream,
-        "model": args.model,
         "api_key": os.environ.get(args.api_key_env) or None,
-        "split": args.split,
-        "tasks": args.tasks,
-        "examples_per_task": args.examples_per_task,
-        "max_tokens": args.max_tokens,
-        "endpoint": args.endpoint,
-        "send_top_k": args.send_top_k,
-        "seed": args.seed,
-        "concurrency": args.concurrency,
         "timeout_s": args.timeout,
-        "max_failures": args.max_failures,
         "progress": not args.quiet,
     }
 
@@ -282,16 +288,7 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
 def _data(args: argparse.Namespace) -> int:
     from adapt.data import DataOptions, run
 
-    result = run(
-        DataOptions(
-            train=args.train,
-            out=args.out,
-            samples_per_example=args.samples_per_example,
-            mismatch=args.mismatch,
-            cache=args.cache,
-            **_sampling_options(args),
-        )
-    )
+    result = run(_options(DataOptions, args, **_sampling_options(args)))
     manifest = result.manifest
     keys = ("examples", "pairs", "pairs_by_source", "samples", "cache")
     print(json.dumps({"out": str(result.out), **{k: manifest[k] for k in keys}}))
@@ -307,15 +304,7 @@ def _train(args: argparse.Namespace) -> int:
     hf_logging.set_verbosity_error()
     if args.quiet:
         hf_logging.disable_progress_bar()
-    options = TrainOptions(
-        **{
-            name: getattr(args, name)
-            for name in TrainOptions.__dataclass_fields__
-            if name != "progress"
-        },
-        progress=not args.quiet,
-    )
-    result = train(options)
+    result = train(_options(TrainOptions, args, progress=not args.quiet))
     if result.out is None:  # not the main process of a distributed run
         return 0
     summary: dict[str, Any] = {
@@ -333,19 +322,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from adapt.evaluate import EvalOptions, run
 
-    result = run(
-        EvalOptions(
-            data=args.data,
-            out=args.out,
-            scorer=args.scorer,
-            samples=args.samples,
-            engine=args.engine,
-            precision=args.precision,
-            threads=args.threads,
-            allow_ungated=args.allow_ungated,
-            **_sampling_options(args),
-        )
-    )
+    result = run(_options(EvalOptions, args, **_sampling_options(args)))
     print(result.markdown.read_text(), end="")
     print(f"wrote {result.markdown}, {result.json}, {result.chart}", file=sys.stderr)
     return 0

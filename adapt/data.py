@@ -24,7 +24,7 @@ import random
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -172,29 +172,15 @@ def read_pairs(path: Path) -> list[Pair]:
     return pairs
 
 
-@dataclass
-class DataOptions:
+@dataclass(kw_only=True)
+class DataOptions(sampling.SamplingOptions):
     """`cappy adapt data` options (see adapt.cli for each flag's meaning)."""
 
     train: Path
     out: Path
-    upstream: str | None = None
-    model: str | None = None
-    api_key: str | None = field(default=None, repr=False)
-    split: str | None = None
-    tasks: list[str] | None = None
-    examples_per_task: int | None = None
     samples_per_example: int = 8
     mismatch: bool = True
-    max_tokens: int = 64
-    endpoint: sampling.Endpoint = "chat"
-    send_top_k: bool = True
-    seed: int = 0
-    concurrency: int = 1
-    timeout_s: float = 120.0
-    max_failures: int = 50
     cache: Path | None = None
-    progress: bool = True
 
 
 @dataclass

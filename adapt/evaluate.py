@@ -35,7 +35,7 @@ import random
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -66,32 +66,18 @@ SUBSET_METHODS = ("cappy", "self_scoring")
 OVERALL = "overall"
 
 
-@dataclass
-class EvalOptions:
+@dataclass(kw_only=True)
+class EvalOptions(sampling.SamplingOptions):
     """`cappy eval` options (see adapt.cli for each flag)."""
 
     data: Path
     out: Path
     scorer: Path | None = None
     samples: Path | None = None  # the cache; default OUT/samples.jsonl
-    upstream: str | None = None
-    model: str | None = None
-    api_key: str | None = field(default=None, repr=False)
-    split: str | None = None
-    tasks: list[str] | None = None
-    examples_per_task: int | None = None
-    max_tokens: int = 64
-    endpoint: sampling.Endpoint = "chat"
-    send_top_k: bool = True
-    seed: int = 0
-    concurrency: int = 1
-    timeout_s: float = 120.0
-    max_failures: int = 50
     engine: str = "onnxruntime"
     precision: str = "fp32"
     threads: int | None = None
     allow_ungated: bool = False
-    progress: bool = True
 
 
 @dataclass

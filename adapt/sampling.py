@@ -22,7 +22,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import httpx
 from tqdm import tqdm
@@ -370,24 +370,30 @@ def samples_by_example(
     return grouped
 
 
-class UpstreamOptions(Protocol):
-    """What a command says about the upstream and how to sample it (DataOptions, EvalOptions)."""
+@dataclass(kw_only=True)
+class SamplingOptions:
+    """The options `cappy adapt data` and `cappy eval` share: which examples, which upstream,
+    how to sample it (see adapt.cli for each flag). Keyword-only, so that each command's own
+    options, some of them required, can follow these defaulted ones."""
 
-    upstream: str | None
-    model: str | None
-    api_key: str | None
-    endpoint: Endpoint
-    max_tokens: int
-    send_top_k: bool
-    seed: int
-    concurrency: int
-    timeout_s: float
-    max_failures: int
-    progress: bool
+    upstream: str | None = None
+    model: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    split: str | None = None
+    tasks: list[str] | None = None
+    examples_per_task: int | None = None
+    max_tokens: int = 64
+    endpoint: Endpoint = "chat"
+    send_top_k: bool = True
+    seed: int = 0
+    concurrency: int = 1
+    timeout_s: float = 120.0
+    max_failures: int = 50
+    progress: bool = True
 
 
 async def gather(
-    options: UpstreamOptions,
+    options: SamplingOptions,
     examples: list[Example],
     cache_path: Path,
     transport: httpx.AsyncBaseTransport | None,
