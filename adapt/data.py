@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from adapt import sampling
+from adapt import planning, sampling
 from adapt.cache import SampleRecord
 from adapt.errors import AdaptError
 from adapt.examples import Example, by_task, load_examples
@@ -203,7 +203,7 @@ def run(options: DataOptions, *, transport: httpx.AsyncBaseTransport | None = No
         examples_per_task=options.examples_per_task,
     )
     # Validate the sample count before any call is made.
-    sampling.plan_decodings(Recipe.default(), options.samples_per_example)
+    planning.plan_decodings(Recipe.default(), options.samples_per_example)
     options.out.mkdir(parents=True, exist_ok=True)
     cache_path = options.cache or options.out / CACHE_FILE
     samples: dict[str, list[SampleRecord]] = {}
@@ -225,7 +225,7 @@ def run(options: DataOptions, *, transport: httpx.AsyncBaseTransport | None = No
             )
         )
         sampling_info = config.header()
-    instruction_of = {e.id: sampling.instruction_for(e, options.endpoint) for e in examples}
+    instruction_of = {e.id: planning.instruction_for(e, options.endpoint) for e in examples}
     pairs = build_pairs(
         examples,
         samples,

@@ -30,11 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import random
-import statistics
-from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,27 +40,22 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from adapt import sampling
+from adapt import planning, sampling
 from adapt.cache import SampleRecord, read_cache
 from adapt.data import write_atomic, write_jsonl_atomic
 from adapt.errors import AdaptError
 from adapt.examples import Example, load_examples
 from adapt.labels import RougeL
-from service.upstream.best_of_n import argmax_first
+from adapt.selection import (
+    METHOD_NAMES,
+    METHODS,
+    OVERALL,
+    SUBSET_METHODS,
+    SUBSET_SIZES,
+    aggregate,
+    picks,
+)
 from service.upstream.recipe import Recipe
-
-METHODS = ("nucleus", "greedy", "self_scoring", "random", "oracle", "cappy")
-METHOD_NAMES = {
-    "nucleus": "Nucleus (1st sample)",
-    "greedy": "Greedy",
-    "self_scoring": "Self-scoring",
-    "random": "Random",
-    "oracle": "Oracle",
-    "cappy": "Cappy",
-}
-SUBSET_SIZES = (1, 4, 17)
-SUBSET_METHODS = ("cappy", "self_scoring")
-OVERALL = "overall"
 
 
 @dataclass(kw_only=True)
@@ -89,93 +81,12 @@ class EvalResult:
     per_example: Path
 
 
-def _first_index(records: Sequence[SampleRecord], names: set[str]) -> int | None:
-    return next((i for i, r in enumerate(records) if r.decoding in names), None)
-
-
-def subset_order(records: Sequence[SampleRecord], nucleus: set[str]) -> list[int]:
-    """Sample indices, nucleus samples first, then the rest in recipe order."""
-    first = [i for i, r in enumerate(records) if r.decoding in nucleus]
-    return first + [i for i in range(len(records)) if i not in set(first)]
-
-
-def _argmax(values: Sequence[float | None], among: Sequence[int]) -> int | None:
-    """The index in `among` with the highest value (ties: the first); None when no value is
-    known (no log-probabilities, no scores)."""
-    if all(values[i] is None for i in among):
-        return None
-    keyed = [v if (v := values[i]) is not None else -math.inf for i in among]
-    return among[argmax_first(keyed)]
-
-
-def picks(
-    records: Sequence[SampleRecord],
-    rouge: Sequence[float],
-    cappy: Sequence[float] | None,
-    *,
-    nucleus: set[str],
-    greedy: set[str],
-    rng: random.Random,
-) -> dict[str, int | None]:
-    """Each method's chosen sample index for one example (None: the method cannot choose)."""
-    n = len(records)
-    everything = list(range(n))
-    logprobs = [r.mean_logprob for r in records]
-    order = subset_order(records, nucleus)
-    chosen: dict[str, int | None] = {
-        "nucleus": _first_index(records, nucleus),
-        "greedy": _first_index(records, greedy),
-        "self_scoring": _argmax(logprobs, everything),
-        "random": rng.randrange(n),
-        "oracle": _argmax(list(rouge), everything),
-        "cappy": _argmax(list(cappy), everything) if cappy is not None else None,
-    }
-    for k in SUBSET_SIZES:
-        # In recipe order, so that ties go to the first in recipe order, as the proxy breaks them.
-        among = sorted(order[:k]) if k <= n else []
-        chosen[f"self_scoring@{k}"] = _argmax(logprobs, among)
-        chosen[f"cappy@{k}"] = _argmax(list(cappy), among) if cappy is not None else None
-    return chosen
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return statistics.fmean(values) if values else None
-
-
-def aggregate(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
-    """Per task and overall means (x 100) of each key's picked Rouge-L; None where a method
-    could not choose for some example of the group."""
-    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        by_task[row["task"]].append(row)
-    result: dict[str, Any] = {}
-    for key in keys:
-        per_task: dict[str, float | None] = {}
-        for task, task_rows in by_task.items():
-            values = [r["picked_rouge"][key] for r in task_rows]
-            per_task[task] = (
-                None if any(v is None for v in values) else 100 * statistics.fmean(values)
-            )
-        task_means = list(per_task.values())
-        every = [r["picked_rouge"][key] for r in rows]
-        result[key] = {
-            OVERALL: None
-            if any(v is None for v in task_means)
-            else _mean([v for v in task_means if v is not None]),
-            "overall_examples": None
-            if any(v is None for v in every)
-            else 100 * statistics.fmean(every),
-            "per_task": per_task,
-        }
-    return result
-
-
 def _from_cache(
     examples: list[Example], cache_path: Path
-) -> tuple[sampling.SamplingConfig, dict[str, list[SampleRecord]], sampling.CollectStats]:
+) -> tuple[planning.SamplingConfig, dict[str, list[SampleRecord]], sampling.CollectStats]:
     header, records = read_cache(cache_path)
-    config = sampling.SamplingConfig.from_header(header)
-    planned = sampling.plan(examples, config)
+    config = planning.SamplingConfig.from_header(header)
+    planned = planning.plan(examples, config)
     missing = sum(1 for s in planned if s.key not in records)
     if missing:
         raise AdaptError(
@@ -226,7 +137,7 @@ def run(options: EvalOptions, *, transport: httpx.AsyncBaseTransport | None = No
         )
     else:
         config, samples, stats = _from_cache(examples, cache_path)
-    planned_per_example = sampling.plan_decodings(config.recipe, config.samples_per_example)
+    planned_per_example = planning.plan_decodings(config.recipe, config.samples_per_example)
     complete = [e for e in examples if len(samples.get(e.id, [])) == len(planned_per_example)]
     complete_ids = {e.id for e in complete}
     incomplete = [e.id for e in examples if e.id not in complete_ids]
@@ -240,7 +151,7 @@ def run(options: EvalOptions, *, transport: httpx.AsyncBaseTransport | None = No
     }
     greedy = {d.name for d in config.recipe.decodings if d.is_greedy}
     rouge = RougeL()
-    instructions = {e.id: sampling.instruction_for(e, config.endpoint) for e in complete}
+    instructions = {e.id: planning.instruction_for(e, config.endpoint) for e in complete}
     cappy_scores: dict[str, list[float]] = {}
     if scorer is not None:
         flat = [(instructions[e.id], r.text) for e in complete for r in samples[e.id]]

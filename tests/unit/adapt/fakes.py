@@ -16,9 +16,20 @@ from typing import Any
 
 import httpx
 
+from adapt.examples import Example
+from adapt.planning import SamplingConfig
+
 BASE = "http://upstream.test/v1"
 MODEL = "fake-llm"
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon"]
+EXAMPLES = [Example(f"e{i}", f"Question {i}?", ("alpha beta",), "t") for i in range(5)]
+
+
+def sampling_config(**overrides: Any) -> SamplingConfig:
+    """A small run's configuration against the fake: 4 samples per example of 8 tokens."""
+    return SamplingConfig(
+        **{"model": MODEL, "samples_per_example": 4, "max_tokens": 8, **overrides}
+    )
 
 
 class Crash(Exception):

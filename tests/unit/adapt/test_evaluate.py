@@ -4,24 +4,20 @@ what each method picks, the oracle's ceiling, and re-evaluating from the cache a
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from adapt.cache import SampleRecord
 from adapt.errors import AdaptError
-from adapt.evaluate import METHODS, OVERALL, EvalOptions, picks, run
+from adapt.evaluate import EvalOptions, run
+from adapt.selection import METHODS, OVERALL
 from tests.unit.adapt.fakes import BASE, FakeUpstream, toy_examples, write_examples
 
 
 @pytest.fixture(scope="module")
-def scorer(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from model_export.pipeline import ExportOptions, export
-
-    out = tmp_path_factory.mktemp("eval-export") / "tiny"
-    export(ExportOptions(model=str(tiny_checkpoint), out=out, fp16=False, progress=False))
-    return out
+def scorer(tiny_export: Path) -> Path:
+    return tiny_export
 
 
 @pytest.fixture(scope="module")
@@ -93,45 +89,28 @@ def test_each_pick_is_what_its_method_says(first_run) -> None:
             assert row["picked_rouge"][method] == rouge[index]
 
 
+def _from_cache(options: EvalOptions, out: Path, **overrides: Any) -> EvalOptions:
+    """Options that evaluate the first run's sample cache alone (no upstream)."""
+    values = {"split": "test", "progress": False, **overrides}
+    return EvalOptions(data=options.data, out=out, samples=options.out / "samples.jsonl", **values)
+
+
 def test_a_new_scorer_on_the_cache_alone(first_run, scorer: Path, tmp_path: Path) -> None:
     _, options, first = first_run
     again = run(
-        EvalOptions(
-            data=options.data,
-            out=tmp_path / "again",
-            scorer=scorer,
-            samples=options.out / "samples.jsonl",
-            split="test",
-            progress=False,
-        ),
+        _from_cache(options, tmp_path / "again", scorer=scorer),
         transport=None,  # no upstream: nothing may be called
     )
     assert again.report["methods"] == first.report["methods"]
     assert again.report["samples"]["fetched"] == 0
     # Without a scorer: the LLM-only methods, Cappy left out.
-    bare = run(
-        EvalOptions(
-            data=options.data,
-            out=tmp_path / "bare",
-            samples=options.out / "samples.jsonl",
-            split="test",
-            progress=False,
-        )
-    )
+    bare = run(_from_cache(options, tmp_path / "bare"))
     assert bare.report["methods"]["cappy"][OVERALL] is None
     assert bare.report["methods"]["oracle"] == first.report["methods"]["oracle"]
     assert "n/a" in bare.markdown.read_text()
     # Examples the cache holds no samples for: refused, the LLM is not called.
     with pytest.raises(AdaptError, match="not in the cache"):
-        run(
-            EvalOptions(
-                data=options.data,
-                out=tmp_path / "other",
-                samples=options.out / "samples.jsonl",
-                split="train",
-                progress=False,
-            )
-        )
+        run(_from_cache(options, tmp_path / "other", split="train"))
 
 
 def test_a_bad_scorer_fails_before_any_llm_call(test_file: Path, tmp_path: Path) -> None:
@@ -142,22 +121,3 @@ def test_a_bad_scorer_fails_before_any_llm_call(test_file: Path, tmp_path: Path)
             transport=fake.transport(),
         )
     assert fake.bodies == []
-
-
-def test_picks_without_logprobs_or_scores() -> None:
-    records = [
-        SampleRecord("e", d, 0, i, f"t{i}", logprobs=None)
-        for i, d in enumerate(["sampling", "top_p_0.95", "greedy"])
-    ]
-    chosen = picks(
-        records,
-        [0.1, 0.5, 0.5],
-        None,
-        nucleus={"top_p_0.95"},
-        greedy={"greedy"},
-        rng=random.Random(0),
-    )
-    assert chosen["self_scoring"] is None and chosen["cappy"] is None
-    assert chosen["oracle"] == 1  # ties: the first
-    assert (chosen["nucleus"], chosen["greedy"]) == (1, 2)
-    assert chosen["cappy@17"] is None and chosen["self_scoring@4"] is None

@@ -1,88 +1,33 @@
-"""Collecting samples through the proxy's recipe and client: the plan, the seeds, the request
-bodies, and resuming after a crash without asking the upstream twice for any answer it gave."""
+"""Collecting samples through the proxy's client: parsing the answers, and resuming after a crash
+without asking the upstream twice for any answer it gave."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from adapt import sampling
+from adapt import planning, sampling
 from adapt.cache import SampleCache
 from adapt.errors import AdaptError
-from adapt.examples import Example
-from service.upstream.recipe import PAPER_DECODINGS, Recipe
-from tests.unit.adapt.fakes import BASE, MODEL, Crash, FakeUpstream, answer_text
-
-EXAMPLES = [Example(f"e{i}", f"Question {i}?", ("alpha beta",), "t") for i in range(5)]
-
-
-def _config(**overrides: object) -> sampling.SamplingConfig:
-    values: dict[str, object] = {"model": MODEL, "samples_per_example": 4, "max_tokens": 8}
-    values.update(overrides)
-    return sampling.SamplingConfig(**values)  # type: ignore[arg-type]
-
-
-def test_plan_decodings_round_robin_over_the_recipe() -> None:
-    recipe = Recipe.default()
-    full = sampling.plan_decodings(recipe, 17)
-    assert [(d.name, k) for d, k in full] == [
-        (d.name, k) for d in PAPER_DECODINGS for k in range(d.count)
-    ]
-    eight = Counter(d.name for d, _ in sampling.plan_decodings(recipe, 8))
-    assert eight == {
-        "sampling": 2,
-        "temperature_0.9": 2,
-        "top_k_40": 2,
-        "top_p_0.95": 1,
-        "greedy": 1,
-    }
-    assert sampling.plan_decodings(recipe, 0) == []
-    with pytest.raises(AdaptError, match="between 0 and 17"):
-        sampling.plan_decodings(recipe, 18)
-
-
-def test_every_call_has_its_own_stable_seed() -> None:
-    config = _config(samples_per_example=17)
-    planned = sampling.plan(EXAMPLES, config)
-    assert len(planned) == 5 * 17
-    assert len({s.seed for s in planned}) == len(planned)
-    assert [s.seed for s in sampling.plan(EXAMPLES, config)] == [s.seed for s in planned]
-    other = sampling.plan(EXAMPLES, _config(samples_per_example=17, seed=1))
-    assert {s.seed for s in other}.isdisjoint({s.seed for s in planned})
-
-
-def test_request_bodies_follow_the_recipe() -> None:
-    config = _config(samples_per_example=17, logprobs=True)
-    by_name = {s.decoding.name: s for s in sampling.plan(EXAMPLES[:1], config)}
-    top_k = sampling.build_body(by_name["top_k_40"], config)
-    assert top_k == {
-        "model": MODEL,
-        "max_tokens": 8,
-        "messages": [{"role": "user", "content": "Question 0?"}],
-        "temperature": 1.0,
-        "top_p": 1.0,
-        "top_k": 40,
-        "seed": by_name["top_k_40"].seed,
-        "logprobs": True,
-        "top_logprobs": 1,
-    }
-    greedy = sampling.build_body(by_name["greedy"], config)
-    assert greedy["temperature"] == 0.0 and "top_p" not in greedy
-    no_top_k = _config(samples_per_example=17, send_top_k=False, endpoint="completions")
-    body = sampling.build_body(by_name["top_k_40"], no_top_k)
-    assert "top_k" not in body and body["prompt"] == "Question 0?" and "logprobs" not in body
-    assert sampling.instruction_for(EXAMPLES[0], "chat") == "Question 0?"
+from tests.unit.adapt.fakes import (
+    BASE,
+    EXAMPLES,
+    MODEL,
+    Crash,
+    FakeUpstream,
+    answer_text,
+    sampling_config,
+)
 
 
 def test_answers_are_parsed_with_their_logprobs() -> None:
     fake = FakeUpstream()
-    sample = sampling.plan(EXAMPLES[:1], _config())[0]
+    sample = planning.plan(EXAMPLES[:1], sampling_config())[0]
     for endpoint, path in (("chat", "/v1/chat/completions"), ("completions", "/v1/completions")):
-        body = sampling.build_body(sample, _config(logprobs=True, endpoint=endpoint))
+        body = planning.build_body(sample, sampling_config(logprobs=True, endpoint=endpoint))
         _, payload = fake.respond(path, body)
         record = sampling.parse_answer(sample, payload, endpoint)  # type: ignore[arg-type]
         assert record.text == answer_text(sample.seed)
@@ -94,9 +39,9 @@ def test_answers_are_parsed_with_their_logprobs() -> None:
 
 
 async def _collect(
-    fake: FakeUpstream, cache_path: Path, config: sampling.SamplingConfig, **kwargs: object
+    fake: FakeUpstream, cache_path: Path, config: planning.SamplingConfig, **kwargs: object
 ) -> sampling.CollectStats:
-    planned = sampling.plan(EXAMPLES, config)
+    planned = planning.plan(EXAMPLES, config)
     async with sampling.make_client(BASE, transport=fake.transport()) as client:
         with SampleCache(cache_path, config.header()) as cache:
             return await sampling.collect(
@@ -109,12 +54,18 @@ async def _collect(
             )
 
 
-def test_resume_after_a_crash_asks_nothing_twice(tmp_path: Path) -> None:
-    cache = tmp_path / "cache.jsonl"
-    config = _config()
-    crashing = FakeUpstream(crash_after=7)
+def _crashed(answers: int, cache: Path, config: planning.SamplingConfig) -> FakeUpstream:
+    """The upstream of a collection that crashed after `answers` answers."""
+    crashing = FakeUpstream(crash_after=answers)
     with pytest.raises(Crash):
         asyncio.run(_collect(crashing, cache, config))
+    return crashing
+
+
+def test_resume_after_a_crash_asks_nothing_twice(tmp_path: Path) -> None:
+    cache = tmp_path / "cache.jsonl"
+    config = sampling_config()
+    crashing = _crashed(7, cache, config)
     assert crashing.answered == 7
     resumed = FakeUpstream()
     stats = asyncio.run(_collect(resumed, cache, config))
@@ -130,10 +81,8 @@ def test_resume_after_a_crash_asks_nothing_twice(tmp_path: Path) -> None:
 
 def test_resume_after_a_torn_write_asks_only_the_torn_sample_again(tmp_path: Path) -> None:
     cache = tmp_path / "cache.jsonl"
-    config = _config()
-    first = FakeUpstream(crash_after=6)
-    with pytest.raises(Crash):
-        asyncio.run(_collect(first, cache, config))
+    config = sampling_config()
+    first = _crashed(6, cache, config)
     lines = cache.read_bytes().splitlines(keepends=True)
     torn = json.loads(lines[-1])
     cache.write_bytes(b"".join(lines[:-1]) + lines[-1][:30])  # the last answer, half written
@@ -146,8 +95,8 @@ def test_resume_after_a_torn_write_asks_only_the_torn_sample_again(tmp_path: Pat
 
 def test_failed_calls_are_not_cached_and_asked_again(tmp_path: Path) -> None:
     cache = tmp_path / "cache.jsonl"
-    config = _config()
-    planned = sampling.plan(EXAMPLES, config)
+    config = sampling_config()
+    planned = planning.plan(EXAMPLES, config)
     bad = {planned[3].seed, planned[11].seed}
     failing = FakeUpstream(fail=lambda body: 400 if body["seed"] in bad else None)
     stats = asyncio.run(_collect(failing, cache, config))
@@ -160,14 +109,14 @@ def test_failed_calls_are_not_cached_and_asked_again(tmp_path: Path) -> None:
 def test_too_many_failures_stop_the_run(tmp_path: Path) -> None:
     down = FakeUpstream(fail=lambda _body: 400)
     with pytest.raises(AdaptError, match="4 upstream calls failed"):
-        asyncio.run(_collect(down, tmp_path / "cache.jsonl", _config(), max_failures=3))
+        asyncio.run(_collect(down, tmp_path / "cache.jsonl", sampling_config(), max_failures=3))
     assert len(down.bodies) == 4
 
 
 def test_concurrent_collection_caches_every_answer_once(tmp_path: Path) -> None:
     fake = FakeUpstream()
     cache = tmp_path / "cache.jsonl"
-    stats = asyncio.run(_collect(fake, cache, _config(), concurrency=4))
+    stats = asyncio.run(_collect(fake, cache, sampling_config(), concurrency=4))
     assert stats.fetched == 20 and set(fake.calls.values()) == {1}
     assert len(cache.read_text().splitlines()) == 21
 
