@@ -1,12 +1,13 @@
-"""The dynamic batcher: admission, the consumer that turns the queue into model batches, the
-worker threads, and the answer of each request in the caller's order. The queue itself and the
-forming of a batch are plain, synchronous code in queue.py.
+"""The dynamic batcher: the consumer that turns the queue into model batches, the worker
+threads, and the answer of each request in the caller's order. The queue itself and the forming
+of a batch (queue.py) and admission to the queue (admission.py) are plain, synchronous code.
 
 How a request travels:
 
 1. `score()` tokenizes the request's pairs off the event loop (`encode`); `score_encoded()`
-   refuses it at once when the queue is full or its expected wait too long (`Overloaded`), or
-   when it alone would outlast its deadline (`RequestTooLarge`), and queues one item per pair.
+   asks admission (`Admission.admit`), which refuses it at once when the queue is full or its
+   expected wait too long (`Overloaded`), or when it alone would outlast its deadline
+   (`RequestTooLarge`); an admitted request is queued, one item per pair.
 2. One consumer task takes batches from the queue (`PairQueue.take_batch`: the oldest pair plus
    the neighbours in length that add the least padding, within the budget). Items whose request
    was cancelled or whose deadline passed are dropped there, before they reach the model.
@@ -33,14 +34,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from service import metrics
-from service.engine.errors import (
-    DeadlineExceeded,
-    EngineError,
-    EngineStopped,
-    InferenceFailed,
-    Overloaded,
-    RequestTooLarge,
-)
+from service.engine.admission import Admission
+from service.engine.errors import DeadlineExceeded, EngineError, EngineStopped, InferenceFailed
 from service.engine.queue import Item, PairQueue, QueuedRequest
 from service.engine.types import EncodedPair, Scorer, pad_batch
 
@@ -49,11 +44,6 @@ logger = logging.getLogger(__name__)
 Encoder = Callable[[Sequence[tuple[str, str]]], list[EncodedPair]]
 _T = TypeVar("_T")
 
-# Weight of the newest batch in the pace averages behind admission and Retry-After.
-_THROUGHPUT_ALPHA = 0.2
-_RETRY_AFTER_MIN_S = 0.1
-_RETRY_AFTER_MAX_S = 60.0
-_RETRY_AFTER_UNKNOWN_S = 1.0
 # Padding tolerance on CPU when none is configured: measured best on the MiniLM benchmark
 # (0.1 against 0.25 and 0.5, at concurrency 32 and at concurrency 1).
 CPU_PADDING_TOLERANCE = 0.1
@@ -267,6 +257,12 @@ class DynamicBatcher:
             cross_request=self._config.cross_request,
             expire=self._expire,
         )
+        self._admission = Admission(
+            self._queue,
+            max_queue_tokens=self._config.max_queue_tokens,
+            max_queue_wait_s=self._config.max_queue_wait_s,
+            default_timeout_s=self._config.default_timeout_s,
+        )
         self._requests: set[_Request] = set()
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -276,12 +272,6 @@ class DynamicBatcher:
         self._in_flight = 0
         self._batches_run = 0
         self._pairs_scored = 0
-        # The pace of the whole model (every stream, re-scoring turns included): real tokens
-        # and busy seconds, each averaged over recent batches. A batch's busy seconds run from
-        # the last completion (or its own start, after an idle spell) to its own completion.
-        self._pace_tokens = 0.0
-        self._pace_seconds = 0.0
-        self._pace_mark: float | None = None
 
     # --- public API -----------------------------------------------------------------------------
 
@@ -312,20 +302,12 @@ class DynamicBatcher:
     def is_overloaded(self) -> bool:
         """Whether the queue is full, or its expected wait too long, so that any new request
         would be refused."""
-        return self._overload_retry_after(0) is not None
+        return self._admission.retry_after(0) is not None
 
     def expected_wait(self, tokens: int | None = None) -> float | None:
         """Seconds the model needs for `tokens` (default: the queued tokens) at its recent pace
         with every stream busy; None before the first batch has run."""
-        rate = self._tokens_per_second()
-        if not rate:
-            return None
-        return (self._queue.tokens if tokens is None else tokens) / rate
-
-    def _tokens_per_second(self) -> float | None:
-        if self._pace_seconds <= 0:
-            return None
-        return self._pace_tokens / self._pace_seconds
+        return self._admission.expected_wait(tokens)
 
     def stats(self) -> BatcherStats:
         """A snapshot of the queue and of recent throughput."""
@@ -338,7 +320,7 @@ class DynamicBatcher:
             batches_in_flight=self._in_flight,
             batches_run=self._batches_run,
             pairs_scored=self._pairs_scored,
-            tokens_per_second=self._tokens_per_second(),
+            tokens_per_second=self._admission.pace.tokens_per_second(),
         )
 
     async def start(self) -> None:
@@ -433,10 +415,8 @@ class DynamicBatcher:
             raise EngineStopped()
         if not pairs:
             return []
-        deadline = self._deadline(deadline)
-        refusal = self._overload_retry_after(0)
-        if refusal is not None:  # before tokenizing: a full queue costs the caller nothing
-            raise self._overloaded(refusal)
+        deadline = self._admission.deadline(deadline)
+        self._admission.check_queue()  # before tokenizing: a full queue costs the caller nothing
         return await self.score_encoded(await self.encode(pairs), deadline=deadline)
 
     async def encode(self, pairs: Sequence[tuple[str, str]]) -> list[EncodedPair]:
@@ -458,32 +438,9 @@ class DynamicBatcher:
         if not encoded:
             return []
         encoded = list(encoded)
-        config = self._config
-        deadline = self._deadline(deadline)
+        deadline = self._admission.deadline(deadline)
         tokens = sum(pair.length for pair in encoded)
-        if tokens > config.max_queue_tokens:
-            metrics.REQUESTS_REJECTED.labels(reason="too_large").inc()
-            raise RequestTooLarge(tokens, config.max_queue_tokens)
-        now = time.monotonic()
-        if deadline is not None and deadline <= now:
-            raise DeadlineExceeded()
-        remaining = None if deadline is None else deadline - now
-        own = self.expected_wait(tokens)
-        if own is not None and remaining is not None and own > remaining:
-            # Even alone it would hold the model past its deadline (and every request queued
-            # behind it), to be answered 504 in the end.
-            metrics.REQUESTS_REJECTED.labels(reason="too_large").inc()
-            limit = int(tokens * remaining / own)
-            raise RequestTooLarge(
-                tokens,
-                limit,
-                f"the request needs {tokens} tokens, about {own:.0f} s of model time at the "
-                f"current pace, more than its {remaining:.0f} s deadline allows (about {limit} "
-                "tokens); send fewer or shorter texts",
-            )
-        refusal = self._overload_retry_after(tokens, remaining)
-        if refusal is not None:
-            raise self._overloaded(refusal)
+        now = self._admission.admit(tokens, deadline)
         if not self.accepting:
             raise EngineStopped()
 
@@ -502,52 +459,7 @@ class DynamicBatcher:
             self._abandon(request, "cancelled")
             raise
 
-    # --- admission and queue bookkeeping --------------------------------------------------------
-
-    def _deadline(self, deadline: float | None) -> float | None:
-        """The request's deadline (now + `default_timeout_s` when it brings none); raises
-        DeadlineExceeded when it has passed."""
-        now = time.monotonic()
-        if deadline is None and self._config.default_timeout_s is not None:
-            deadline = now + self._config.default_timeout_s
-        if deadline is not None and deadline <= now:
-            raise DeadlineExceeded()
-        return deadline
-
-    def _overload_retry_after(self, tokens: int, remaining: float | None = None) -> float | None:
-        """None when a request of `tokens` tokens (with `remaining` seconds to its deadline) may
-        be queued now; else the seconds until the queue will have drained enough for it, by the
-        model's recent pace (`_RETRY_AFTER_UNKNOWN_S` before any batch ran)."""
-        config = self._config
-        queued = self._queue.tokens
-        # Any request brings at least one token: a full queue refuses before tokenizing.
-        over_cap = queued + max(tokens, 1) - config.max_queue_tokens
-        wait = self.expected_wait()
-        if wait is None:
-            return _RETRY_AFTER_UNKNOWN_S if over_cap > 0 else None
-        # Each is the queue time that has to pass before the request would be admitted.
-        excess = [0.0]
-        if over_cap > 0:
-            excess.append(self.expected_wait(over_cap) or 0.0)
-        if config.max_queue_wait_s is not None:
-            excess.append(wait - config.max_queue_wait_s)
-            # The estimate's check: the oldest queued pair has waited longer than the limit (the
-            # pace fell, e.g. a busy host), so the queue drains slower than it says.
-            oldest = self._queue.oldest(time.monotonic())
-            if oldest is not None:
-                excess.append(time.monotonic() - oldest.arrival - config.max_queue_wait_s)
-        if remaining is not None:
-            # Behind this queue it would miss its deadline: refused now, not a 504 later.
-            excess.append(wait + (self.expected_wait(tokens) or 0.0) - remaining)
-        needed = max(excess)
-        if needed <= 0:
-            return None
-        return min(_RETRY_AFTER_MAX_S, max(_RETRY_AFTER_MIN_S, needed))
-
-    def _overloaded(self, retry_after: float) -> Overloaded:
-        """Counts a refusal."""
-        metrics.REQUESTS_REJECTED.labels(reason="overloaded").inc()
-        return Overloaded(retry_after)
+    # --- queue bookkeeping ----------------------------------------------------------------------
 
     def _abandon(self, request: _Request, reason: str, error: EngineError | None = None) -> None:
         """Ends a request that will not be answered with scores: its queued items become stale
@@ -680,7 +592,7 @@ class DynamicBatcher:
         # "exception was never retrieved".
         future.add_done_callback(_retrieve)
         if self._in_flight == 0:
-            self._pace_mark = None  # the model was idle: that gap is not its pace
+            self._admission.pace.idle()
         self._in_flight += 1
         return _Batch(items, future, real)
 
@@ -716,7 +628,7 @@ class DynamicBatcher:
         metrics.INFERENCE_TIME.observe(elapsed)
         metrics.PAIRS_SCORED.inc(len(items))
         metrics.TOKENS_SCORED.inc(batch.real_tokens)
-        self._track_pace(batch.real_tokens, started, finished)
+        self._admission.pace.track(batch.real_tokens, started, finished)
         truncated = 0
         queue_time = metrics.QUEUE_TIME
         for item, value in zip(items, values.tolist(), strict=True):
@@ -732,17 +644,6 @@ class DynamicBatcher:
                 self._resolve(request)
         if truncated:
             metrics.PAIRS_TRUNCATED.inc(truncated)
-
-    def _track_pace(self, tokens: int, started: float, finished: float) -> None:
-        mark = self._pace_mark
-        busy = max(0.0, finished - (started if mark is None else max(mark, started)))
-        self._pace_mark = finished if mark is None else max(mark, finished)
-        if self._pace_seconds <= 0:  # the first batch sets the pace
-            self._pace_tokens, self._pace_seconds = float(tokens), busy
-            return
-        alpha = _THROUGHPUT_ALPHA
-        self._pace_tokens += alpha * (tokens - self._pace_tokens)
-        self._pace_seconds += alpha * (busy - self._pace_seconds)
 
     def _resolve(self, request: _Request) -> None:
         request.done = True

@@ -1,20 +1,16 @@
-"""DynamicBatcher against a fake model that records every batch it receives.
-
-The fake tokenizer turns each word into one token (digits keep their value, other words become
-1), so a pair's length and its score (the sum of its ids) are known in advance, and a marker
-number in a response shows whether that pair ever reached the model.
+"""DynamicBatcher against a fake model that records every batch it receives (tests/unit/engine/
+fakes.py): batching, dropping work before the model, failures and lifecycle, overhead. Admission
+is in test_admission.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
@@ -26,121 +22,19 @@ from service.engine.batcher import (
     DynamicBatcher,
     ScoredPair,
 )
-from service.engine.errors import (
-    DeadlineExceeded,
-    EngineStopped,
-    InferenceFailed,
-    Overloaded,
-    RequestTooLarge,
+from service.engine.errors import DeadlineExceeded, EngineStopped, InferenceFailed
+from tests.unit.engine.fakes import (
+    MAX_LENGTH,
+    FakeScorer,
+    encode,
+    eventually,
+    expected_score,
+    hold_model,
+    metric,
+    pair,
+    queue_request,
+    running,
 )
-from service.engine.types import EncodedPair
-from service.metrics import REGISTRY
-
-MAX_LENGTH = 512
-CLS, SEP = 101, 102
-
-
-def encode(pairs: Sequence[tuple[str, str]]) -> list[EncodedPair]:
-    out = []
-    for instruction, response in pairs:
-        ids = [CLS, *map(_word_id, instruction.split()), SEP, *map(_word_id, response.split()), SEP]
-        truncated = len(ids) > MAX_LENGTH
-        out.append(EncodedPair(np.asarray(ids[:MAX_LENGTH], dtype=np.int64), None, truncated))
-    return out
-
-
-def _word_id(word: str) -> int:
-    return int(word) if word.isdigit() else 1
-
-
-def pair(length: int, marker: int = 7) -> tuple[str, str]:
-    """A pair that encodes to exactly `length` tokens (>= 5), its response ending in `marker`."""
-    assert length >= 5
-    return "q", " ".join(["w"] * (length - 5) + [str(marker)])
-
-
-def expected_score(p: tuple[str, str]) -> float:
-    return float(encode([p])[0].input_ids.sum())
-
-
-class FakeScorer:
-    """Scores a row as the sum of its ids; records each batch; can be held or made to fail."""
-
-    name = "fake"
-    input_names = ("input_ids", "attention_mask")
-    pad_token_id = 0
-
-    def __init__(self, fail_on: int | None = None) -> None:
-        self.batches: list[list[np.ndarray]] = []  # per batch, each row's unpadded ids
-        self.shapes: list[tuple[int, int]] = []
-        self.gate = threading.Event()
-        self.gate.set()
-        self.fail_on = fail_on
-
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-        ids, mask = feeds["input_ids"], feeds["attention_mask"]
-        self.shapes.append(ids.shape)
-        self.batches.append([row[m.astype(bool)] for row, m in zip(ids, mask, strict=True)])
-        assert self.gate.wait(10), "the test never released the model"
-        if self.fail_on is not None and (ids == self.fail_on).any():
-            raise RuntimeError("secret internal detail")
-        return (ids * mask).sum(axis=1).astype(np.float32)
-
-    def warmup(self) -> None:
-        pass
-
-    def hold(self) -> None:
-        self.gate.clear()
-
-    def release(self) -> None:
-        self.gate.set()
-
-    def saw(self, marker: int) -> bool:
-        return any((row == marker).any() for batch in self.batches for row in batch)
-
-    def rows_with(self, marker: int) -> int:
-        return sum(int((row == marker).any()) for batch in self.batches for row in batch)
-
-
-@contextlib.asynccontextmanager
-async def running(scorer: FakeScorer, **config: Any) -> AsyncIterator[DynamicBatcher]:
-    batcher = DynamicBatcher(scorer, encode, BatcherConfig(**config))
-    await batcher.start()
-    try:
-        yield batcher
-    finally:
-        scorer.release()
-        await batcher.stop(drain=False)
-
-
-async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "condition not reached in time"
-        await asyncio.sleep(0.001)
-
-
-async def hold_model(batcher: DynamicBatcher, scorer: FakeScorer) -> asyncio.Task[Any]:
-    """Occupies the model with a one-pair batch that blocks until `scorer.release()`."""
-    scorer.hold()
-    seen = len(scorer.batches)
-    task = asyncio.create_task(batcher.score([pair(5, marker=1)]))
-    await eventually(lambda: len(scorer.batches) > seen)
-    return task
-
-
-async def queue_request(
-    batcher: DynamicBatcher, pairs: list[tuple[str, str]], **kwargs: Any
-) -> asyncio.Task[list[ScoredPair]]:
-    """Starts a request and returns once its pairs are queued (or already taken into a batch)."""
-    before = batcher.stats().pending_requests
-    task = asyncio.create_task(batcher.score(pairs, **kwargs))
-    await eventually(lambda: batcher.stats().pending_requests > before)
-    return task
-
-
-def metric(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def padding_fraction(shapes: list[tuple[int, int]], real_tokens: int) -> float:
@@ -495,136 +389,6 @@ async def test_consumer_drops_items_whose_deadline_passed_while_queued() -> None
     assert not scorer.saw(996)
 
 
-# --- admission -----------------------------------------------------------------------------------
-
-
-class PacedScorer(FakeScorer):
-    """Takes `seconds_per_token` per real token of a batch: a model of known pace."""
-
-    def __init__(self, seconds_per_token: float) -> None:
-        super().__init__()
-        self.seconds_per_token = seconds_per_token
-
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-        time.sleep(self.seconds_per_token * int(feeds["attention_mask"].sum()))
-        return super().infer(feeds)
-
-
-async def test_admission_is_bounded_by_the_expected_wait_not_by_request_size() -> None:
-    scorer = PacedScorer(seconds_per_token=0.001)  # at most 1,000 tokens/s
-    limit = 0.2
-    async with running(scorer, max_wait_ms=0, max_queue_wait_s=limit) as batcher:
-        assert batcher.expected_wait() is None  # no pace known yet: the token cap alone
-        await batcher.score([pair(10)] * 10)
-        pace = batcher.stats().tokens_per_second
-        assert pace is not None and 300 < pace <= 1000
-        first = await hold_model(batcher, scorer)
-        admitted = await queue_request(batcher, [pair(10)] * int(0.15 * pace / 10))
-        wait = batcher.expected_wait()
-        assert wait is not None and 0.1 < wait < limit and not batcher.is_overloaded()
-        more = await queue_request(batcher, [pair(10)] * int(0.1 * pace / 10))
-        wait = batcher.expected_wait()
-        assert wait is not None and wait > limit and batcher.is_overloaded()
-        started = time.monotonic()
-        with pytest.raises(Overloaded) as refused:
-            await batcher.score([pair(10)])  # small, but behind too long a queue
-        assert time.monotonic() - started < 0.1
-        # Honest: how long until the queue is back under the limit.
-        assert refused.value.retry_after == pytest.approx(wait - limit, abs=0.1)
-        scorer.release()
-        await asyncio.gather(first, admitted, more)
-
-        # An empty queue admits a request whose own scoring takes longer than the wait limit:
-        # size alone never refuses (large requests are not starved).
-        big = [pair(50)] * int(2 * limit * pace / 50)
-        assert batcher.expected_wait(sum(len(encode([p])[0].input_ids) for p in big)) > limit
-        assert len(await batcher.score(big)) == len(big)
-
-
-async def test_a_queue_older_than_the_wait_limit_refuses_whatever_the_estimate() -> None:
-    """When the model slows down (a busy host), the pace lags: the age of the oldest queued
-    pair is the check on the estimate."""
-    scorer = PacedScorer(seconds_per_token=0.0001)  # a fast pace first
-    async with running(scorer, max_wait_ms=0, max_queue_wait_s=0.2) as batcher:
-        await batcher.score([pair(10)] * 10)
-        first = await hold_model(batcher, scorer)  # then the model stalls
-        queued = await queue_request(batcher, [pair(10)])
-        wait = batcher.expected_wait()
-        assert wait is not None and wait < 0.05  # the estimate still says "no wait"
-        assert not batcher.is_overloaded()
-        await asyncio.sleep(0.3)  # ... but that pair has now waited past the limit
-        assert batcher.is_overloaded()
-        with pytest.raises(Overloaded) as refused:
-            await batcher.score([pair(10)])
-        assert refused.value.retry_after >= 0.1
-        scorer.release()
-        await asyncio.gather(first, queued)
-        assert not batcher.is_overloaded()
-
-
-async def test_a_request_that_would_miss_its_deadline_behind_the_queue_is_refused_at_once() -> None:
-    scorer = PacedScorer(seconds_per_token=0.001)
-    async with running(scorer, max_wait_ms=0, max_queue_wait_s=10.0) as batcher:
-        await batcher.score([pair(10)] * 10)
-        pace = batcher.stats().tokens_per_second
-        assert pace is not None
-        first = await hold_model(batcher, scorer)
-        queued = await queue_request(batcher, [pair(10)] * int(0.3 * pace / 10))
-        wait = batcher.expected_wait()
-        assert wait is not None and wait > 0.25
-        with pytest.raises(Overloaded) as refused:
-            await batcher.score([pair(10)], deadline=time.monotonic() + 0.1)
-        assert refused.value.retry_after == pytest.approx(wait - 0.1, abs=0.1)
-        # The same request with room for the queue is admitted.
-        patient = await queue_request(batcher, [pair(10)], deadline=time.monotonic() + 30)
-        scorer.release()
-        await asyncio.gather(first, queued, patient)
-
-
-async def test_overload_is_refused_at_once_with_retry_after() -> None:
-    scorer = FakeScorer()
-    rejected = metric("cappy_requests_rejected_total", reason="overloaded")
-    async with running(scorer, max_queue_tokens=60) as batcher:
-        first = await hold_model(batcher, scorer)  # running, so no longer queued
-        queued = await queue_request(batcher, [pair(10)] * 5)
-        assert batcher.queue_tokens == 50 and not batcher.is_overloaded()
-
-        started = time.monotonic()
-        with pytest.raises(Overloaded) as refused:
-            await batcher.score([pair(10)] * 2)
-        assert time.monotonic() - started < 0.5
-        assert refused.value.retry_after > 0
-
-        # Never fits, however empty the queue: not worth a retry, so not Overloaded.
-        with pytest.raises(RequestTooLarge) as too_large:
-            await batcher.score([pair(10)] * 7)
-        assert too_large.value.tokens == 70 and too_large.value.limit == 60
-
-        last = await queue_request(batcher, [pair(10)])  # exactly fills the queue
-        assert batcher.is_overloaded()
-        with pytest.raises(Overloaded):
-            await batcher.score([pair(5)])  # refused before tokenization
-
-        scorer.release()
-        await asyncio.gather(first, queued, last)
-        assert not batcher.is_overloaded()
-        assert len(await batcher.score([pair(10)] * 6)) == 6
-    assert metric("cappy_requests_rejected_total", reason="overloaded") == rejected + 2
-
-
-async def test_retry_after_follows_measured_throughput() -> None:
-    scorer = FakeScorer()
-    async with running(scorer, max_queue_tokens=100) as batcher:
-        await batcher.score([pair(50)] * 2)  # measures a throughput
-        first = await hold_model(batcher, scorer)
-        await queue_request(batcher, [pair(50)] * 2)
-        with pytest.raises(Overloaded) as refused:
-            await batcher.score([pair(50)])
-        assert 0 < refused.value.retry_after <= 60
-        scorer.release()
-        await first
-
-
 # --- failures and lifecycle ----------------------------------------------------------------------
 
 
@@ -812,18 +576,3 @@ async def test_other_model_work_raises_its_own_errors() -> None:
     async with running(FakeScorer()) as batcher:
         with pytest.raises(ValueError, match="bad feeds"):
             await batcher.run_on_workers(broken)
-
-
-async def test_a_request_that_alone_outlasts_its_deadline_is_too_large() -> None:
-    scorer = PacedScorer(seconds_per_token=0.001)
-    async with running(scorer, max_wait_ms=0) as batcher:
-        await batcher.score([pair(10)] * 10)
-        pace = batcher.stats().tokens_per_second
-        assert pace is not None
-        tokens = int(2 * pace)  # about two seconds of model time
-        started = time.monotonic()
-        with pytest.raises(RequestTooLarge, match="more than its 1 s deadline") as refused:
-            await batcher.score([pair(50)] * (tokens // 50), deadline=started + 1.0)
-        assert time.monotonic() - started < 0.5  # refused at once, nothing scored
-        assert 0 < refused.value.limit < refused.value.tokens
-        assert len(scorer.batches) == 1  # only the pace-setting batch ever ran

@@ -1,0 +1,186 @@
+"""Admission control of the dynamic batcher: whether a request may join the queue now, and when
+to come back if not. Plain, synchronous code over the queue (queue.py) and the model's pace; the
+async batcher (batcher.py) asks it before queueing and tells it each batch's timing.
+
+- The pace: real tokens per busy second of the whole model (every stream, re-scoring turns
+  included), averaged over recent batches. Queued tokens at that pace give the expected wait.
+- A request is refused at once with `Overloaded` and a Retry-After of when the queue will have
+  drained enough for it, when the queue is full (`max_queue_tokens`), when its expected wait is
+  over `max_queue_wait_s` (or its oldest pair has already waited that long: the check on a pace
+  that lags a slowing host), or when the request would miss its deadline behind the queue.
+- A request that can never be answered, however empty the queue, is `RequestTooLarge` (413): more
+  tokens than the queue may hold, or alone more model time than its deadline leaves.
+
+Admission looks at the queue ahead of a request, not at its size: large requests are admitted as
+readily as small ones.
+"""
+
+from __future__ import annotations
+
+import time
+
+from service import metrics
+from service.engine.errors import DeadlineExceeded, Overloaded, RequestTooLarge
+from service.engine.queue import PairQueue
+
+# Weight of the newest batch in the pace averages behind admission and Retry-After.
+_THROUGHPUT_ALPHA = 0.2
+_RETRY_AFTER_MIN_S = 0.1
+_RETRY_AFTER_MAX_S = 60.0
+_RETRY_AFTER_UNKNOWN_S = 1.0
+
+
+class Pace:
+    """The pace of the whole model: real tokens and busy seconds, each averaged over recent
+    batches. A batch's busy seconds run from the last completion (or its own start, after an
+    idle spell) to its own completion, so batches that overlap on several streams are not
+    counted twice."""
+
+    def __init__(self) -> None:
+        self._tokens = 0.0
+        self._seconds = 0.0
+        self._mark: float | None = None
+
+    def idle(self) -> None:
+        """The model had nothing to run: the gap until the next batch is not its pace."""
+        self._mark = None
+
+    def track(self, tokens: int, started: float, finished: float) -> None:
+        """Adds a finished batch of `tokens` real tokens that ran from `started` to `finished`."""
+        mark = self._mark
+        busy = max(0.0, finished - (started if mark is None else max(mark, started)))
+        self._mark = finished if mark is None else max(mark, finished)
+        if self._seconds <= 0:  # the first batch sets the pace
+            self._tokens, self._seconds = float(tokens), busy
+            return
+        alpha = _THROUGHPUT_ALPHA
+        self._tokens += alpha * (tokens - self._tokens)
+        self._seconds += alpha * (busy - self._seconds)
+
+    def tokens_per_second(self) -> float | None:
+        """None before the first batch has run."""
+        if self._seconds <= 0:
+            return None
+        return self._tokens / self._seconds
+
+
+class Admission:
+    """Admission to one batcher's queue.
+
+    Args:
+        queue: the queue admitted requests join (read here, never changed).
+        max_queue_tokens, max_queue_wait_s, default_timeout_s: as in `BatcherConfig`.
+
+    Attributes:
+        pace: the model's pace; the batcher reports each batch to it.
+    """
+
+    def __init__(
+        self,
+        queue: PairQueue,
+        *,
+        max_queue_tokens: int,
+        max_queue_wait_s: float | None,
+        default_timeout_s: float | None,
+    ) -> None:
+        self._queue = queue
+        self.max_queue_tokens = max_queue_tokens
+        self.max_queue_wait_s = max_queue_wait_s
+        self.default_timeout_s = default_timeout_s
+        self.pace = Pace()
+
+    def expected_wait(self, tokens: int | None = None) -> float | None:
+        """Seconds the model needs for `tokens` (default: the queued tokens) at its recent pace
+        with every stream busy; None before the first batch has run."""
+        rate = self.pace.tokens_per_second()
+        if not rate:
+            return None
+        return (self._queue.tokens if tokens is None else tokens) / rate
+
+    def deadline(self, deadline: float | None) -> float | None:
+        """The request's deadline (now + `default_timeout_s` when it brings none); raises
+        DeadlineExceeded when it has passed."""
+        now = time.monotonic()
+        if deadline is None and self.default_timeout_s is not None:
+            deadline = now + self.default_timeout_s
+        if deadline is not None and deadline <= now:
+            raise DeadlineExceeded()
+        return deadline
+
+    def check_queue(self) -> None:
+        """Raises `Overloaded` when the queue would refuse any request now (so that a caller
+        can be refused before its request is tokenized)."""
+        refusal = self.retry_after(0)
+        if refusal is not None:
+            raise self._overloaded(refusal)
+
+    def admit(self, tokens: int, deadline: float | None) -> float:
+        """Checks a request of `tokens` tokens due by `deadline` (absolute, monotonic) against
+        the queue; returns the time of admission, its pairs' arrival.
+
+        Raises:
+            RequestTooLarge: it needs more than `max_queue_tokens`, or alone more model time
+                than its deadline leaves at the recent pace.
+            DeadlineExceeded: the deadline has passed.
+            Overloaded: the queue is full, its expected wait too long, or the request would
+                miss its deadline behind it.
+        """
+        if tokens > self.max_queue_tokens:
+            metrics.REQUESTS_REJECTED.labels(reason="too_large").inc()
+            raise RequestTooLarge(tokens, self.max_queue_tokens)
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            raise DeadlineExceeded()
+        remaining = None if deadline is None else deadline - now
+        own = self.expected_wait(tokens)
+        if own is not None and remaining is not None and own > remaining:
+            # Even alone it would hold the model past its deadline (and every request queued
+            # behind it), to be answered 504 in the end.
+            metrics.REQUESTS_REJECTED.labels(reason="too_large").inc()
+            limit = int(tokens * remaining / own)
+            raise RequestTooLarge(
+                tokens,
+                limit,
+                f"the request needs {tokens} tokens, about {own:.0f} s of model time at the "
+                f"current pace, more than its {remaining:.0f} s deadline allows (about {limit} "
+                "tokens); send fewer or shorter texts",
+            )
+        refusal = self.retry_after(tokens, remaining)
+        if refusal is not None:
+            raise self._overloaded(refusal)
+        return now
+
+    def retry_after(self, tokens: int, remaining: float | None = None) -> float | None:
+        """None when a request of `tokens` tokens (with `remaining` seconds to its deadline) may
+        be queued now; else the seconds until the queue will have drained enough for it, by the
+        model's recent pace (`_RETRY_AFTER_UNKNOWN_S` before any batch ran)."""
+        queued = self._queue.tokens
+        # Any request brings at least one token: a full queue refuses before tokenizing.
+        over_cap = queued + max(tokens, 1) - self.max_queue_tokens
+        wait = self.expected_wait()
+        if wait is None:
+            return _RETRY_AFTER_UNKNOWN_S if over_cap > 0 else None
+        # Each is the queue time that has to pass before the request would be admitted.
+        excess = [0.0]
+        if over_cap > 0:
+            excess.append(self.expected_wait(over_cap) or 0.0)
+        if self.max_queue_wait_s is not None:
+            excess.append(wait - self.max_queue_wait_s)
+            # The estimate's check: the oldest queued pair has waited longer than the limit (the
+            # pace fell, e.g. a busy host), so the queue drains slower than it says.
+            oldest = self._queue.oldest(time.monotonic())
+            if oldest is not None:
+                excess.append(time.monotonic() - oldest.arrival - self.max_queue_wait_s)
+        if remaining is not None:
+            # Behind this queue it would miss its deadline: refused now, not a 504 later.
+            excess.append(wait + (self.expected_wait(tokens) or 0.0) - remaining)
+        needed = max(excess)
+        if needed <= 0:
+            return None
+        return min(_RETRY_AFTER_MAX_S, max(_RETRY_AFTER_MIN_S, needed))
+
+    @staticmethod
+    def _overloaded(retry_after: float) -> Overloaded:
+        """Counts a refusal."""
+        metrics.REQUESTS_REJECTED.labels(reason="overloaded").inc()
+        return Overloaded(retry_after)

@@ -1,0 +1,127 @@
+"""A fake model and fake tokenizer for driving DynamicBatcher (test_batcher.py, test_admission.py).
+
+The fake tokenizer turns each word into one token (digits keep their value, other words become
+1), so a pair's length and its score (the sum of its ids) are known in advance, and a marker
+number in a response shows whether that pair ever reached the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from service.engine.batcher import BatcherConfig, DynamicBatcher, ScoredPair
+from service.engine.types import EncodedPair
+from service.metrics import REGISTRY
+
+MAX_LENGTH = 512
+CLS, SEP = 101, 102
+
+
+def encode(pairs: Sequence[tuple[str, str]]) -> list[EncodedPair]:
+    out = []
+    for instruction, response in pairs:
+        ids = [CLS, *map(_word_id, instruction.split()), SEP, *map(_word_id, response.split()), SEP]
+        truncated = len(ids) > MAX_LENGTH
+        out.append(EncodedPair(np.asarray(ids[:MAX_LENGTH], dtype=np.int64), None, truncated))
+    return out
+
+
+def _word_id(word: str) -> int:
+    return int(word) if word.isdigit() else 1
+
+
+def pair(length: int, marker: int = 7) -> tuple[str, str]:
+    """A pair that encodes to exactly `length` tokens (>= 5), its response ending in `marker`."""
+    assert length >= 5
+    return "q", " ".join(["w"] * (length - 5) + [str(marker)])
+
+
+def expected_score(p: tuple[str, str]) -> float:
+    return float(encode([p])[0].input_ids.sum())
+
+
+class FakeScorer:
+    """Scores a row as the sum of its ids; records each batch; can be held or made to fail."""
+
+    name = "fake"
+    input_names = ("input_ids", "attention_mask")
+    pad_token_id = 0
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.batches: list[list[np.ndarray]] = []  # per batch, each row's unpadded ids
+        self.shapes: list[tuple[int, int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_on = fail_on
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        self.shapes.append(ids.shape)
+        self.batches.append([row[m.astype(bool)] for row, m in zip(ids, mask, strict=True)])
+        assert self.gate.wait(10), "the test never released the model"
+        if self.fail_on is not None and (ids == self.fail_on).any():
+            raise RuntimeError("secret internal detail")
+        return (ids * mask).sum(axis=1).astype(np.float32)
+
+    def warmup(self) -> None:
+        pass
+
+    def hold(self) -> None:
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.gate.set()
+
+    def saw(self, marker: int) -> bool:
+        return any((row == marker).any() for batch in self.batches for row in batch)
+
+    def rows_with(self, marker: int) -> int:
+        return sum(int((row == marker).any()) for batch in self.batches for row in batch)
+
+
+@contextlib.asynccontextmanager
+async def running(scorer: FakeScorer, **config: Any) -> AsyncIterator[DynamicBatcher]:
+    batcher = DynamicBatcher(scorer, encode, BatcherConfig(**config))
+    await batcher.start()
+    try:
+        yield batcher
+    finally:
+        scorer.release()
+        await batcher.stop(drain=False)
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not reached in time"
+        await asyncio.sleep(0.001)
+
+
+async def hold_model(batcher: DynamicBatcher, scorer: FakeScorer) -> asyncio.Task[Any]:
+    """Occupies the model with a one-pair batch that blocks until `scorer.release()`."""
+    scorer.hold()
+    seen = len(scorer.batches)
+    task = asyncio.create_task(batcher.score([pair(5, marker=1)]))
+    await eventually(lambda: len(scorer.batches) > seen)
+    return task
+
+
+async def queue_request(
+    batcher: DynamicBatcher, pairs: list[tuple[str, str]], **kwargs: Any
+) -> asyncio.Task[list[ScoredPair]]:
+    """Starts a request and returns once its pairs are queued (or already taken into a batch)."""
+    before = batcher.stats().pending_requests
+    task = asyncio.create_task(batcher.score(pairs, **kwargs))
+    await eventually(lambda: batcher.stats().pending_requests > before)
+    return task
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
