@@ -1,7 +1,6 @@
-"""loadtests/gpu_bench.py: the FLOP arithmetic, the near-tie filter and agreement, nvidia-smi
-parsing, and the whole dry run end to end (tiny model on the CPU: checkpoint, export, fp32
-reference, `cappy serve` at five concurrencies, engine_bench, the three peers) on a small
-workload written here, checked through its JSON and Markdown."""
+"""`python -m loadtests.gpu_bench --dry-run` end to end (tiny model on the CPU: checkpoint,
+export, fp32 reference, `cappy serve` at five concurrencies, engine_bench, the three peers) on a
+small workload written here, checked through its JSON and Markdown."""
 
 from __future__ import annotations
 
@@ -16,72 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests import gpu_bench
-
-ROOT = Path(__file__).resolve().parents[3]
-
-
-def test_encoder_parameters_and_flops_of_bert_large() -> None:
-    per_layer = 4 * (1024 * 1024 + 1024) + 2 * 1024 + 2 * 1024 * 4096 + 4096 + 1024 + 2 * 1024
-    assert gpu_bench.encoder_parameters(24, 1024, 4096) == 24 * per_layer == 302_309_376
-    per_token = gpu_bench.flops_per_token(24, 1024, 4096, 160.0)
-    assert per_token == 2 * 302_309_376 + 4 * 24 * 1024 * 160
-    model = {"layers": 24, "hidden": 1024, "intermediate": 4096}
-    # 5,000 pairs/s of 160 tokens: ~0.63 of an H200's 790 TFLOP/s
-    figures = gpu_bench.flop_figures(model, 160 * 5000, 5000, 1.0, 790.0)
-    assert figures["tflops"] == pytest.approx(per_token * 800_000 / 1e12, rel=1e-3)
-    assert figures["flop_fraction"] == pytest.approx(per_token * 800_000 / 1e12 / 790, rel=1e-3)
-    assert 0.6 < figures["flop_fraction"] < 0.65
-    toy = {"layers": 2, "hidden": 32, "intermediate": 64}
-    tiny = gpu_bench.flop_figures(toy, 160, 1, 1.0, 790.0)["flop_fraction"]
-    assert tiny is not None and 0 < tiny < 1e-6  # significant digits, not rounded to 0
-    assert gpu_bench.flop_figures(model, None, 5000, 1.0, 790.0)["flop_fraction"] is None
-    assert gpu_bench.flop_figures(None, 1000, 10, 1.0, 790.0)["tflops"] is None
-
-
-def test_near_ties_and_single_candidates_are_left_out_of_agreement() -> None:
-    reference = {
-        "a": [0.0, 1.0, 0.5],  # decisive: index 1
-        "b": [2.0, 2.0001],  # near tie
-        "c": [3.0],  # single candidate
-        "d": [-1.0, -2.0],  # decisive: index 0
-    }
-    decisive, summary = gpu_bench.decisive_reference(reference, near_tie=0.01)
-    assert decisive == {"a": 1, "d": 0}
-    assert summary["single_candidate"] == 1 and summary["near_ties"] == 1
-    assert summary["decisive"] == 2 and summary["near_tie_threshold"] > 1e-4
-
-    ours = {"a": [0.0, 0.9, 0.95], "b": [0.0, 1.0], "d": [-1.0, -2.0]}
-    figures = gpu_bench.score_agreement(ours, decisive, reference)
-    assert figures["agreement"] == 0.5 and figures["compared"] == 2
-    assert figures["max_abs_diff"] == pytest.approx(2.0)  # near ties count for the difference
-    assert gpu_bench.score_agreement({}, decisive)["agreement"] is None
-
-
-def test_gpu_samples_are_parsed_and_windowed() -> None:
-    sample = gpu_bench.parse_gpu_sample("2026/11/29 20:27:01.250, 87, 40213\n")
-    assert sample is not None and sample[1:] == (87.0, 40213.0)
-    assert gpu_bench.parse_gpu_sample("[N/A], 3, 4") is None
-    assert gpu_bench.parse_gpu_sample("garbage") is None
-    sampler = gpu_bench.GpuSampler(0)
-    assert sampler.summary(0, 1)["util_mean"] is None  # never started: no figures
-    sampler.samples = [(10.0, 50.0, 100.0), (10.2, 100.0, 300.0), (11.0, 0.0, 50.0)]
-    assert sampler.summary(9.9, 10.5) == {"util_mean": 75.0, "mem_max_mib": 300.0, "samples": 2}
-
-
-def test_dry_run_defaults_fill_unset_flags_only(tmp_path: Path) -> None:
-    args = gpu_bench.resolve(
-        gpu_bench.build_parser().parse_args(
-            ["--dry-run", "--work", str(tmp_path), "--per-request-limit", "3"]
-        )
-    )
-    assert args.device == "cpu" and args.model_size == "tiny"
-    assert args.per_request_limit == 3 and "pytest" in args.skip
-    assert Path(args.requests).is_file() and args.out == str(tmp_path / "report")
-    full = gpu_bench.resolve(gpu_bench.build_parser().parse_args(["--work", str(tmp_path)]))
-    assert full.device == "cuda" and full.model_size == "large"
-    assert gpu_bench.int_list(full.concurrency) == [1, 8, 32, 64, 128]
-    assert len(gpu_bench.int_list(full.limits)) == 5
+ROOT = Path(__file__).resolve().parents[4]
 
 
 def _workload(path: Path) -> list[dict]:
