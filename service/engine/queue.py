@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from service.engine.types import EncodedPair, padded_width
 
@@ -41,20 +42,16 @@ class QueuedRequest:
         self.done = False
 
 
+@dataclass(slots=True, eq=False)  # eq=False: an item is itself, never equal to another
 class Item:
-    """One queued pair."""
+    """One queued pair: the `index`-th pair of `request`, `length` tokens, queued at `arrival`."""
 
-    __slots__ = ("arrival", "encoded", "index", "length", "request", "taken")
-
-    def __init__(
-        self, request: QueuedRequest, index: int, encoded: EncodedPair, length: int, arrival: float
-    ) -> None:
-        self.request = request
-        self.index = index
-        self.encoded = encoded
-        self.length = length
-        self.arrival = arrival
-        self.taken = False
+    request: QueuedRequest
+    index: int
+    encoded: EncodedPair
+    length: int
+    arrival: float
+    taken: bool = False
 
 
 def bucket_of(length: int) -> int:
