@@ -21,12 +21,13 @@ import queue
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
 import numpy as np
 
 from service.engine.errors import ScorerError
 from service.engine.host_buffers import HostBuffers, host_buffers_for
+from service.engine.types import GraphInputs
 from service.engine.warmup import WARMUP_SHAPES, synthetic_feeds
 
 logger = logging.getLogger(__name__)
@@ -152,9 +153,6 @@ class OnnxScorer:
         self,
         model_path: str | Path,
         *,
-        input_names: Sequence[str],
-        pad_token_id: int,
-        output_name: str = "logits",
         device: Literal["cuda", "cpu"] = "cpu",
         precision: str = "fp32",
         threads: int | None = None,
@@ -163,12 +161,13 @@ class OnnxScorer:
         io_binding: bool | None = None,
         tensorrt: bool = False,
         trt_cache: str | None = None,
+        **graph: Unpack[GraphInputs],
     ) -> None:
         import onnxruntime as ort
 
-        self.input_names = list(input_names)
-        self.pad_token_id = pad_token_id
-        self.output_name = output_name
+        self.input_names = list(graph["input_names"])
+        self.pad_token_id = graph["pad_token_id"]
+        self.output_name = graph.get("output_name", "logits")
         self.device = device
         self.precision = precision
         self.name = f"onnxruntime-{device}-{precision}"

@@ -21,16 +21,16 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 
 from service.engine.errors import ScorerError
 from service.engine.export_dir import ExportDir, ExportDirError
 from service.engine.onnx_runtime import OnnxScorer, cuda_available, usable_cores
-from service.engine.types import Device, Engine, Precision, Scorer
+from service.engine.types import Device, Engine, GraphInputs, Precision, Scorer
 from service.engine.warmup import WARMUP_SHAPES, synthetic_feeds
 
 logger = logging.getLogger(__name__)
@@ -84,9 +84,6 @@ class OpenVinoScorer:
         self,
         model_path: str | Path,
         *,
-        input_names: Sequence[str],
-        pad_token_id: int,
-        output_name: str = "logits",
         precision: str = "bf16",
         hint: str = "LATENCY",
         num_streams: int | None = None,
@@ -94,6 +91,7 @@ class OpenVinoScorer:
         split_streams: bool = False,
         cache_dir: str | None = None,
         extra_config: Mapping[str, Any] | None = None,
+        **graph: Unpack[GraphInputs],
     ) -> None:
         import openvino as ov
 
@@ -105,9 +103,9 @@ class OpenVinoScorer:
         if precision == "bf16" and not native_bf16:
             logger.warning("this CPU has no native bf16: OpenVINO runs f32 instead")
             precision = "fp32"
-        self.input_names = list(input_names)
-        self.pad_token_id = pad_token_id
-        self.output_name = output_name
+        self.input_names = list(graph["input_names"])
+        self.pad_token_id = graph["pad_token_id"]
+        self.output_name = graph.get("output_name", "logits")
         self.precision = precision
         self.device = "cpu"
         self.name = f"openvino-cpu-{precision}"
@@ -133,7 +131,7 @@ class OpenVinoScorer:
         self._split = split_streams and self.streams > 1
         # Batches that may run at once: one per stream, unless each batch is split over them.
         self.parallelism = 1 if self._split else max(1, self.streams)
-        self._output = self._compiled.output(output_name)
+        self._output = self._compiled.output(self.output_name)
         # One request per stream, handed out through a queue so concurrent callers never share one.
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(max(1, self.streams)):
@@ -287,7 +285,7 @@ def load_scorer(
     if device == "auto":
         device = "cuda" if cuda_available() else "cpu"
     pad = _pad_id(export_dir)
-    common: dict[str, Any] = {
+    common: GraphInputs = {
         "input_names": export_dir.input_names,
         "pad_token_id": pad,
         "output_name": export_dir.output_name,
@@ -358,7 +356,7 @@ def _streamed_scorer(
     precision: str,
     threads: int | None,
     streams: int | None,
-    common: dict[str, Any],
+    common: GraphInputs,
     *,
     pinned: bool = True,
 ) -> OpenVinoScorer:
@@ -389,7 +387,7 @@ def _openvino_scorer(
     threads: int | None,
     streams: int | None,
     refine: bool,
-    common: dict[str, Any],
+    common: GraphInputs,
     *,
     pinned: bool = True,
 ) -> Scorer:
@@ -410,7 +408,7 @@ def _screened_scorer(
     threads: int | None,
     streams: int | None,
     refine: bool,
-    common: dict[str, Any],
+    common: GraphInputs,
 ) -> Scorer:
     """The export's calibrated OpenVINO int8 model screens every candidate; unless `refine` is
     False, the leaders within its recorded parity error of the best are re-scored by the bf16

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NotRequired, Protocol, TypedDict
 
 import numpy as np
 
@@ -13,6 +13,21 @@ import numpy as np
 Device = Literal["auto", "cuda", "cpu"]
 Engine = Literal["auto", "onnxruntime", "openvino"]
 Precision = Literal["auto", "fp32", "fp16", "int8", "bf16"]
+
+
+class GraphInputs(TypedDict):
+    """How a backend feeds an exported graph, besides the graph itself (the export's manifest
+    says each), as keyword arguments of every backend's constructor.
+
+    Keys:
+        input_names: the graph's inputs, e.g. ("input_ids", "attention_mask").
+        pad_token_id: the id that pads a row.
+        output_name: the output holding the logits; "logits" when absent.
+    """
+
+    input_names: Sequence[str]
+    pad_token_id: int
+    output_name: NotRequired[str]
 
 
 @dataclass(frozen=True, slots=True)
