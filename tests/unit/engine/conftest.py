@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,15 +177,23 @@ def cases(
     tiny_engine_export: TinyExport, tokenizer: PairTokenizer, export: ExportDir
 ) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
     """(feeds, PyTorch fp32 scores) per padded batch."""
-    import torch
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(
         str(tiny_engine_export.checkpoint), attn_implementation="eager"
     ).eval()
+    return pytorch_cases(model, tokenizer, export.input_names)
+
+
+def pytorch_cases(
+    model: Any, tokenizer: PairTokenizer, input_names: Sequence[str]
+) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """(feeds, `model`'s fp32 scores) per padded batch of `batches_of_pairs()`."""
+    import torch
+
     out = []
     for pairs in batches_of_pairs():
-        feeds = pad_batch(tokenizer.encode(pairs), tokenizer.pad_token_id, export.input_names)
+        feeds = pad_batch(tokenizer.encode(pairs), tokenizer.pad_token_id, input_names)
         with torch.inference_mode():
             logits = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits
         out.append((feeds, logits[:, 0].float().numpy()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -128,20 +129,28 @@ def test_fp32_not_measured_is_served_only_when_allowed(
     assert "serving the fp32 model although its parity with PyTorch is not_measured" in warnings[0]
 
 
-def _record_mode(export_copy: Path, fp32_status: str) -> None:
-    (export_copy / "model.fp16.onnx").write_bytes((export_copy / "model.onnx").read_bytes())
+def _with_variant(
+    export_copy: Path, variant: str, file: str, dtype: str, parity: dict[str, Any]
+) -> None:
+    """Lists a copy of the fp32 graph as `variant` beside fp32, under the manifest's `parity`."""
+    (export_copy / file).write_bytes((export_copy / "model.onnx").read_bytes())
     write_manifest(
         export_copy,
         models={
             "fp32": {"file": "model.onnx", "dtype": "float32"},
-            "fp16": {"file": "model.fp16.onnx", "dtype": "float16"},
+            variant: {"file": file, "dtype": dtype},
         },
-        parity={
-            "mode": "record",
-            "fp32": {"status": fp32_status, "max_abs_diff": 2e-4, "gated": False},
-            "fp16": {"status": "failed", "reason": "argmax agreement 0.9 < 0.999", "gated": False},
-        },
+        parity=parity,
     )
+
+
+def _record_mode(export_copy: Path, fp32_status: str) -> None:
+    parity = {
+        "mode": "record",
+        "fp32": {"status": fp32_status, "max_abs_diff": 2e-4, "gated": False},
+        "fp16": {"status": "failed", "reason": "argmax agreement 0.9 < 0.999", "gated": False},
+    }
+    _with_variant(export_copy, "fp16", "model.fp16.onnx", "float16", parity)
 
 
 @pytest.mark.parametrize("fp32_status", ["passed", "failed"])
@@ -208,19 +217,12 @@ def test_refuses_missing_fp32_parity(export_copy: Path) -> None:
 
 def test_variant_with_failed_parity_is_refused(export_copy: Path) -> None:
     # The exporter deletes a failed variant; a directory that still lists one must not serve it.
-    (export_copy / "model.int8.onnx").write_bytes((export_copy / "model.onnx").read_bytes())
-    write_manifest(
-        export_copy,
-        models={
-            "fp32": {"file": "model.onnx", "dtype": "float32"},
-            "int8": {"file": "model.int8.onnx", "dtype": "int8-dynamic"},
-        },
-        parity={
-            "fp32": {"status": "passed", "max_abs_diff": 1e-6},
-            "int8": {"status": "failed", "reason": "argmax agreement 0.9 < 0.99"},
-            "fp16": {"status": "failed", "reason": "argmax agreement 0.8 < 0.999"},
-        },
-    )
+    parity = {
+        "fp32": {"status": "passed", "max_abs_diff": 1e-6},
+        "int8": {"status": "failed", "reason": "argmax agreement 0.9 < 0.99"},
+        "fp16": {"status": "failed", "reason": "argmax agreement 0.8 < 0.999"},
+    }
+    _with_variant(export_copy, "int8", "model.int8.onnx", "int8-dynamic", parity)
     export = ExportDir.load(export_copy)
     assert export.model_path("fp32").name == "model.onnx"
     assert not export.has_variant("int8")

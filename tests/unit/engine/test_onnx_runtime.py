@@ -9,7 +9,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -26,7 +26,7 @@ from service.engine.onnx_runtime import (
     preload_cuda_libraries,
 )
 from service.engine.scorer import load_scorer
-from tests.unit.engine.conftest import assert_close, common
+from tests.unit.engine.conftest import assert_close, common, pytorch_cases
 from tests.unit.engine.test_host_buffers import FakeCudart
 
 
@@ -186,12 +186,9 @@ def fp16_graph(tiny_export: Path) -> Path:
 
 def fp16_cases(tiny_export: Path, tiny_checkpoint: Path) -> tuple[ExportDir, list]:
     """(feeds, PyTorch fp32 scores) for the pipeline-built tiny export (token_type_ids or not)."""
-    import torch
     from transformers import AutoModelForSequenceClassification
 
     from service.engine.tokenize import PairTokenizer
-    from service.engine.types import pad_batch
-    from tests.unit.engine.conftest import batches_of_pairs
 
     export = ExportDir.load(tiny_export, allow_ungated=True)
     tokenizer = PairTokenizer.from_dir(
@@ -200,48 +197,41 @@ def fp16_cases(tiny_export: Path, tiny_checkpoint: Path) -> tuple[ExportDir, lis
         with_token_type_ids="token_type_ids" in export.input_names,
     )
     model = AutoModelForSequenceClassification.from_pretrained(str(tiny_checkpoint)).eval()
-    out = []
-    for pairs in batches_of_pairs():
-        feeds = pad_batch(tokenizer.encode(pairs), tokenizer.pad_token_id, export.input_names)
-        with torch.inference_mode():
-            logits = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits
-        out.append((feeds, logits[:, 0].float().numpy()))
-    return export, out
+    return export, pytorch_cases(model, tokenizer, export.input_names)
 
 
-def test_fp16_graph_runs_on_the_cpu_provider(tiny_export: Path, tiny_checkpoint: Path) -> None:
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU"),
+            ],
+        ),
+    ],
+)
+def test_fp16_graph_matches_pytorch(
+    device: Literal["cpu", "cuda"], tiny_export: Path, tiny_checkpoint: Path
+) -> None:
+    """On the CPU provider (through IO binding, as on CUDA) and, with a GPU, on CUDA."""
     export, cases = fp16_cases(tiny_export, tiny_checkpoint)
     pad = export.manifest.pad_token_id
     assert pad is not None
     scorer = OnnxScorer(
         fp16_graph(tiny_export),
-        device="cpu",
+        device=device,
         precision="fp16",
         io_binding=True,
         input_names=export.input_names,
         pad_token_id=pad,
     )
     scorer.warmup()
+    if device == "cuda":
+        assert scorer.providers[0] == CUDA_PROVIDER and scorer.parallelism == 2
     scale = max(float(np.abs(expected).max()) for _, expected in cases)
     # fp16 keeps ~3 decimal digits; through the tiny model's wide random weights (scores up to
     # ~6) the error reaches ~0.5% of the scale: within 1%, far below what a broken graph gives.
-    assert_close(scorer, cases, atol=1e-2 * max(1.0, scale))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU")
-def test_onnxruntime_cuda_fp16_matches_pytorch(tiny_export: Path, tiny_checkpoint: Path) -> None:
-    export, cases = fp16_cases(tiny_export, tiny_checkpoint)
-    pad = export.manifest.pad_token_id
-    assert pad is not None
-    scorer = OnnxScorer(
-        fp16_graph(tiny_export),
-        device="cuda",
-        precision="fp16",
-        input_names=export.input_names,
-        pad_token_id=pad,
-    )
-    scorer.warmup()
-    assert scorer.providers[0] == CUDA_PROVIDER and scorer.parallelism == 2
-    scale = max(float(np.abs(expected).max()) for _, expected in cases)
     assert_close(scorer, cases, atol=1e-2 * max(1.0, scale))
