@@ -45,7 +45,24 @@ async def _answer(error: ApiError, scope: Scope, receive: Receive, send: Send) -
     await error_response(error)(scope, receive, send)
 
 
-class BodyLimitMiddleware:
+class _HttpMiddleware:
+    """Passes everything but HTTP requests (lifespan, websockets) straight to the app; an HTTP
+    request goes to `handle`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class BodyLimitMiddleware(_HttpMiddleware):
     """Refuses bodies over `max_bytes` with 413, by Content-Length or while streaming.
 
     A chunked body (no Content-Length) is counted as it is read. Past the limit the read fails,
@@ -54,13 +71,10 @@ class BodyLimitMiddleware:
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
+        super().__init__(app)
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
@@ -109,7 +123,7 @@ class _BodyTooLarge(Exception):
     pass
 
 
-class ApiKeyMiddleware:
+class ApiKeyMiddleware(_HttpMiddleware):
     """With API keys configured, every path except `public_paths` wants
     `Authorization: Bearer <key>`, checked from the headers before the body is read.
 
@@ -119,12 +133,12 @@ class ApiKeyMiddleware:
     """
 
     def __init__(self, app: ASGIApp, keys: Sequence[str], public_paths: Collection[str]) -> None:
-        self.app = app
+        super().__init__(app)
         self.keys = list(keys)
         self.public_paths = frozenset(public_paths)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in self.public_paths:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.keys or scope["path"] in self.public_paths:
             await self.app(scope, receive, send)
             return
         authorization = ""
@@ -140,20 +154,14 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-class ShutdownMiddleware:
+class ShutdownMiddleware(_HttpMiddleware):
     """Answers 503 (with the error envelope and `Retry-After`) to a request that the server
     cancels before it answered: uvicorn cancels what still runs when
     `CAPPY_GRACEFUL_SHUTDOWN_S` ends, and would otherwise send a plain-text 500 and log a
     traceback. The request's work was cancelled with it (its queued pairs are dropped).
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
         async def tracking_send(message: Message) -> None:
@@ -186,16 +194,10 @@ class ShutdownMiddleware:
             await _answer(error, scope, receive, send)
 
 
-class MetricsMiddleware:
+class MetricsMiddleware(_HttpMiddleware):
     """Observes `cappy_request_duration_seconds{route, status}` for every HTTP request."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         status = {"code": 500}
 
