@@ -684,24 +684,20 @@ class _TorchReference:
         self.max_length = max_length
         self.name = f"torch fp32 ({checkpoint})"
 
-    def lengths(self, instruction: str, candidates: Sequence[str]) -> list[int]:
-        encoded = self.tokenizer(
+    def _encode(self, instruction: str, candidates: Sequence[str], **options: Any) -> Any:
+        return self.tokenizer(
             [instruction] * len(candidates),
             list(candidates),
             truncation="longest_first",
             max_length=self.max_length,
+            **options,
         )
-        return [len(ids) for ids in encoded["input_ids"]]
+
+    def lengths(self, instruction: str, candidates: Sequence[str]) -> list[int]:
+        return [len(ids) for ids in self._encode(instruction, candidates)["input_ids"]]
 
     def score(self, instruction: str, candidates: Sequence[str]) -> list[float]:
-        batch = self.tokenizer(
-            [instruction] * len(candidates),
-            list(candidates),
-            truncation="longest_first",
-            max_length=self.max_length,
-            padding=True,
-            return_tensors="pt",
-        )
+        batch = self._encode(instruction, candidates, padding=True, return_tensors="pt")
         with self.torch.inference_mode():
             logits = self.model(**batch).logits
         return [float(v) for v in logits[:, 0].tolist()]

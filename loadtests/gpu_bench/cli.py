@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from loadtests import bench, gpu_bench
 from loadtests.gpu_bench.runner import BUDGETS, GpuBench
@@ -49,16 +50,24 @@ DRY = {
 }
 
 
+def add_run_default(
+    parser: argparse.ArgumentParser, flag: str, text: str = "", **options: Any
+) -> None:
+    """A flag whose default is the GPU run's or the dry run's (FULL, DRY): it parses to None
+    when not given, and `resolve` fills it in; its help names both defaults."""
+    key = flag.removeprefix("--").replace("-", "_")
+    defaults = f"(default {FULL[key]}; dry run {DRY[key]})"
+    parser.add_argument(
+        flag, default=None, help=f"{text} {defaults}" if text else defaults, **options
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m loadtests.gpu_bench",
         description=gpu_bench.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-
-    def default(key: str) -> str:
-        return f"(default {FULL[key]}; dry run {DRY[key]})"
-
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -78,9 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", default=None, help="where gpu_bench.json and .md go (default: WORK/report)"
     )
-    parser.add_argument(
-        "--model-size", choices=sorted(SHAPES), default=None, help=default("model_size")
-    )
+    add_run_default(parser, "--model-size", choices=sorted(SHAPES))
     parser.add_argument(
         "--tokenizer",
         default="auto",
@@ -96,25 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="std of the random weights; wide enough that scores are not all ties "
         "(default 0.1 large, 0.4 tiny)",
     )
-    parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help=default("device"))
-    parser.add_argument(
-        "--concurrency", default=None, help="served concurrency levels " + default("concurrency")
-    )
-    parser.add_argument(
-        "--limits",
-        default=None,
-        help="requests per concurrency level, 0 = the whole workload " + default("limits"),
-    )
-    parser.add_argument(
+    add_run_default(parser, "--device", choices=["cuda", "cpu"])
+    add_run_default(parser, "--concurrency", "served concurrency levels")
+    add_run_default(parser, "--limits", "requests per concurrency level, 0 = the whole workload")
+    add_run_default(
+        parser,
         "--phase-seconds",
+        "time cap of each served level (in-flight requests finish)",
         type=float,
-        default=None,
-        help="time cap of each served level (in-flight requests finish) "
-        + default("phase_seconds"),
     )
-    parser.add_argument(
-        "--warmup", type=int, default=None, help="untimed requests per level " + default("warmup")
-    )
+    add_run_default(parser, "--warmup", "untimed requests per level", type=int)
     parser.add_argument(
         "--serve-arg",
         action="append",
@@ -122,11 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="server setting, sent as CAPPY_KEY=VALUE (repeatable), e.g. max_queue_tokens=2000000",
     )
-    parser.add_argument(
-        "--reference-limit",
-        type=int,
-        default=None,
-        help="fp32 reference on the first N requests, 0 = all " + default("reference_limit"),
+    add_run_default(
+        parser, "--reference-limit", "fp32 reference on the first N requests, 0 = all", type=int
     )
     parser.add_argument(
         "--near-tie",
@@ -135,11 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="sets whose fp32 top-two margin is below this x the std of all fp32 scores are "
         "left out of argmax agreement (default %(default)s)",
     )
-    parser.add_argument(
-        "--engine-limit",
-        type=int,
-        default=None,
-        help="engine_bench on the first N requests, 0 = all " + default("engine_limit"),
+    add_run_default(
+        parser, "--engine-limit", "engine_bench on the first N requests, 0 = all", type=int
     )
     parser.add_argument(
         "--engine-batch-tokens",
@@ -148,17 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="engine_bench --max-batch-tokens (default: the service's, 32768 on CUDA and 8192 on "
         "CPU, with its 256 / 64 rows and widths in steps of 8)",
     )
-    parser.add_argument(
-        "--peer-limit",
-        type=int,
-        default=None,
-        help="bulk peers on the first N requests, 0 = all " + default("peer_limit"),
-    )
-    parser.add_argument(
+    add_run_default(parser, "--peer-limit", "bulk peers on the first N requests, 0 = all", type=int)
+    add_run_default(
+        parser,
         "--per-request-limit",
+        "CrossEncoder one request at a time on the first N",
         type=int,
-        default=None,
-        help="CrossEncoder one request at a time on the first N " + default("per_request_limit"),
     )
     parser.add_argument(
         "--peer-batch-size", type=int, default=64, help="peers' rows per batch (default 64)"
@@ -176,11 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=790.0,
         help="the FLOP limit: measured fp16/bf16 matrix throughput (default %(default)s, H200)",
     )
-    parser.add_argument(
+    add_run_default(
+        parser,
         "--deadline",
+        "seconds for the whole run; later phases shrink or are skipped",
         type=float,
-        default=None,
-        help="seconds for the whole run; later phases shrink or are skipped " + default("deadline"),
     )
     parser.add_argument(
         "--budget",

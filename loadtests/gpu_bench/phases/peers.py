@@ -75,7 +75,10 @@ def peer(kind: str) -> Phase:
     return run
 
 
-def peer_figures(bench: GpuBench, figures: dict[str, Any], record: dict[str, Any]) -> None:
+def worker_figures(
+    bench: GpuBench, record: dict[str, Any], figures: dict[str, Any], **more: Any
+) -> None:
+    """The common figures of a torch worker's JSON line, timed over the window it reports."""
     bench.figures(
         record,
         requests=figures["requests"],
@@ -83,6 +86,15 @@ def peer_figures(bench: GpuBench, figures: dict[str, Any], record: dict[str, Any
         seconds=figures["seconds"],
         tokens=figures["tokens"],
         window=(figures["t_start"], figures["t_end"]),
+        **more,
+    )
+
+
+def peer_figures(bench: GpuBench, figures: dict[str, Any], record: dict[str, Any]) -> None:
+    worker_figures(
+        bench,
+        record,
+        figures,
         latency_ms=figures.get("latency_ms"),
         scores=json.loads(Path(figures["scores"]).read_text(encoding="utf-8")),
     )

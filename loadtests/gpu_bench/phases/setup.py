@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loadtests.gpu_bench.agreement import decisive_reference
-from loadtests.gpu_bench.phases.peers import peer_args
+from loadtests.gpu_bench.phases.peers import peer_args, worker_figures
 from loadtests.gpu_bench.processes import PhaseError, run_json, worker_command, worker_env
 
 if TYPE_CHECKING:
@@ -134,12 +134,5 @@ def run_reference(bench: GpuBench, budget: float, record: dict[str, Any]) -> Non
         "near_tie": f"top-two margin < {bench.args.near_tie} x the std of all fp32 scores",
         **summary,
     }
-    bench.figures(
-        record,
-        requests=figures["requests"],
-        pairs=figures["pairs"],
-        seconds=figures["seconds"],
-        tokens=figures["tokens"],
-        window=(figures["t_start"], figures["t_end"]),
-    )
+    worker_figures(bench, record, figures)
     record.update(flop_fraction=None, tflops=None, detail=figures)  # fp32: not the fp16 peak

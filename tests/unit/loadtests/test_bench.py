@@ -120,49 +120,46 @@ if __name__ == "__main__":
     server.server_close()
 """
 
-METRICS_BEFORE = """\
+# Two /metrics scrapes of one server, an interval apart: the same series, other counts.
+METRICS = """\
 # HELP cappy_batch_size Pairs per model batch.
 # TYPE cappy_batch_size histogram
-cappy_batch_size_bucket{le="1.0"} 2.0
-cappy_batch_size_bucket{le="+Inf"} 4.0
-cappy_batch_size_sum 20.0
-cappy_batch_size_count 4.0
-cappy_batch_tokens_sum 1000.0
-cappy_batch_tokens_count 4.0
-cappy_batch_padding_fraction_sum 0.4
-cappy_batch_padding_fraction_count 4.0
-cappy_queue_time_seconds_bucket{le="0.001"} 0.0
-cappy_queue_time_seconds_bucket{le="0.01"} 10.0
-cappy_queue_time_seconds_bucket{le="0.1"} 20.0
-cappy_queue_time_seconds_bucket{le="+Inf"} 20.0
-cappy_queue_time_seconds_sum 0.5
-cappy_queue_time_seconds_count 20.0
-cappy_requests_rejected_total{reason="overloaded"} 1.0
-cappy_request_duration_seconds_count{route="/select",status="200"} 4.0
-"""
-
-METRICS_AFTER = """\
-# HELP cappy_batch_size Pairs per model batch.
-# TYPE cappy_batch_size histogram
-cappy_batch_size_bucket{le="1.0"} 2.0
-cappy_batch_size_bucket{le="+Inf"} 14.0
-cappy_batch_size_sum 340.0
-cappy_batch_size_count 14.0
-cappy_batch_tokens_sum 11000.0
-cappy_batch_tokens_count 14.0
-cappy_batch_padding_fraction_sum 2.4
-cappy_batch_padding_fraction_count 14.0
-cappy_queue_time_seconds_bucket{le="0.001"} 0.0
-cappy_queue_time_seconds_bucket{le="0.01"} 10.0
-cappy_queue_time_seconds_bucket{le="0.1"} 120.0
-cappy_queue_time_seconds_bucket{le="+Inf"} 120.0
-cappy_queue_time_seconds_sum 5.5
-cappy_queue_time_seconds_count 120.0
-cappy_requests_rejected_total{reason="overloaded"} 4.0
-cappy_requests_rejected_total{reason="deadline"} 2.0
-cappy_pairs_dropped_total{reason="cancelled"} 0.0
-cappy_request_duration_seconds_count{route="/select",status="200"} 14.0
-"""
+cappy_batch_size_bucket{{le="1.0"}} 2.0
+cappy_batch_size_bucket{{le="+Inf"}} {batches}
+cappy_batch_size_sum {pairs}
+cappy_batch_size_count {batches}
+cappy_batch_tokens_sum {tokens}
+cappy_batch_tokens_count {batches}
+cappy_batch_padding_fraction_sum {padding}
+cappy_batch_padding_fraction_count {batches}
+cappy_queue_time_seconds_bucket{{le="0.001"}} 0.0
+cappy_queue_time_seconds_bucket{{le="0.01"}} 10.0
+cappy_queue_time_seconds_bucket{{le="0.1"}} {queued}
+cappy_queue_time_seconds_bucket{{le="+Inf"}} {queued}
+cappy_queue_time_seconds_sum {queue_s}
+cappy_queue_time_seconds_count {queued}
+cappy_requests_rejected_total{{reason="overloaded"}} {overloaded}
+cappy_request_duration_seconds_count{{route="/select",status="200"}} {requests}
+{more}"""
+# (before, after) of each count in METRICS.
+SCRAPES = {
+    "batches": (4.0, 14.0),
+    "pairs": (20.0, 340.0),
+    "tokens": (1000.0, 11000.0),
+    "padding": (0.4, 2.4),
+    "queued": (20.0, 120.0),
+    "queue_s": (0.5, 5.5),
+    "overloaded": (1.0, 4.0),
+    "requests": (4.0, 14.0),
+    "more": (
+        "",
+        'cappy_requests_rejected_total{reason="deadline"} 2.0\n'
+        'cappy_pairs_dropped_total{reason="cancelled"} 0.0\n',
+    ),
+}
+METRICS_BEFORE, METRICS_AFTER = (
+    METRICS.format(**{key: values[i] for key, values in SCRAPES.items()}) for i in (0, 1)
+)
 
 
 # --- statistics ---------------------------------------------------------------------------------
