@@ -64,6 +64,12 @@ def not_ready(reason: str) -> ApiError:
     )
 
 
+def client_closed() -> ApiError:
+    """For a request whose client went away first; 499 is what proxies log for that. Nobody
+    reads the answer."""
+    return ApiError(499, "Client closed the request.", code="client_closed")
+
+
 def _engine_error(exc: EngineError) -> ApiError:
     if isinstance(exc, Overloaded):
         seconds = max(1, math.ceil(exc.retry_after))

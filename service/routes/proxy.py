@@ -7,14 +7,18 @@ app's lifespan when CAPPY_UPSTREAM_BASE_URL is set; without it these routes answ
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.types import DecoratedCallable
+from pydantic import BaseModel
 
 from service.cancellation import ClientDisconnected, cancel_on_disconnect
 from service.deps import OptionalProxyDep, ProxyDep, ProxyState, ReadyRuntimeDep, SettingsDep
-from service.errors import ApiError, envelope_for
+from service.errors import client_closed, envelope_for
 from service.routes.scoring import model_name
 from service.schemas.common import error_responses
 from service.schemas.openai import (
@@ -42,12 +46,25 @@ def _caller_key(request: Request, settings: Settings) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
-async def _answer(
-    body: ChatCompletionRequest | CompletionRequest,
-    request: Request,
-    proxy: ProxyState,
-    settings: Settings,
-) -> Response:
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """What answering a sampling request takes besides its body."""
+
+    request: Request
+    proxy: ProxyState
+    settings: Settings
+
+
+def _call(request: Request, proxy: ProxyDep, _: ReadyRuntimeDep, settings: SettingsDep) -> _Call:
+    """404 without a proxy, then 503 while the scorer is not ready (in this order)."""
+    return _Call(request, proxy, settings)
+
+
+CallDep = Annotated[_Call, Depends(_call)]
+
+
+async def _answer(body: ChatCompletionRequest | CompletionRequest, call: _Call) -> Response:
+    request, proxy, settings = call.request, call.proxy, call.settings
     options = resolve_options(
         body.cappy,
         default_recipe=proxy.recipe,
@@ -60,7 +77,7 @@ async def _answer(
         try:
             selection = await cancel_on_disconnect(request, work)
         except ClientDisconnected:
-            raise ApiError(499, "Client closed the request.", code="client_closed") from None
+            raise client_closed() from None
         answer = build_response(selection).model_dump(mode="json", exclude_none=True)
         return JSONResponse(answer, headers=response_headers(selection))
     # Streaming: the status line waits for the outcome while it comes before the first
@@ -75,7 +92,7 @@ async def _answer(
         )
     except ClientDisconnected:
         await _cancel(task)
-        raise ApiError(499, "Client closed the request.", code="client_closed") from None
+        raise client_closed() from None
     except asyncio.CancelledError:
         await _cancel(task)
         raise
@@ -100,39 +117,24 @@ async def _cancel(task: asyncio.Future[Any]) -> None:
     await asyncio.wait({task})
 
 
-@router.post(
-    "/v1/chat/completions",
-    response_model=ChatCompletionResponse,
-    responses=_ERRORS,
-    summary="Best-of-N chat completion",
-)
-async def chat_completions(
-    body: ChatCompletionRequest,
-    request: Request,
-    proxy: ProxyDep,
-    _: ReadyRuntimeDep,
-    settings: SettingsDep,
-) -> Response:
+def _sampling_route(
+    path: str, answer: type[BaseModel], summary: str
+) -> Callable[[DecoratedCallable], DecoratedCallable]:
+    """Declares a best-of-N route: POST `path`, answered with an `answer` or an error."""
+    return router.post(path, response_model=answer, responses=_ERRORS, summary=summary)
+
+
+@_sampling_route("/v1/chat/completions", ChatCompletionResponse, "Best-of-N chat completion")
+async def chat_completions(body: ChatCompletionRequest, call: CallDep) -> Response:
     """Samples the upstream with the recipe (default: the paper's 17), scores every sample
     against the conversation with Cappy and answers with the best; `stream` streams it."""
-    return await _answer(body, request, proxy, settings)
+    return await _answer(body, call)
 
 
-@router.post(
-    "/v1/completions",
-    response_model=CompletionResponse,
-    responses=_ERRORS,
-    summary="Best-of-N text completion",
-)
-async def completions(
-    body: CompletionRequest,
-    request: Request,
-    proxy: ProxyDep,
-    _: ReadyRuntimeDep,
-    settings: SettingsDep,
-) -> Response:
+@_sampling_route("/v1/completions", CompletionResponse, "Best-of-N text completion")
+async def completions(body: CompletionRequest, call: CallDep) -> Response:
     """Like /v1/chat/completions for a plain prompt."""
-    return await _answer(body, request, proxy, settings)
+    return await _answer(body, call)
 
 
 @router.get("/v1/models", response_model=ModelList, responses=_ERRORS)

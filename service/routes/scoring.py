@@ -16,7 +16,7 @@ from service.cancellation import ClientDisconnected, cancel_on_disconnect
 from service.deps import ReadyRuntimeDep, SettingsDep
 from service.engine.batcher import ScoredPair
 from service.engine.runtime import ScoringRuntime
-from service.errors import ApiError
+from service.errors import ApiError, client_closed
 from service.schemas.common import Usage, error_responses
 from service.schemas.scoring import (
     ApiVersion,
@@ -88,7 +88,7 @@ async def _score(
     except ClientDisconnected:
         # Nobody reads this answer; 499 is what proxies log for a client that went away.
         logger.info("%s: client closed the request (499); its pairs were dropped", request.url.path)
-        raise ApiError(499, "Client closed the request.", code="client_closed") from None
+        raise client_closed() from None
     response.headers["x-compute-time"] = f"{(time.perf_counter() - started) * 1000:.1f}"
     response.headers["x-pairs"] = str(len(results))
     return results
