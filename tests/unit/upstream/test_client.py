@@ -16,8 +16,9 @@ from prometheus_client import generate_latest
 
 from service import metrics
 from service.errors import envelope_for
-from service.upstream.client import UpstreamClient, UpstreamConfig, parse_retry_after, redact_url
+from service.upstream.client import UpstreamClient, UpstreamConfig, redact_url
 from service.upstream.errors import FailureKind, UpstreamError
+from service.upstream.responses import parse_retry_after
 
 BASE = "http://upstream.test/v1"
 SECRET = "sk-test-SECRET-0123456789abcdef"
