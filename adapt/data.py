@@ -34,7 +34,7 @@ import httpx
 from adapt import planning, sampling
 from adapt.cache import SampleRecord
 from adapt.errors import AdaptError
-from adapt.examples import Example, by_task, load_examples
+from adapt.examples import Example, by_task
 from adapt.labels import RougeL, mismatch_reference
 from service.upstream.recipe import Recipe
 
@@ -196,12 +196,7 @@ def run(options: DataOptions, *, transport: httpx.AsyncBaseTransport | None = No
     Raises:
         AdaptError: bad input, no upstream while samples are asked for, or too many failed calls.
     """
-    examples = load_examples(
-        options.train,
-        split=options.split,
-        tasks=options.tasks,
-        examples_per_task=options.examples_per_task,
-    )
+    examples = options.select_examples(options.train)
     # Validate the sample count before any call is made.
     planning.plan_decodings(Recipe.default(), options.samples_per_example)
     options.out.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ from adapt import planning, sampling
 from adapt.cache import SampleRecord, read_cache
 from adapt.data import write_atomic, write_jsonl_atomic
 from adapt.errors import AdaptError
-from adapt.examples import Example, load_examples
+from adapt.examples import Example
 from adapt.labels import RougeL
 from adapt.selection import (
     METHOD_NAMES,
@@ -55,7 +55,6 @@ from adapt.selection import (
     aggregate,
     picks,
 )
-from service.upstream.recipe import Recipe
 
 
 @dataclass(kw_only=True)
@@ -104,12 +103,7 @@ def run(options: EvalOptions, *, transport: httpx.AsyncBaseTransport | None = No
     Raises:
         AdaptError: bad input, an unservable scorer, or samples missing with no upstream.
     """
-    examples = load_examples(
-        options.data,
-        split=options.split,
-        tasks=options.tasks,
-        examples_per_task=options.examples_per_task,
-    )
+    examples = options.select_examples(options.data)
     options.out.mkdir(parents=True, exist_ok=True)
     cache_path = options.samples or options.out / "samples.jsonl"
     scorer = None
@@ -124,17 +118,8 @@ def run(options: EvalOptions, *, transport: httpx.AsyncBaseTransport | None = No
             allow_ungated=options.allow_ungated,
         )
     if options.upstream:
-        config, samples, stats = asyncio.run(
-            sampling.gather(
-                options,
-                examples,
-                cache_path,
-                transport,
-                logprobs=True,
-                samples_per_example=Recipe.default().total,
-                recipe=Recipe.default(),
-            )
-        )
+        gathering = sampling.gather(options, examples, cache_path, transport, logprobs=True)
+        config, samples, stats = asyncio.run(gathering)
     else:
         config, samples, stats = _from_cache(examples, cache_path)
     planned_per_example = planning.plan_decodings(config.recipe, config.samples_per_example)

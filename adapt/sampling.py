@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from adapt.cache import Key, SampleCache, SampleRecord
 from adapt.errors import AdaptError
-from adapt.examples import Example
+from adapt.examples import Example, load_examples
 from adapt.planning import Endpoint, PlannedSample, SamplingConfig, build_body, plan
 from service.upstream.client import UpstreamClient, UpstreamConfig
 from service.upstream.errors import UpstreamError
@@ -244,6 +244,13 @@ class SamplingOptions:
     max_failures: int = 50
     progress: bool = True
 
+    def select_examples(self, path: Path) -> list[Example]:
+        """The examples of the JSONL file `path` that --split, --task and --examples-per-task
+        select."""
+        return load_examples(
+            path, split=self.split, tasks=self.tasks, examples_per_task=self.examples_per_task
+        )
+
 
 async def gather(
     options: SamplingOptions,
@@ -252,12 +259,15 @@ async def gather(
     transport: httpx.AsyncBaseTransport | None,
     *,
     logprobs: bool,
-    samples_per_example: int,
-    recipe: Recipe | None = None,
+    samples_per_example: int | None = None,
 ) -> tuple[SamplingConfig, dict[str, list[SampleRecord]], CollectStats]:
     """Every example's samples from the upstream, through the cache (resumes where it stopped):
-    the one sampling path of `cappy adapt data` and `cappy eval`."""
+    the one sampling path of `cappy adapt data` and `cappy eval`. The paper's recipe, all of it
+    per example unless `samples_per_example` says fewer."""
     assert options.upstream is not None
+    recipe = Recipe.default()
+    if samples_per_example is None:
+        samples_per_example = recipe.total
     async with make_client(
         options.upstream,
         api_key=options.api_key,
@@ -272,7 +282,7 @@ async def gather(
             logprobs=logprobs,
             send_top_k=options.send_top_k,
             seed=options.seed,
-            recipe=recipe or Recipe.default(),
+            recipe=recipe,
             samples_per_example=samples_per_example,
         )
         planned = plan(examples, config)
