@@ -15,6 +15,14 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.schemas.common import InstructionText, RequestModel, Usage
 
+ScorerName = Annotated[str | None, Field(description="Ignored if it names the served scorer.")]
+"""A request's `model`: accepted for client compatibility, never a choice of scorer."""
+
+
+def _strict(example: dict[str, Any]) -> ConfigDict:
+    """A request's config: unknown fields refused; `example` shown in the API docs."""
+    return ConfigDict(extra="forbid", json_schema_extra={"examples": [example]})
+
 
 class Pair(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -26,22 +34,17 @@ class Pair(BaseModel):
 
 
 class ScoreRequest(RequestModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "pairs": [
-                        {"instruction": "What is the capital of France?", "response": "Paris."},
-                        {"instruction": "What is the capital of France?", "response": "Lyon."},
-                    ]
-                }
+    model_config = _strict(
+        {
+            "pairs": [
+                {"instruction": "What is the capital of France?", "response": "Paris."},
+                {"instruction": "What is the capital of France?", "response": "Lyon."},
             ]
-        },
+        }
     )
 
     pairs: list[Pair] = Field(min_length=1, description="(instruction, response) pairs to score.")
-    model: str | None = Field(None, description="Ignored if it names the served scorer.")
+    model: ScorerName = None
 
 
 class PairScore(BaseModel):
@@ -60,16 +63,11 @@ class ScoreResponse(BaseModel):
 
 
 class SelectRequest(RequestModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "instruction": "Is this review positive or negative? 'Loved it.'",
-                    "candidates": ["positive", "negative"],
-                }
-            ]
-        },
+    model_config = _strict(
+        {
+            "instruction": "Is this review positive or negative? 'Loved it.'",
+            "candidates": ["positive", "negative"],
+        }
     )
 
     instruction: InstructionText = Field(
@@ -84,7 +82,7 @@ class SelectRequest(RequestModel):
         strict=True,
         description="Length of the returned ranking (default: all candidates); an integer.",
     )
-    model: str | None = Field(None, description="Ignored if it names the served scorer.")
+    model: ScorerName = None
 
 
 class RankedCandidate(BaseModel):
@@ -119,33 +117,38 @@ Document = Annotated[
 ]
 
 
-class RerankRequest(RequestModel):
+class _RerankRequest(RequestModel):
+    """What the Cohere v1 / Jina and the Cohere v2 rerank requests share; they differ after the
+    query (and `top_n` follows `documents` on both wires)."""
+
+    model: ScorerName = None
+    query: InstructionText = Field(description="The query (Cappy's instruction). Not blank.")
+
+
+TopN = Annotated[
+    int | None,
+    Field(ge=1, strict=True, description="How many results (default: all); an integer."),
+]
+
+
+class RerankRequest(_RerankRequest):
     """Cohere v1 / Jina rerank request."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "query": "What is the capital of France?",
-                    "documents": ["Paris is the capital of France.", "Berlin is in Germany."],
-                    "top_n": 1,
-                    "return_documents": True,
-                }
-            ]
-        },
+    model_config = _strict(
+        {
+            "query": "What is the capital of France?",
+            "documents": ["Paris is the capital of France.", "Berlin is in Germany."],
+            "top_n": 1,
+            "return_documents": True,
+        }
     )
 
-    model: str | None = Field(None, description="Ignored if it names the served scorer.")
-    query: InstructionText = Field(description="The query (Cappy's instruction). Not blank.")
     documents: list[Document] = Field(
         min_length=1,
         description="Documents as strings or {text} objects (Cappy's responses); "
         "a document may be empty.",
     )
-    top_n: int | None = Field(
-        None, ge=1, strict=True, description="How many results (default: all); an integer."
-    )
+    top_n: TopN = None
     return_documents: bool = Field(
         False, strict=True, description="Include each document in its result; true or false."
     )
@@ -168,31 +171,22 @@ class RerankResponse(BaseModel):
     usage: RerankUsage
 
 
-class V2RerankRequest(RequestModel):
+class V2RerankRequest(_RerankRequest):
     """Cohere v2 rerank request (`cohere.ClientV2().rerank`)."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "model": "rerank-v3.5",
-                    "query": "What is the capital of France?",
-                    "documents": ["Paris is the capital of France.", "Berlin is in Germany."],
-                    "top_n": 1,
-                }
-            ]
-        },
+    model_config = _strict(
+        {
+            "model": "rerank-v3.5",
+            "query": "What is the capital of France?",
+            "documents": ["Paris is the capital of France.", "Berlin is in Germany."],
+            "top_n": 1,
+        }
     )
 
-    model: str | None = Field(None, description="Ignored if it names the served scorer.")
-    query: InstructionText = Field(description="The query (Cappy's instruction). Not blank.")
     documents: list[str] = Field(
         min_length=1, description="Documents (Cappy's responses); a document may be empty."
     )
-    top_n: int | None = Field(
-        None, ge=1, strict=True, description="How many results (default: all); an integer."
-    )
+    top_n: TopN = None
     max_tokens_per_doc: int | None = Field(
         None,
         ge=1,

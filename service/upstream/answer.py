@@ -10,10 +10,8 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
+from service.schemas.cappy import CappyCandidate, CappyFailure, CappyResponse
 from service.schemas.openai import (
-    CappyCandidate,
-    CappyFailure,
-    CappyResponse,
     ChatCompletionChoice,
     ChatCompletionChunk,
     ChatCompletionChunkChoice,

@@ -15,7 +15,7 @@ A recipe comes from, in order of precedence: the request's `cappy.recipe`, then 
 `CAPPY_PROXY_RECIPE` setting (the same JSON list), then the default above. `cappy.min_candidates`
 overrides `CAPPY_PROXY_MIN_CANDIDATES`. A recipe's total samples are bounded
 (`CAPPY_PROXY_MAX_SAMPLES`, 64 by default). Both are validated by the wire model
-`service.schemas.openai.CappyRecipe` (the rules of a decoding, stated once); this module adds only
+`service.schemas.cappy.CappyRecipe` (the rules of a decoding, stated once); this module adds only
 that bound, which is a setting.
 
 What wins between the client's own parameters and the recipe — exactly:
@@ -46,7 +46,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from service.schemas.openai import CappyDecodingSpec, CappyRecipe, CappyRequest
+from service.schemas.cappy import CappyDecodingSpec, CappyRecipe, CappyRequest
 from service.upstream.errors import RecipeError
 
 DEFAULT_MAX_SAMPLES = 64

@@ -9,7 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from service.errors import envelope_for
-from service.schemas.openai import CappyRequest, ChatCompletionRequest
+from service.schemas.cappy import CappyRequest
+from service.schemas.openai import ChatCompletionRequest
 from service.upstream.errors import RecipeError
 from service.upstream.recipe import (
     PAPER_DECODINGS,
