@@ -6,7 +6,9 @@ the proxy routes, the caller's forwarded upstream."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -142,15 +144,16 @@ def _failing(status: int, delay_s: float = 0.0) -> Any:
     return reply
 
 
-async def test_streaming_failure_before_the_first_keepalive_has_a_real_status(
-    tiny_export: Path,
-) -> None:
-    """The status line waits for the outcome while no keep-alive is due yet: the failure is a
-    502 in the error envelope, which the SDK raises as an `APIStatusError`."""
+@contextlib.asynccontextmanager
+async def _failing_stream(
+    export: Path, status: int, *, delay_s: float, keepalive_s: float
+) -> AsyncIterator[tuple[httpx.Response, Callable[[], Awaitable[Any]]]]:
+    """The proxy over an upstream whose calls fail with `status` after `delay_s`: the raw answer
+    to a streamed request, and a call that opens the same stream with the openai SDK."""
     with respx.mock(base_url=UPSTREAM) as router:
-        router.post("/chat/completions").mock(side_effect=_failing(500, delay_s=0.6))
+        router.post("/chat/completions").mock(side_effect=_failing(status, delay_s=delay_s))
         manager, client = await _app(
-            tiny_export, upstream_max_attempts=1, proxy_stream_keepalive_s=5.0
+            export, upstream_max_attempts=1, proxy_stream_keepalive_s=keepalive_s
         )
         try:
             raw = await client.post(
@@ -159,16 +162,29 @@ async def test_streaming_failure_before_the_first_keepalive_has_a_real_status(
             sdk = openai.AsyncOpenAI(
                 base_url="http://cappy/v1", api_key="x", http_client=client, max_retries=0
             )
-            with pytest.raises(openai.APIStatusError) as caught:
-                await sdk.chat.completions.create(
+
+            def open_stream() -> Awaitable[Any]:
+                return sdk.chat.completions.create(
                     model="up-model",
                     messages=CHAT["messages"],
                     stream=True,
                     extra_body={"cappy": ONE_SAMPLE},
                 )
+
+            yield raw, open_stream
         finally:
             await client.aclose()
             await manager.__aexit__(None, None, None)
+
+
+async def test_streaming_failure_before_the_first_keepalive_has_a_real_status(
+    tiny_export: Path,
+) -> None:
+    """The status line waits for the outcome while no keep-alive is due yet: the failure is a
+    502 in the error envelope, which the SDK raises as an `APIStatusError`."""
+    async with _failing_stream(tiny_export, 500, delay_s=0.6, keepalive_s=5.0) as (raw, stream):
+        with pytest.raises(openai.APIStatusError) as caught:
+            await stream()
     error = assert_error(raw, 502, "http_5xx")
     assert error["type"] == "upstream_error"
     assert raw.headers["content-type"] == "application/json"
@@ -182,31 +198,12 @@ async def test_streaming_failure_after_the_first_keepalive_is_an_error_event(
     """Past the first keep-alive the 200 has gone out (an idle connection gets dropped); the
     failure is then one `data: {"error": ...}` event, which the openai SDK raises as an
     `APIError` carrying the envelope — never chunks that look like an answer."""
-    with respx.mock(base_url=UPSTREAM) as router:
-        router.post("/chat/completions").mock(side_effect=_failing(503, delay_s=0.8))
-        manager, client = await _app(
-            tiny_export, upstream_max_attempts=1, proxy_stream_keepalive_s=0.3
-        )
-        try:
-            raw = await client.post(
-                "/v1/chat/completions", json={**CHAT, "stream": True, "cappy": ONE_SAMPLE}
-            )
-            sdk = openai.AsyncOpenAI(
-                base_url="http://cappy/v1", api_key="x", http_client=client, max_retries=0
-            )
-            stream = await sdk.chat.completions.create(
-                model="up-model",
-                messages=CHAT["messages"],
-                stream=True,
-                extra_body={"cappy": ONE_SAMPLE},
-            )
-            chunks = []
-            with pytest.raises(openai.APIError) as caught:
-                async for chunk in stream:
-                    chunks.append(chunk)
-        finally:
-            await client.aclose()
-            await manager.__aexit__(None, None, None)
+    async with _failing_stream(tiny_export, 503, delay_s=0.8, keepalive_s=0.3) as (raw, stream):
+        opened = await stream()
+        chunks = []
+        with pytest.raises(openai.APIError) as caught:
+            async for chunk in opened:
+                chunks.append(chunk)
     assert raw.status_code == 200
     assert raw.headers["content-type"].startswith("text/event-stream")
     events = raw.text.split("\n\n")
