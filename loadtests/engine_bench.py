@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtests.bench import batches_by_length
+from loadtests.workload import batches_by_length
 from service.engine import cascade
 from service.engine.export_dir import ExportDir
 from service.engine.scorer import (

@@ -19,9 +19,9 @@ from typing import Any
 
 from locust import FastHttpUser, constant, events, task
 
-from loadtests.bench import (
+from loadtests.closed_loop import check_loopback
+from loadtests.workload import (
     DEFAULT_REQUESTS,
-    check_loopback,
     load_workload,
     rerank_body,
     score_body,

@@ -40,15 +40,11 @@ from typing import Any
 
 import httpx
 
-from loadtests.bench import (
-    DEFAULT_REQUESTS,
-    check_loopback,
-    load_workload,
-    parse_metrics,
-    percentile,
-    running_server,
-    select_body,
-)
+from loadtests.closed_loop import check_loopback
+from loadtests.local_server import running_server
+from loadtests.prometheus import parse_metrics
+from loadtests.stats import percentile
+from loadtests.workload import DEFAULT_REQUESTS, load_workload, select_body
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,8 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from loadtests.bench import free_port, percentile, running_server
+from loadtests.local_server import free_port, running_server
+from loadtests.stats import percentile
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ overrun is recorded in the JSON and the next phase still runs; phases that would
   export         `cappy export --parity record` (fp32 + fp16), kept in --work
   reference      PyTorch fp32 scores of the first --reference-limit requests: the argmax truth
   serve-start    `cappy serve --device cuda` on a free loopback port, until /ready
-  serve-cN       loadtests.bench, closed loop at concurrency N (one phase per --concurrency)
+  serve-cN       loadtests.closed_loop at concurrency N (one phase per --concurrency)
   engine         loadtests/engine_bench.py on the same export (ONNX Runtime fp16 on CUDA)
   peer-*         transformers fp16 length-sorted batches; sentence-transformers CrossEncoder
                  .predict in bulk and one request at a time; CPU work confined to --peer-threads

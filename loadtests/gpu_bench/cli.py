@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtests import bench, gpu_bench
+from loadtests import gpu_bench
 from loadtests.gpu_bench.runner import BUDGETS, GpuBench
 from loadtests.gpu_bench.workers.main import worker_main
 from loadtests.gpu_bench.workers.standin import SHAPES
+from loadtests.workload import DEFAULT_REQUESTS
 
 # The phase kinds, then the phase names, that --skip takes (and serve-cN).
 SKIPPABLE = frozenset(
@@ -217,7 +218,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         if args.dry_run:
             args.requests = str(dry_workload(Path(args.work) / "dry_requests.jsonl"))
         else:
-            args.requests = str(bench.DEFAULT_REQUESTS)
+            args.requests = str(DEFAULT_REQUESTS)
     if args.dry_run and "pytest" not in args.skip:
         args.skip.append("pytest")
     for name in args.skip:

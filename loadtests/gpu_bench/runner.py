@@ -12,13 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loadtests import bench
 from loadtests.gpu_bench import report
 from loadtests.gpu_bench.agreement import score_agreement
 from loadtests.gpu_bench.environment import environment
 from loadtests.gpu_bench.flops import flop_figures
 from loadtests.gpu_bench.nvidia_smi import GpuSampler
 from loadtests.gpu_bench.phases import cuda_tests, engine, peers, serve, setup
+from loadtests.workload import load_workload
 
 MIN_PHASE_S = 10.0
 # Upper bounds per phase (seconds); --deadline shrinks the later ones when time runs short.
@@ -66,7 +66,7 @@ class GpuBench:
         self.sampler = GpuSampler(args.gpu_index)
         self.budgets = {**BUDGETS, **dict(parse_budget(b) for b in args.budget)}
         self.requests_path = Path(args.requests).resolve()
-        self.workload = bench.load_workload(self.requests_path)
+        self.workload = load_workload(self.requests_path)
         self.model: dict[str, Any] | None = None
         self.reference: dict[str, list[float]] | None = None
         self.decisive: dict[str, int] | None = None
@@ -127,7 +127,7 @@ class GpuBench:
         try:
             result = fn(self, budget, record)
             record["status"] = record.get("status") or "ok"
-        except (Exception, SystemExit) as exc:  # SystemExit: bench's readiness wait
+        except (Exception, SystemExit) as exc:  # SystemExit: local_server's readiness wait
             record["status"] = "error"
             record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         record["seconds_total"] = round(time.monotonic() - t0, 2)

@@ -1,5 +1,5 @@
-"""The served phases: `cappy serve` on a free loopback port (serve-start), then loadtests.bench's
-closed loop at each --concurrency level (serve-cN) against it."""
+"""The served phases: `cappy serve` on a free loopback port (serve-start), then the closed loop
+of loadtests.closed_loop at each --concurrency level (serve-cN) against it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loadtests import bench as http_bench
+from loadtests.closed_loop import benchmark
+from loadtests.local_server import running_server
 
 if TYPE_CHECKING:
     from loadtests.gpu_bench.runner import GpuBench
@@ -32,7 +33,7 @@ def serve_phases(bench: GpuBench, export: Path | None) -> None:
 
         def start(_bench: GpuBench, budget: float, record: dict[str, Any]) -> str:
             url = stack.enter_context(
-                http_bench.running_server(export, serve_args, ready_timeout_s=budget)  # type: ignore[arg-type]
+                running_server(export, serve_args, ready_timeout_s=budget)  # type: ignore[arg-type]
             )
             record.update(url=url, serve_args=serve_args)
             return url
@@ -57,7 +58,7 @@ def run_serve(
     count = min(limit, len(bench.workload)) if limit > 0 else len(bench.workload)
     duration = max(1.0, min(bench.args.phase_seconds, budget - 5.0))
     figures = asyncio.run(
-        http_bench.benchmark(
+        benchmark(
             url,
             bench.workload,
             concurrency=concurrency,

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from loadtests import bench
 from loadtests.gpu_bench.flops import encoder_parameters
+from loadtests.workload import load_workload
 
 ROBERTA_VOCAB = 50265
 # layers, hidden, heads, intermediate
@@ -20,7 +20,7 @@ SHAPES = {"large": (24, 1024, 16, 4096), "tiny": (2, 32, 4, 64)}
 
 
 def training_texts(requests_path: str) -> Iterator[str]:
-    for request in bench.load_workload(requests_path):
+    for request in load_workload(requests_path):
         yield request["instruction"]
         yield from request["candidates"]
 

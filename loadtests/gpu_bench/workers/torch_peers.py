@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtests import bench
+from loadtests.stats import percentile
+from loadtests.workload import batches_by_length, load_workload
 
 
 def pad_columns(
@@ -32,7 +33,7 @@ def pad_columns(
 
 def workload_pairs(requests_path: str, limit: int) -> tuple[list[dict[str, Any]], list[int]]:
     """The first `limit` requests (0: all) and each pair's request index."""
-    requests = bench.load_workload(requests_path, limit or None)
+    requests = load_workload(requests_path, limit or None)
     owner = [n for n, r in enumerate(requests) for _ in r["candidates"]]
     return requests, owner
 
@@ -84,7 +85,7 @@ def worker_transformers(args: argparse.Namespace, fp32: bool) -> dict[str, Any]:
         lengths = [len(ids) for ids in columns["input_ids"]]
         outputs, order = [], []
         with torch.inference_mode():
-            for batch in bench.batches_by_length(lengths, max_rows=args.batch_size):
+            for batch in batches_by_length(lengths, max_rows=args.batch_size):
                 feeds = {
                     k: torch.from_numpy(v).to(device)
                     for k, v in pad_columns(columns, batch, tokenizer.pad_token_id).items()
@@ -209,5 +210,5 @@ def worker_crossencoder(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def percentile_ms(values: Sequence[float], q: float) -> float | None:
-    value = bench.percentile(values, q)
+    value = percentile(values, q)
     return None if value is None else round(value, 1)

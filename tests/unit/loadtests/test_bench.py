@@ -1,11 +1,11 @@
-"""loadtests/bench.py: statistics, the /metrics parser and diff, and the load loop end to end
-against a small fake server (in-process, and as a subprocess for --self-contained). One slow test
-drives a real `cappy serve` on the tiny export."""
+"""loadtests/bench.py and the closed loop end to end against a small fake server (in-process, and
+as a subprocess for --self-contained), the locustfile against it too. One slow test drives a real
+`cappy serve` on the tiny export."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -15,10 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
 from loadtests import bench
+from loadtests.closed_loop import benchmark
+from loadtests.local_server import running_server
+from loadtests.workload import load_workload
+from tests.unit.loadtests.workloads import write_workload
 
 # A stand-in for cappy-serve: /health, /ready, /info, /metrics and /select. The best candidate
 # is the longest (ties to the lower index); a candidate containing "FAIL" answers 500. Runs
@@ -120,201 +125,6 @@ if __name__ == "__main__":
     server.server_close()
 """
 
-# Two /metrics scrapes of one server, an interval apart: the same series, other counts.
-METRICS = """\
-# HELP cappy_batch_size Pairs per model batch.
-# TYPE cappy_batch_size histogram
-cappy_batch_size_bucket{{le="1.0"}} 2.0
-cappy_batch_size_bucket{{le="+Inf"}} {batches}
-cappy_batch_size_sum {pairs}
-cappy_batch_size_count {batches}
-cappy_batch_tokens_sum {tokens}
-cappy_batch_tokens_count {batches}
-cappy_batch_padding_fraction_sum {padding}
-cappy_batch_padding_fraction_count {batches}
-cappy_queue_time_seconds_bucket{{le="0.001"}} 0.0
-cappy_queue_time_seconds_bucket{{le="0.01"}} 10.0
-cappy_queue_time_seconds_bucket{{le="0.1"}} {queued}
-cappy_queue_time_seconds_bucket{{le="+Inf"}} {queued}
-cappy_queue_time_seconds_sum {queue_s}
-cappy_queue_time_seconds_count {queued}
-cappy_requests_rejected_total{{reason="overloaded"}} {overloaded}
-cappy_request_duration_seconds_count{{route="/select",status="200"}} {requests}
-{more}"""
-# (before, after) of each count in METRICS.
-SCRAPES = {
-    "batches": (4.0, 14.0),
-    "pairs": (20.0, 340.0),
-    "tokens": (1000.0, 11000.0),
-    "padding": (0.4, 2.4),
-    "queued": (20.0, 120.0),
-    "queue_s": (0.5, 5.5),
-    "overloaded": (1.0, 4.0),
-    "requests": (4.0, 14.0),
-    "more": (
-        "",
-        'cappy_requests_rejected_total{reason="deadline"} 2.0\n'
-        'cappy_pairs_dropped_total{reason="cancelled"} 0.0\n',
-    ),
-}
-METRICS_BEFORE, METRICS_AFTER = (
-    METRICS.format(**{key: values[i] for key, values in SCRAPES.items()}) for i in (0, 1)
-)
-
-
-# --- statistics ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 95, 99, 100])
-def test_percentile_matches_numpy_linear(q: float) -> None:
-    values = [float(v) for v in np.random.default_rng(7).exponential(30.0, size=101)]
-    assert bench.percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
-
-
-def test_percentile_edge_cases() -> None:
-    assert bench.percentile([], 50) is None
-    assert bench.percentile([4.0], 99) == 4.0
-    assert bench.percentile([1.0, 2.0], 50) == 1.5
-    with pytest.raises(ValueError):
-        bench.percentile([1.0], 101)
-
-
-def test_histogram_quantile_interpolates_like_prometheus() -> None:
-    buckets = [(0.01, 10.0), (0.1, 110.0), (math.inf, 110.0)]
-    # rank 55 of 110: 45 into the 100 of the (0.01, 0.1] bucket.
-    assert bench.histogram_quantile(0.5, buckets) == pytest.approx(0.01 + 0.09 * 45 / 100)
-    assert bench.histogram_quantile(0.05, buckets) == pytest.approx(0.01 * 5.5 / 10)
-    # Falls in +Inf: the largest finite bound.
-    assert bench.histogram_quantile(0.99, [(0.1, 1.0), (math.inf, 10.0)]) == 0.1
-    assert bench.histogram_quantile(0.5, [(0.1, 0.0), (math.inf, 0.0)]) is None
-    assert bench.histogram_quantile(0.5, []) is None
-
-
-# --- /metrics parsing and difference ------------------------------------------------------------
-
-
-def test_parse_metrics_reads_names_labels_and_values() -> None:
-    text = (
-        "# HELP x help\n# TYPE x counter\n"
-        'cappy_requests_rejected_total{reason="overloaded"} 3.0\n'
-        'odd_total{path="/a,b}c",quote="say \\"hi\\""} 2 1700000000000\n'
-        'cappy_batch_size_bucket{le="+Inf"} 7.0\n'
-        "plain_gauge 1.5e3\n"
-        "\n"
-    )
-    samples = bench.parse_metrics(text)
-    assert samples[("cappy_requests_rejected_total", frozenset({("reason", "overloaded")}))] == 3
-    assert samples[("odd_total", frozenset({("path", "/a,b}c"), ("quote", 'say "hi"')}))] == 2
-    assert samples[("cappy_batch_size_bucket", frozenset({("le", "+Inf")}))] == 7
-    assert samples[("plain_gauge", frozenset())] == 1500
-
-
-def test_parse_metrics_reads_the_real_registry() -> None:
-    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-
-    registry = CollectorRegistry()
-    histogram = Histogram("cappy_batch_size", "x", buckets=(1, 8, 64), registry=registry)
-    counter = Counter("cappy_requests_rejected_total", "x", ["reason"], registry=registry)
-    for size in (1, 8, 40):
-        histogram.observe(size)
-    counter.labels(reason="overloaded").inc(2)
-    samples = bench.parse_metrics(generate_latest(registry).decode())
-    assert samples[("cappy_batch_size_count", frozenset())] == 3
-    assert samples[("cappy_batch_size_sum", frozenset())] == 49
-    assert samples[("cappy_batch_size_bucket", frozenset({("le", "8.0")}))] == 2
-    assert samples[("cappy_requests_rejected_total", frozenset({("reason", "overloaded")}))] == 2
-
-
-def test_metrics_diff_reports_the_interval_only() -> None:
-    before = bench.parse_metrics(METRICS_BEFORE)
-    after = bench.parse_metrics(METRICS_AFTER)
-    figures = bench.metrics_diff(before, after)
-    assert figures["batches"] == 10
-    assert figures["mean_batch_size"] == 32.0  # (340 - 20) / 10
-    assert figures["mean_batch_tokens"] == 1000.0
-    assert figures["mean_padding_fraction"] == 0.2
-    assert figures["queue_time_mean_ms"] == 50.0  # 5.0 s over 100 pairs
-    # All 100 new observations sit in (0.01, 0.1]: the median is halfway through it.
-    assert figures["queue_time_p50_ms_est"] == pytest.approx(55.0)
-    assert figures["rejected"] == {"overloaded": 3, "deadline": 2}
-    assert figures["pairs_dropped"] == {}
-
-
-def test_metrics_diff_of_an_idle_server_and_of_a_restart() -> None:
-    same = bench.parse_metrics(METRICS_AFTER)
-    idle = bench.metrics_diff(same, same)
-    assert idle["batches"] == 0 and idle["mean_batch_size"] is None
-    assert idle["queue_time_p50_ms_est"] is None
-    restarted = bench.metrics_diff(same, bench.parse_metrics(METRICS_BEFORE))
-    assert "error" in restarted
-
-
-# --- workload, schedule, agreement, settings ----------------------------------------------------
-
-
-def _write_workload(path: Path, items: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
-    return path
-
-
-def test_load_workload_and_limit(tmp_path: Path) -> None:
-    items = [{"id": i, "instruction": "q", "candidates": ["a"] * (i + 1)} for i in range(5)]
-    path = _write_workload(tmp_path / "w.jsonl", items)
-    assert [r["id"] for r in bench.load_workload(path)] == [0, 1, 2, 3, 4]
-    assert len(bench.load_workload(path, limit=2)) == 2
-    (tmp_path / "bad.jsonl").write_text('{"instruction": "q"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match="candidates"):
-        bench.load_workload(tmp_path / "bad.jsonl")
-
-
-def test_schedule_is_bounded() -> None:
-    workload = [{"id": i} for i in range(3)]
-    assert [r["id"] for r in bench.schedule(workload, None, cycle=False)] == [0, 1, 2]
-    assert [r["id"] for r in bench.schedule(workload, 2, cycle=False)] == [0, 1]
-    assert [r["id"] for r in bench.schedule(workload, 7, cycle=True)] == [0, 1, 2, 0, 1, 2, 0]
-    assert sum(1 for _ in bench.schedule(workload, None, cycle=True)) == 3 * bench.MAX_CYCLES
-
-
-def test_argmax_agreement_counts_single_candidates_apart() -> None:
-    outcomes = [
-        bench.Outcome(id=1, pairs=4, status=200, latency_s=0.1, index=2),
-        bench.Outcome(id=2, pairs=4, status=200, latency_s=0.1, index=0),
-        bench.Outcome(id=3, pairs=1, status=200, latency_s=0.1, index=0),
-        bench.Outcome(id=4, pairs=4, status=200, latency_s=0.1, index=1),
-    ]
-    result = bench.argmax_agreement(outcomes, {"1": 2, "2": 3, "3": 0})
-    assert result["agreement"] == 0.5
-    assert result["compared"] == 2
-    assert result["single_candidate"] == 1
-    assert result["not_in_reference"] == 1
-    assert result["disagreeing_ids"] == [2]
-
-
-def test_serve_env_maps_settings() -> None:
-    env = bench.serve_env(["max_batch_size=64", "max-wait-ms=0"], base={"PATH": "/bin"})
-    assert env == {"PATH": "/bin", "CAPPY_MAX_BATCH_SIZE": "64", "CAPPY_MAX_WAIT_MS": "0"}
-    with pytest.raises(SystemExit):
-        bench.serve_env(["nonsense"], base={})
-
-
-@pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "http://localhost:1", "http://[::1]:9"])
-def test_loopback_targets_are_accepted(url: str) -> None:
-    bench.check_loopback(url)
-
-
-@pytest.mark.parametrize("url", ["http://10.0.0.1:8000", "http://example.com", "http://0.0.0.0:1"])
-def test_other_targets_are_refused(url: str) -> None:
-    with pytest.raises(SystemExit, match="loopback"):
-        bench.check_loopback(url)
-
-
-def test_batches_by_length_respects_the_token_budget() -> None:
-    lengths = [10, 300, 20, 5, 300, 40]
-    batches = bench.batches_by_length(lengths, max_tokens=600)
-    assert sorted(i for b in batches for i in b) == list(range(6))
-    for batch in batches:
-        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 600
-
 
 # --- end to end against the fake server ---------------------------------------------------------
 
@@ -347,7 +157,7 @@ def _workload(tmp_path: Path) -> tuple[Path, Path]:
         for i, n in enumerate([1, 4, 17, 4, 1, 17, 4, 4, 64, 1])
     ]
     items.append({"id": 99, "instruction": "q", "candidates": ["FAIL", "ok"]})
-    workload = _write_workload(tmp_path / "w.jsonl", items)
+    workload = write_workload(tmp_path / "w.jsonl", items)
     reference = tmp_path / "ref.jsonl"
     rows = []
     for item in items:
@@ -411,10 +221,10 @@ def test_bench_end_to_end_prints_one_json_line(
 
 
 def test_bench_limit_and_duration_are_bounds(fake_url: str, tmp_path: Path) -> None:
-    workload = bench.load_workload(_workload(tmp_path)[0])
-    limited = bench.asyncio.run(bench.benchmark(fake_url, workload, concurrency=2, limit=25))
+    workload = load_workload(_workload(tmp_path)[0])
+    limited = asyncio.run(benchmark(fake_url, workload, concurrency=2, limit=25))
     assert limited["requests"] + sum(limited["errors"].values()) == 25
-    timed = bench.asyncio.run(bench.benchmark(fake_url, workload, concurrency=2, duration_s=0.3))
+    timed = asyncio.run(benchmark(fake_url, workload, concurrency=2, duration_s=0.3))
     assert timed["seconds"] < 5
     assert timed["requests"] > 0
 
@@ -429,17 +239,17 @@ def test_self_contained_starts_and_sigterms_the_server(
     fake_server_module: tuple[dict[str, Any], Path], tmp_path: Path
 ) -> None:
     _, script = fake_server_module
-    workload = bench.load_workload(_workload(tmp_path)[0], limit=5)
-    with bench.running_server(
+    workload = load_workload(_workload(tmp_path)[0], limit=5)
+    with running_server(
         tmp_path, ["max_wait_ms=0"], ready_timeout_s=30, server=[sys.executable, str(script)]
     ) as url:
         assert url.startswith("http://127.0.0.1:")
-        figures = bench.asyncio.run(bench.benchmark(url, workload, concurrency=2))
+        figures = asyncio.run(benchmark(url, workload, concurrency=2))
     assert figures["requests"] == 5
     assert figures["server_info"]["limits"] == {"max_wait_ms": "0"}
     # The server is gone: its port refuses connections.
-    with pytest.raises(bench.httpx.ConnectError):
-        bench.httpx.get(url + "/health", timeout=2)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/health", timeout=2)
 
 
 def test_self_contained_reports_a_server_that_dies(tmp_path: Path) -> None:
@@ -447,9 +257,7 @@ def test_self_contained_reports_a_server_that_dies(tmp_path: Path) -> None:
     script.write_text("import sys; print('no model here'); sys.exit(3)\n", encoding="utf-8")
     with (
         pytest.raises(SystemExit, match="no model here"),
-        bench.running_server(
-            tmp_path, [], ready_timeout_s=30, server=[sys.executable, str(script)]
-        ),
+        running_server(tmp_path, [], ready_timeout_s=30, server=[sys.executable, str(script)]),
     ):
         pass
 
@@ -469,7 +277,7 @@ def test_against_a_real_server_and_reference(
         }
         for i, n in enumerate([1, 4, 17, 4, 9, 2])
     ]
-    workload = _write_workload(tmp_path / "w.jsonl", items)
+    workload = write_workload(tmp_path / "w.jsonl", items)
     # The reference from the export's own source checkpoint (torch) and from its model.onnx.
     torch_ref, onnx_ref = tmp_path / "torch.jsonl", tmp_path / "onnx.jsonl"
     assert (

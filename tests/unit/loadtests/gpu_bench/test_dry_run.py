@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.loadtests.workloads import write_workload
+
 ROOT = Path(__file__).resolve().parents[4]
 
 
@@ -29,7 +31,7 @@ def _workload(path: Path) -> list[dict]:
             for c in range(count)
         ]
         requests.append({"id": n, "instruction": instruction, "candidates": candidates})
-    path.write_text("".join(json.dumps(r) + "\n" for r in requests), encoding="utf-8")
+    write_workload(path, requests)
     return requests
 
 
