@@ -212,9 +212,10 @@ def _training_arguments(options: TrainOptions, accumulation: int, scratch: Path)
         # Page-locked batches help only a GPU (and warn without one).
         "dataloader_pin_memory": torch.cuda.is_available(),
     }
-    if world_size() > 1 and not torch.cuda.is_available():
-        # Without a GPU the Trainer sets up DDP (gloo) only when told to use the CPU; otherwise
-        # each process would train alone on all the data.
+    if (world_size() > 1 or options.bf16) and not torch.cuda.is_available():
+        # Without a GPU the Trainer sets up DDP (gloo), and bf16 autocast on a CPU with native
+        # bf16 (AMX here: 4x fp32's matmul rate), only when told to use the CPU; otherwise each
+        # process would train alone on all the data, and bf16 is refused.
         kwargs["use_cpu"] = True
     if options.group_by_length:
         # Batches of similar lengths pad less (bigbench instructions run 25 to 1500 characters).

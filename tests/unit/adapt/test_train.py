@@ -144,3 +144,22 @@ def test_unchanged_under_torchrun(tiny_checkpoint: Path, pairs_file: Path, tmp_p
     assert (record["processes"], record["gradient_accumulation_steps"]) == (2, 2)
     assert record["epochs"] == pytest.approx(1.0)
     assert verify(out).ok
+
+
+def test_bf16_without_a_gpu_trains_on_the_cpu(tmp_path: Path) -> None:
+    """The Trainer refuses bf16 on a machine without a GPU unless told to use the CPU."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: bf16 runs there")
+    from adapt.train import _training_arguments
+
+    options = _options(tmp_path / "pairs.jsonl", tmp_path / "base", tmp_path / "out", bf16=True)
+    args = _training_arguments(options, accumulation=2, scratch=tmp_path / "scratch")
+    assert args.bf16 is True
+    assert args.use_cpu is True
+    plain = _training_arguments(
+        _options(tmp_path / "pairs.jsonl", tmp_path / "base", tmp_path / "out"),
+        accumulation=2,
+        scratch=tmp_path / "scratch",
+    )
+    assert plain.use_cpu is False
