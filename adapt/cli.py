@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from adapt.errors import AdaptError
+from model_export.cli import add_export_flags
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -201,23 +202,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         action="store_false",
         help="plain shuffled batches (default: batches of similar lengths, less padding)",
     )
-    train.add_argument(
-        "--fp16",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="export model.fp16.onnx for GPU serving as well (default: on)",
-    )
     train.add_argument("--int8", action="store_true", help="export model.int8.onnx as well")
-    train.add_argument(
-        "--parity",
-        choices=("gate", "record"),
-        default="gate",
-        help="the export's parity mode (default: gate)",
-    )
-    train.add_argument(
-        "--force", action="store_true", help="replace OUT and the checkpoint if they exist"
-    )
-    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_export_flags(train, force_help="replace OUT and the checkpoint if they exist")
     train.set_defaults(handler=_train)
 
     evaluate = subparsers.add_parser(

@@ -1,5 +1,5 @@
 """`cappy export` and `cappy verify`: argument parsing and one-line errors; the work is in
-model_export.pipeline."""
+model_export.pipeline and model_export.verify."""
 
 from __future__ import annotations
 
@@ -12,6 +12,28 @@ from pathlib import Path
 
 from model_export.errors import ExportError
 from model_export.source import DEFAULT_MODEL
+
+
+def add_export_flags(parser: argparse.ArgumentParser, *, force_help: str) -> None:
+    """--fp16, --parity, --force and --quiet: how the export step writes and gates its graphs,
+    the same for `cappy export` and `cappy adapt train` (which exports what it trains)."""
+    parser.add_argument(
+        "--fp16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also write model.fp16.onnx for GPU serving (default: on)",
+    )
+    parser.add_argument(
+        "--parity",
+        choices=("gate", "record"),
+        default="gate",
+        help="gate (default): ship only the graphs whose parity with PyTorch passed its gate, and "
+        "nothing at all unless fp32 passes; record: measure and record parity but gate nothing "
+        "(benchmark stand-ins with random weights); the manifest says the export was not gated "
+        "and the service refuses it unless allowed to serve ungated exports",
+    )
+    parser.add_argument("--force", action="store_true", help=force_help)
+    parser.add_argument("--quiet", action="store_true", help="no progress display")
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -29,12 +51,6 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     export.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     export.add_argument("--out", required=True, type=Path, help="export directory to create")
-    export.add_argument(
-        "--fp16",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also write model.fp16.onnx for GPU serving (default: on)",
-    )
     export.add_argument(
         "--int8",
         action=argparse.BooleanOptionalAction,
@@ -57,17 +73,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="max tokens per pair (default: 512, capped by the model's positions)",
     )
-    export.add_argument(
-        "--parity",
-        choices=("gate", "record"),
-        default="gate",
-        help="gate (default): ship only the graphs whose parity with PyTorch passed its gate, and "
-        "nothing at all unless fp32 passes; record: measure and record parity but gate nothing "
-        "(benchmark stand-ins with random weights); the manifest says the export was not gated "
-        "and the service refuses it unless allowed to serve ungated exports",
-    )
-    export.add_argument("--force", action="store_true", help="replace --out if it exists")
-    export.add_argument("--quiet", action="store_true", help="no progress display")
+    add_export_flags(export, force_help="replace --out if it exists")
     export.set_defaults(handler=_export)
 
     verify = subparsers.add_parser(
@@ -129,7 +135,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from model_export.pipeline import verify
+    from model_export.verify import verify
 
     _quiet_libraries()
     report = verify(args.directory, remeasure=not args.no_remeasure, progress=sys.stderr.isatty())

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cappy.export_format import FORMAT, MANIFEST
+from cappy.export_format import FORMAT, MANIFEST, missing_manifest
 from model_export.errors import ExportError
 
 FORMAT_VERSION = 1
@@ -67,13 +67,10 @@ def write(directory: Path, manifest: dict[str, Any]) -> Path:
 
 def read(directory: Path) -> dict[str, Any]:
     """Reads and structurally checks a manifest; ExportError with a one-line reason otherwise."""
-    if not directory.is_dir():
-        raise ExportError(f"{directory}: no such export directory")
+    missing = missing_manifest(directory)
+    if missing is not None:
+        raise ExportError(missing)
     path = directory / MANIFEST
-    if not path.is_file():
-        raise ExportError(
-            f"{directory}: no {MANIFEST}; not an export directory (or an unfinished one)"
-        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -35,7 +35,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 
@@ -49,7 +49,17 @@ REDUCED_ARGMAX_AGREEMENT = 0.999
 # dynamic int8 (weights quantised per tensor) an order of magnitude more.
 TIE_TOLERANCE = {"fp32": FP32_MAX_REL_DIFF, "fp16": 1e-2, "int8": 1e-1}
 
-GATES: dict[str, dict[str, float]] = {
+
+class Gates(TypedDict, total=False):
+    """`judge`'s thresholds (the module docstring's "Gates"); a missing one is not applied."""
+
+    max_abs_diff: float | None
+    max_rel_diff: float | None
+    min_argmax_agreement: float | None
+    tie_tolerance: float | None
+
+
+GATES: dict[str, Gates] = {
     "fp32": {
         "max_rel_diff": FP32_MAX_REL_DIFF,
         "min_argmax_agreement": 1.0,
@@ -216,22 +226,11 @@ def compare(
     encoded: Sequence[dict[str, np.ndarray]],
     *,
     provider: str,
-    max_abs_diff: float | None = None,
-    max_rel_diff: float | None = None,
-    min_argmax_agreement: float | None = None,
-    tie_tolerance: float | None = None,
+    **gates: Unpack[Gates],
 ) -> ParityResult:
     """Runs `run` on every encoded set, compares with `reference`, applies the given gates."""
     figures = [measure_set(ref, run(feeds)) for ref, feeds in zip(reference, encoded, strict=True)]
-    return judge(
-        reference,
-        figures,
-        provider=provider,
-        max_abs_diff=max_abs_diff,
-        max_rel_diff=max_rel_diff,
-        min_argmax_agreement=min_argmax_agreement,
-        tie_tolerance=tie_tolerance,
-    )
+    return judge(reference, figures, provider=provider, **gates)
 
 
 def judge(

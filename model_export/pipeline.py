@@ -1,4 +1,4 @@
-"""`export` and `verify`: checkpoint -> verified export directory, and the re-check of one.
+"""`export`: checkpoint -> verified export directory (its re-check, `verify`: model_export.verify).
 
 An export is built in a hidden temporary sibling of the target and renamed into place only when
 every step passed, with the manifest written last: an interrupted or failed export never leaves a
@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -32,6 +32,11 @@ from tqdm import tqdm
 from model_export import first_token, onnx_export, openvino_int8, parity, source
 from model_export import manifest as mf
 from model_export.errors import ExportError
+from model_export.prober import Prober
+from model_export.verify import VerifyReport, verify
+
+# `verify` is part of this module's interface too: adapt.train imports it from here.
+__all__ = ["ExportOptions", "ExportResult", "VerifyReport", "export", "verify"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,34 +126,9 @@ def _check_out(out: Path, force: bool) -> None:
         raise ExportError(f"--out {out}: parent directory {parent} is not writable")
 
 
-class _Prober:
-    """Encoded probe sets and PyTorch reference scores, computed once and shared by all variants."""
-
-    def __init__(self, model: Any, tokenizer: Any, max_length: int) -> None:
-        self.sets = parity.probe_sets()
-        self.encoded = [parity.encode_set(tokenizer, s, max_length) for s in self.sets]
-        self.reference = parity.reference_scores(model, tokenizer, self.sets, max_length)
-        self.pairs = sum(len(s.candidates) for s in self.sets)
-
-    def measure(self, path: Path, variant: str) -> parity.ParityResult:
-        if variant == openvino_int8.VARIANT:  # probe sets only: see `_measure_openvino_int8`
-            return openvino_int8.measure(path, self.reference, self.encoded)
-        failures = []
-        for provider in _providers_for(variant):
-            try:
-                run = onnx_export.ort_runner(path, provider)
-            except Exception as exc:  # this provider cannot run the graph: the next one may
-                failures.append(f"{provider} cannot run it: {str(exc).splitlines()[0]}")
-                continue
-            gate = parity.GATES[variant]
-            return parity.compare(self.reference, run, self.encoded, provider=provider, **gate)
-        # No provider could run it: say so, never guess.
-        return parity.not_measured("; ".join(failures), len(self.sets), self.pairs)
-
-
 def _measure_openvino_int8(
     xml: Path,
-    prober: _Prober,
+    prober: Prober,
     heldout: list[parity.CandidateSet],
     model: Any,
     tokenizer: Any,
@@ -159,16 +139,6 @@ def _measure_openvino_int8(
     encoded = prober.encoded + [parity.encode_set(tokenizer, s, max_length) for s in heldout]
     result = openvino_int8.measure(xml, reference, encoded)
     return openvino_int8.parity_record(result, heldout_sets=len(heldout))
-
-
-def _providers_for(variant: str) -> list[str]:
-    """Where to measure a variant, in order: fp16 on the CUDA provider first when ONNX Runtime
-    has one (onnxruntime-gpu lists it even on a machine without a GPU, where it then fails and
-    the CPU provider measures), everything on the CPU provider."""
-    providers = onnx_export.available_providers()
-    if variant == "fp16" and "CUDAExecutionProvider" in providers:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
 
 
 def _parity_record(result: parity.ParityResult, *, gated: bool) -> dict[str, Any]:
@@ -189,7 +159,7 @@ def _ships(status: str, mode: str) -> tuple[bool, bool]:
 
 
 def _fp32_graph(
-    prober: _Prober, fp32_path: Path, plain: Path, entry: dict[str, Any], mode: str
+    prober: Prober, fp32_path: Path, plain: Path, entry: dict[str, Any], mode: str
 ) -> parity.ParityResult:
     """Measures the fp32 graph; an optimised graph that fails falls back to the plain one when
     that passes. In gate mode a graph that does not pass aborts the export."""
@@ -264,7 +234,7 @@ def export(options: ExportOptions) -> ExportResult:
                 onnx_export.export_fp32(scorer, tokenizer, inputs, cpu_raw)
             if options.fp16 or not shortcut:
                 onnx_export.export_fp32(model, tokenizer, inputs, raw)
-        prober = _Prober(model, tokenizer, max_length)
+        prober = Prober(model, tokenizer, max_length)
         fp32_path = final / mf.VARIANT_FILES["fp32"]
         fp32_entry: dict[str, Any] = {
             "file": fp32_path.name,
@@ -398,106 +368,3 @@ def export(options: ExportOptions) -> ExportResult:
     finally:
         steps.close(done=False)
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-@dataclass
-class VerifyReport:
-    directory: Path
-    problems: list[str] = field(default_factory=list)
-    lines: list[str] = field(default_factory=list)
-    # False for an export made with --parity record: its figures were never enforced.
-    gated: bool = True
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-NOT_GATED = (
-    "not gated (exported with --parity record): the service serves it only when allowed to "
-    "serve ungated exports (CAPPY_ALLOW_UNGATED=1 / --allow-ungated)"
-)
-
-
-def verify(directory: Path, *, remeasure: bool = True, progress: bool = False) -> VerifyReport:
-    """Checks the manifest, the hashes and the recorded parity, then re-measures parity when the
-    source checkpoint is reachable without a download (a local path, or the local hub cache).
-
-    A gated export must hold a passed fp32 record and no failed variant; an export made with
-    --parity record is reported as not gated, its recorded failures are not problems, but a
-    variant that re-measures worse than recorded (failed where it was not) is."""
-    report = VerifyReport(directory)
-    manifest = mf.read(directory)
-    report.gated = mf.parity_mode(manifest) == mf.PARITY_GATE
-    report.lines.append(f"manifest: {mf.MANIFEST} format {manifest['format_version']}")
-    problems = mf.check_files(directory, manifest)
-    report.problems += problems
-    report.lines.append(
-        f"hashes: {len(manifest['files'])} files" + (" ok" if not problems else " FAILED")
-    )
-    if not report.gated:
-        report.lines.append(f"parity: {NOT_GATED}")
-    recorded: dict[str, str | None] = {}
-    for variant in manifest["models"]:
-        record = manifest["parity"].get(variant, {})
-        status = recorded[variant] = record.get("status")
-        if report.gated and (status == "failed" or (variant == "fp32" and status != "passed")):
-            report.problems.append(f"parity {variant}: recorded status {status!r}")
-        line = f"recorded parity {variant}: {_describe(record)}"
-        if report.gated and not mf.is_gated(manifest, variant):
-            line += "; not gated: served only when ungated variants are allowed"
-        report.lines.append(line)
-    if not remeasure or report.problems:
-        return report
-    src = manifest["source"]
-    try:
-        ref = source.resolve(src["model"], src.get("commit") or src.get("revision"))
-        loaded = source.load(ref, local_only=True)
-    except ExportError as exc:
-        report.lines.append(f"re-measure: skipped, source not reachable ({exc})")
-        return report
-    prober = _Prober(loaded.model, loaded.tokenizer, int(manifest["max_length"]))
-    for variant, entry in tqdm(
-        list(manifest["models"].items()), desc="re-measure parity", disable=not progress
-    ):
-        result = prober.measure(directory / entry["file"], variant)
-        line = f"re-measured parity {variant}: {_describe(result.as_dict())}"
-        if variant == openvino_int8.VARIANT and result.status != "not_measured":
-            line += "; probe sets only (the held-out calibration sets are not kept in the export)"
-        report.lines.append(line)
-        if result.status == "failed" and recorded[variant] != "failed":
-            report.problems.append(f"parity {variant} re-measured: {result.reason}")
-    return report
-
-
-def _describe(record: dict[str, Any]) -> str:
-    """One line of a parity record: the verdict, the diff against its threshold, argmax
-    agreement on decided sets and on near-ties (records from before those fields: overall)."""
-    if record.get("status") == "not_measured":
-        return f"not measured ({record.get('reason')})"
-    diff = [f"relative {_figure(record.get('max_rel_diff'))}"] if "max_rel_diff" in record else []
-    if isinstance(record.get("threshold_max_abs_diff"), int | float):
-        diff.append(f"threshold {_figure(record['threshold_max_abs_diff'])}")
-    parts = [f"max |diff| {_figure(record.get('max_abs_diff'))}" + _parenthesised(diff)]
-    agree = record.get("argmax_agreement")
-    agreement = "argmax agreement " + (f"{agree:.4f}" if isinstance(agree, int | float) else "n/a")
-    if "decided_sets" in record:
-        threshold = record.get("threshold_argmax_agreement")
-        agreement += f" on {record['decided_sets']} decided sets" + _parenthesised(
-            [f"threshold {threshold:g}"] if isinstance(threshold, int | float) else []
-        )
-        ties = record.get("near_tie_agreement")
-        agreement += f", {record.get('near_tie_sets')} near-ties" + _parenthesised(
-            [f"agreement {ties:.4f}, not counted"] if isinstance(ties, int | float) else []
-        )
-    parts.append(agreement)
-    where = f"on {record.get('candidate_sets')} sets / {record.get('pairs')} pairs"
-    return f"{record.get('status')} {where} ({record.get('provider')}): {'; '.join(parts)}"
-
-
-def _parenthesised(items: list[str]) -> str:
-    return f" ({'; '.join(items)})" if items else ""
-
-
-def _figure(value: object) -> str:
-    return f"{value:.2e}" if isinstance(value, int | float) else "n/a"

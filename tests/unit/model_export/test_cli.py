@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from cappy.cli import main
+from tests.support.commands import run_ok
 
 
 def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -80,37 +80,13 @@ def test_console_script_end_to_end(tiny_checkpoint: Path, tmp_path: Path) -> Non
     """The installed `cappy` entry point: progress on stderr, a JSON summary on stdout."""
     out = tmp_path / "export"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cappy",
-            "export",
-            "--model",
-            str(tiny_checkpoint),
-            "--out",
-            str(out),
-            "--no-fp16",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    cappy = [sys.executable, "-m", "cappy"]
+    args = ["export", "--model", str(tiny_checkpoint), "--out", str(out), "--no-fp16"]
+    done = run_ok([*cappy, *args], env=env, timeout=300)
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["parity"]["fp32"]["status"] == "passed"
     assert "parity fp32" in done.stderr  # the progress display named the steps
-    check = subprocess.run(
-        [sys.executable, "-m", "cappy", "verify", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    assert check.returncode == 0, check.stdout + check.stderr
+    run_ok([*cappy, "verify", str(out)], env=env, timeout=300)
 
 
 def test_parity_record_exports_what_the_gate_refuses(

@@ -1,12 +1,13 @@
-"""Export -> verify on real small models, parity with PyTorch, and the atomicity of an export."""
+"""Exports of real small models: parity with PyTorch (verified), the gates path by path, and the
+atomicity of an export."""
 
 from __future__ import annotations
 
 import json
-import shutil
+import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import onnx
@@ -19,7 +20,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from model_export import manifest as mf
 from model_export import onnx_export
 from model_export.errors import ExportError
-from model_export.pipeline import ExportOptions, export, verify
+from model_export.pipeline import ExportOptions, ExportResult, export
+from model_export.verify import verify
 
 PAIRS = [
     ("What is 2 + 2?", "4"),
@@ -30,32 +32,24 @@ PAIRS = [
 ]
 
 
+def _encode(directory: Path, max_length: int, tensors: str) -> Any:
+    """PAIRS as one padded batch, the way the service encodes a candidate set."""
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    pairs = ([p[0] for p in PAIRS], [p[1] for p in PAIRS])
+    options = {"truncation": "longest_first", "max_length": max_length, "padding": True}
+    return tokenizer(*pairs, **options, return_tensors=tensors)
+
+
 def _torch_scores(checkpoint: Path, max_length: int) -> np.ndarray:
     model = AutoModelForSequenceClassification.from_pretrained(str(checkpoint)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
-    batch = tokenizer(
-        [p[0] for p in PAIRS],
-        [p[1] for p in PAIRS],
-        truncation="longest_first",
-        max_length=max_length,
-        padding=True,
-        return_tensors="pt",
-    )
+    batch = _encode(checkpoint, max_length, "pt")
     with torch.inference_mode():
         return model(**batch).logits[:, 0].numpy()
 
 
 def _onnx_scores(export_dir: Path, file: str) -> np.ndarray:
     manifest = json.loads((export_dir / mf.MANIFEST).read_text())
-    tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
-    batch = tokenizer(
-        [p[0] for p in PAIRS],
-        [p[1] for p in PAIRS],
-        truncation="longest_first",
-        max_length=manifest["max_length"],
-        padding=True,
-        return_tensors="np",
-    )
+    batch = _encode(export_dir, manifest["max_length"], "np")
     session = ort.InferenceSession(str(export_dir / file), providers=["CPUExecutionProvider"])
     feeds = {name: batch[name].astype(np.int64) for name in manifest["inputs"]}
     return session.run(["logits"], feeds)[0][:, 0]
@@ -118,81 +112,44 @@ def test_roberta_export_has_no_token_type_ids(tiny_export: Path) -> None:
     assert manifest["source"]["kind"] == "local"
 
 
-@pytest.fixture
-def tiny_copy(tiny_export: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "copy"
-    shutil.copytree(tiny_export, copy)
-    return copy
-
-
-def test_verify_detects_a_changed_file(tiny_copy: Path) -> None:
-    with (tiny_copy / "model.onnx").open("r+b") as handle:
-        handle.seek(100)
-        byte = handle.read(1)
-        handle.seek(100)
-        handle.write(bytes([byte[0] ^ 0xFF]))
-    report = verify(tiny_copy)
-    assert not report.ok
-    assert any("model.onnx: sha256 mismatch" in p for p in report.problems)
-
-
-def test_verify_detects_a_missing_file(tiny_copy: Path) -> None:
-    (tiny_copy / "tokenizer.json").unlink()
-    report = verify(tiny_copy, remeasure=False)
-    assert report.problems == ["tokenizer.json: missing"]
-
-
-def test_verify_refuses_recorded_parity_failure(tiny_copy: Path) -> None:
-    manifest = json.loads((tiny_copy / mf.MANIFEST).read_text())
-    manifest["parity"]["fp32"]["status"] = "failed"
-    mf.write(tiny_copy, manifest)
-    report = verify(tiny_copy, remeasure=False)
-    assert "parity fp32: recorded status 'failed'" in report.problems
-
-
-def test_verify_refuses_a_directory_without_manifest(tiny_copy: Path) -> None:
-    (tiny_copy / mf.MANIFEST).unlink()
-    with pytest.raises(ExportError, match="no cappy_export.json"):
-        verify(tiny_copy)
-
-
-def test_verify_skips_remeasure_when_source_is_gone(tiny_copy: Path) -> None:
-    manifest = json.loads((tiny_copy / mf.MANIFEST).read_text())
-    manifest["source"]["model"] = "/nonexistent/checkpoint"
-    mf.write(tiny_copy, manifest)
-    report = verify(tiny_copy)
-    assert report.ok
-    assert any("re-measure: skipped, source not reachable" in line for line in report.lines)
+def _export(checkpoint: Path, out: Path, **options: Any) -> ExportResult:
+    """`export` of a test checkpoint, quietly."""
+    return export(ExportOptions(model=str(checkpoint), out=out, progress=False, **options))
 
 
 def _leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.endswith(".tmp"))
 
 
-def test_failed_step_leaves_nothing(
-    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _raises(error: BaseException) -> Callable[..., NoReturn]:
+    """A stand-in for an export step that fails with `error`."""
+
+    def broken(*_args: object, **_kwargs: object) -> NoReturn:
+        raise error
+
+    return broken
+
+
+@pytest.mark.parametrize(
+    ("step", "error", "options"),
+    [
+        ("quantize_int8", RuntimeError("disk full"), {"int8": True}),
+        ("convert_fp16", KeyboardInterrupt(), {}),
+    ],
+    ids=["failed-step", "interrupted"],
+)
+def test_a_failed_or_interrupted_export_leaves_nothing(
+    step: str,
+    error: BaseException,
+    options: dict[str, Any],
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def broken(*_args: object, **_kwargs: object) -> None:
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(onnx_export, "quantize_int8", broken)
+    monkeypatch.setattr(onnx_export, step, _raises(error))
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError, match="disk full"):
-        export(ExportOptions(model=str(tiny_checkpoint), out=out, int8=True, progress=False))
-    assert not out.exists()
-    assert _leftovers(tmp_path) == []
-
-
-def test_interrupted_export_leaves_nothing(
-    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def interrupted(*_args: object, **_kwargs: object) -> None:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(onnx_export, "convert_fp16", interrupted)
-    out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        export(ExportOptions(model=str(tiny_checkpoint), out=out, progress=False))
+    with pytest.raises(type(error), match=re.escape(str(error)) or None):
+        _export(tiny_checkpoint, out, **options)
     assert not out.exists()
     assert _leftovers(tmp_path) == []
 
@@ -200,12 +157,11 @@ def test_interrupted_export_leaves_nothing(
 def test_optimiser_failure_keeps_the_plain_graph(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(*_args: object, **_kwargs: object) -> None:
-        raise ValueError("fusion pattern not supported")
-
-    monkeypatch.setattr(onnx_export, "optimize", broken)
+    monkeypatch.setattr(
+        onnx_export, "optimize", _raises(ValueError("fusion pattern not supported"))
+    )
     out = tmp_path / "plain"
-    result = export(ExportOptions(model=str(tiny_checkpoint), out=out, fp16=False, progress=False))
+    result = _export(tiny_checkpoint, out, fp16=False)
     entry = result.manifest["models"]["fp32"]
     assert entry["optimized"] is False
     assert "fusion pattern not supported" in entry["optimization_error"]
@@ -217,9 +173,7 @@ def test_force_replaces_an_existing_directory(tiny_checkpoint: Path, tmp_path: P
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    export(
-        ExportOptions(model=str(tiny_checkpoint), out=out, fp16=False, force=True, progress=False)
-    )
+    _export(tiny_checkpoint, out, fp16=False, force=True)
     assert not (out / "stale.txt").exists()
     assert verify(out, remeasure=False).ok
 
@@ -246,15 +200,18 @@ def _negate_scores(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _then(original: Callable[..., Any], damage: Callable[[Path], None], arg: int) -> Any:
-    """`original`, then `damage` on the path it wrote (its positional argument `arg`)."""
+def _damaging(
+    monkeypatch: pytest.MonkeyPatch, step: str, damage: Callable[[Path], None], arg: int
+) -> None:
+    """onnx_export's `step`, then `damage` on the path it wrote (its positional argument `arg`)."""
+    original = getattr(onnx_export, step)
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         result = original(*args, **kwargs)
         damage(Path(args[arg]))
         return result
 
-    return wrapped
+    monkeypatch.setattr(onnx_export, step, wrapped)
 
 
 @pytest.fixture(scope="module")
@@ -275,9 +232,7 @@ def test_scores_in_the_tens_pass_the_relative_fp32_gate(
     scaled_checkpoint: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "scaled"
-    result = export(
-        ExportOptions(model=str(scaled_checkpoint), out=out, fp16=False, progress=False)
-    )
+    result = _export(scaled_checkpoint, out, fp16=False)
     record = result.manifest["parity"]["fp32"]
     assert record["status"] == "passed" and record["gated"] is True, record["reason"]
     scale = record["score_scale"]
@@ -298,12 +253,10 @@ def test_a_broken_fp32_graph_fails_and_nothing_is_written(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Every fp32 graph (plain and optimised) comes from a perturbed export.
-    monkeypatch.setattr(
-        onnx_export, "export_fp32", _then(onnx_export.export_fp32, _perturb_weights, 3)
-    )
+    _damaging(monkeypatch, "export_fp32", _perturb_weights, 3)
     out = tmp_path / "out"
     with pytest.raises(ExportError, match=r"^fp32 parity failed against PyTorch \(max \|diff\|"):
-        export(ExportOptions(model=str(tiny_checkpoint), out=out, fp16=False, progress=False))
+        _export(tiny_checkpoint, out, fp16=False)
     assert not out.exists()
     assert _leftovers(tmp_path) == []
 
@@ -311,9 +264,9 @@ def test_a_broken_fp32_graph_fails_and_nothing_is_written(
 def test_an_optimised_graph_failing_parity_falls_back_to_the_plain_graph(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(onnx_export, "optimize", _then(onnx_export.optimize, _perturb_weights, 1))
+    _damaging(monkeypatch, "optimize", _perturb_weights, 1)
     out = tmp_path / "out"
-    result = export(ExportOptions(model=str(tiny_checkpoint), out=out, fp16=False, progress=False))
+    result = _export(tiny_checkpoint, out, fp16=False)
     entry = result.manifest["models"]["fp32"]
     assert entry["optimized"] is False and "fused_operators" not in entry
     assert entry["optimization_error"].startswith("optimised graph failed parity: max |diff|")
@@ -327,11 +280,9 @@ def test_an_optimised_graph_failing_parity_falls_back_to_the_plain_graph(
 def test_an_fp16_graph_below_its_gate_is_not_shipped(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(
-        onnx_export, "convert_fp16", _then(onnx_export.convert_fp16, _negate_scores, 1)
-    )
+    _damaging(monkeypatch, "convert_fp16", _negate_scores, 1)
     out = tmp_path / "out"
-    result = export(ExportOptions(model=str(tiny_checkpoint), out=out, progress=False))
+    result = _export(tiny_checkpoint, out)
     manifest = result.manifest
     assert sorted(manifest["models"]) == ["fp32"]
     assert not (out / "model.fp16.onnx").exists() and "model.fp16.onnx" not in manifest["files"]
@@ -359,7 +310,7 @@ def test_an_unmeasured_variant_ships_ungated_and_is_not_served_silently(
 
     monkeypatch.setattr(onnx_export, "ort_runner", runner)
     out = tmp_path / "out"
-    result = export(ExportOptions(model=str(tiny_checkpoint), out=out, progress=False))
+    result = _export(tiny_checkpoint, out)
     record = result.manifest["parity"]["fp16"]
     assert record["status"] == "not_measured" and record["gated"] is False
     # Every provider tried said why (CUDA first where onnxruntime-gpu lists it), CPU last.
@@ -389,15 +340,9 @@ def test_parity_record_ships_what_a_gate_would_refuse(
 ) -> None:
     from service.engine.export_dir import ExportDir, ExportDirError
 
-    monkeypatch.setattr(
-        onnx_export, "export_fp32", _then(onnx_export.export_fp32, _perturb_weights, 3)
-    )
+    _damaging(monkeypatch, "export_fp32", _perturb_weights, 3)
     out = tmp_path / "out"
-    result = export(
-        ExportOptions(
-            model=str(tiny_checkpoint), out=out, fp16=False, parity="record", progress=False
-        )
-    )
+    result = _export(tiny_checkpoint, out, fp16=False, parity="record")
     manifest = result.manifest
     assert manifest["parity"]["mode"] == "record"
     record = manifest["parity"]["fp32"]
@@ -423,14 +368,3 @@ def test_an_unknown_parity_mode_is_refused(tiny_checkpoint: Path, tmp_path: Path
     with pytest.raises(ExportError, match="--parity lenient: not one of gate, record"):
         export(ExportOptions(model=str(tiny_checkpoint), out=tmp_path / "o", parity="lenient"))
     assert list(tmp_path.iterdir()) == []
-
-
-def test_an_old_manifest_without_mode_reads_as_gated(tiny_copy: Path) -> None:
-    manifest = json.loads((tiny_copy / mf.MANIFEST).read_text())
-    del manifest["parity"]["mode"]
-    for variant in manifest["models"]:
-        manifest["parity"][variant].pop("gated")
-    mf.write(tiny_copy, manifest)
-    report = verify(tiny_copy, remeasure=False)
-    assert report.ok and report.gated
-    assert mf.is_gated(mf.read(tiny_copy), "fp32")
