@@ -25,19 +25,20 @@ def minilm_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_minilm_scorer(tmp_path_factory.mktemp("minilm-scorer"))
 
 
-@pytest.fixture(scope="session")
-def tiny_export(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _export(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """The export directory, with int8, of a session checkpoint."""
     from model_export.pipeline import ExportOptions, export
 
-    out = tmp_path_factory.mktemp("exports") / "tiny"
-    export(ExportOptions(model=str(tiny_checkpoint), out=out, int8=True, progress=False))
+    out = tmp_path_factory.mktemp("exports") / name
+    export(ExportOptions(model=str(checkpoint), out=out, int8=True, progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _export(tiny_checkpoint, tmp_path_factory, "tiny")
 
 
 @pytest.fixture(scope="session")
 def minilm_export(minilm_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from model_export.pipeline import ExportOptions, export
-
-    out = tmp_path_factory.mktemp("exports") / "minilm"
-    export(ExportOptions(model=str(minilm_checkpoint), out=out, int8=True, progress=False))
-    return out
+    return _export(minilm_checkpoint, tmp_path_factory, "minilm")

