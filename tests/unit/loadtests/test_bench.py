@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from loadtests import bench
 from loadtests.closed_loop import benchmark
 from loadtests.local_server import running_server
 from loadtests.workload import load_workload
+from tests.support.servers import serving
 from tests.unit.loadtests.workloads import write_workload
 
 # A stand-in for cappy-serve: /health, /ready, /info, /metrics and /select. The best candidate
@@ -141,14 +141,8 @@ def fake_server_module(tmp_path: Path) -> tuple[dict[str, Any], Path]:
 @pytest.fixture
 def fake_url(fake_server_module: tuple[dict[str, Any], Path]) -> Iterator[str]:
     namespace, _ = fake_server_module
-    server = namespace["make_server"]()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(namespace["make_server"]()) as url:
+        yield url
 
 
 def _workload(tmp_path: Path) -> tuple[Path, Path]:
