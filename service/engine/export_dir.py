@@ -26,7 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cappy.export_format import MANIFEST
+from cappy.export_format import MANIFEST, missing_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -175,14 +175,12 @@ class ExportDir:
                 parity missing or failed, or fp32 ungated and `allow_ungated` False.
         """
         directory = Path(path).expanduser().resolve()
-        if not directory.is_dir():
-            raise ExportDirError(f"{directory}: no such export directory")
+        missing = missing_manifest(
+            directory, hint="Create one with `cappy export --model MODEL --out DIR`."
+        )
+        if missing is not None:
+            raise ExportDirError(missing)
         manifest_path = directory / MANIFEST
-        if not manifest_path.is_file():
-            raise ExportDirError(
-                f"{directory}: no {MANIFEST}; not an export directory (or an unfinished one). "
-                "Create one with `cappy export --model MODEL --out DIR`."
-            )
         try:
             raw = json.loads(manifest_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
