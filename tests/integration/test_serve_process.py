@@ -19,6 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.servers import serving
+
 pytestmark = pytest.mark.slow
 
 
@@ -180,13 +182,8 @@ class _SlowUpstream(BaseHTTPRequestHandler):
 def slow_upstream() -> Iterator[str]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowUpstream)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(server) as root:
+        yield f"{root}/v1"
 
 
 def test_requests_past_the_graceful_shutdown_get_503(
