@@ -96,6 +96,7 @@ def proxy_state(settings: Settings, runtime: ScoringRuntime) -> ProxyState | Non
             n_support=settings.upstream_n_support,
             top_k_support=settings.upstream_top_k_support,
             timeout_s=settings.proxy_timeout_s,
+            instruction_max_chars=settings.proxy_instruction_max_chars,
         ),
     )
     return ProxyState(client=client, best_of_n=best_of_n, recipe=recipe)

@@ -202,6 +202,13 @@ class Settings(BaseSettings):
     proxy_timeout_s: float = Field(
         120.0, gt=0, description="Deadline for gathering one request's samples."
     )
+    proxy_instruction_max_chars: int = Field(
+        2000,
+        ge=1,
+        description="Most characters of the instruction a chat conversation is rendered into for "
+        "Cappy: over it, the turns before the last user turn are dropped, oldest first (then "
+        "the system message); the last user turn and what follows it are always kept.",
+    )
     proxy_stream_keepalive_s: float = Field(
         10.0,
         gt=0,

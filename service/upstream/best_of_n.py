@@ -74,7 +74,8 @@ class ProxyConfig:
         timeout_s: deadline for gathering one request's samples; calls still running then are
             cancelled and count as timed out.
         instruction_max_chars: budget of a rendered chat instruction; older turns are dropped
-            first (see `render_chat_instruction`). None: no budget.
+            first (see `render_chat_instruction`). None: no budget. The setting
+            CAPPY_PROXY_INSTRUCTION_MAX_CHARS.
     """
 
     n_support: Support = "auto"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
@@ -61,3 +62,31 @@ def test_batcher_defaults_are_the_services() -> None:
     assert config.padding_tolerance == settings.padding_tolerance
     assert config.pad_to_multiple == settings.pad_to_multiple
     assert config.cross_request == settings.cross_request_batching
+
+
+async def test_the_chat_instruction_budget_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CAPPY_PROXY_INSTRUCTION_MAX_CHARS reaches the proxy: a conversation over it is rendered
+    without its oldest turns, one under the default keeps them."""
+    from service.app import proxy_state
+    from service.schemas.openai import ChatCompletionRequest
+
+    turns = [{"role": "user", "content": f"question {i}: " + "words " * 40} for i in range(4)]
+    request = ChatCompletionRequest(model="m", messages=turns)  # ~1,000 characters rendered
+    runtime = SimpleNamespace(rank=None)
+    base_url = "http://upstream.test/v1"
+
+    default = proxy_state(Settings(upstream_base_url=base_url), runtime)
+    monkeypatch.setenv("CAPPY_PROXY_INSTRUCTION_MAX_CHARS", "300")
+    budgeted = proxy_state(Settings(upstream_base_url=base_url), runtime)
+    assert default is not None and budgeted is not None
+    try:
+        assert default.best_of_n.config.instruction_max_chars == 2000
+        assert budgeted.best_of_n.config.instruction_max_chars == 300
+        kept = default.best_of_n.prepare(request).instruction
+        cut = budgeted.best_of_n.prepare(request).instruction
+        assert "question 0" in kept and "omitted" not in kept
+        assert "[... 3 earlier messages omitted]" in cut and "question 3" in cut
+        assert "question 0" not in cut
+    finally:
+        await default.client.aclose()
+        await budgeted.client.aclose()
