@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cappy.export_format import FORMAT, MANIFEST, missing_manifest
+from cappy.export_format import FORMAT, MANIFEST, ManifestUnreadable, load_manifest_json
 from model_export.errors import ExportError
 
 FORMAT_VERSION = 1
@@ -67,14 +67,11 @@ def write(directory: Path, manifest: dict[str, Any]) -> Path:
 
 def read(directory: Path) -> dict[str, Any]:
     """Reads and structurally checks a manifest; ExportError with a one-line reason otherwise."""
-    missing = missing_manifest(directory)
-    if missing is not None:
-        raise ExportError(missing)
     path = directory / MANIFEST
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{path}: unreadable manifest ({exc})") from exc
+        manifest = load_manifest_json(directory)
+    except ManifestUnreadable as exc:
+        raise ExportError(str(exc)) from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ExportError(f"{path}: not a {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:

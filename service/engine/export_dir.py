@@ -17,7 +17,6 @@ A variant that failed its gate is never served.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cappy.export_format import MANIFEST, missing_manifest
+from cappy.export_format import MANIFEST, ManifestUnreadable, load_manifest_json
 
 logger = logging.getLogger(__name__)
 
@@ -175,16 +174,13 @@ class ExportDir:
                 parity missing or failed, or fp32 ungated and `allow_ungated` False.
         """
         directory = Path(path).expanduser().resolve()
-        missing = missing_manifest(
-            directory, hint="Create one with `cappy export --model MODEL --out DIR`."
-        )
-        if missing is not None:
-            raise ExportDirError(missing)
         manifest_path = directory / MANIFEST
         try:
-            raw = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ExportDirError(f"{manifest_path}: unreadable manifest ({exc})") from exc
+            raw = load_manifest_json(
+                directory, hint="Create one with `cappy export --model MODEL --out DIR`."
+            )
+        except ManifestUnreadable as exc:
+            raise ExportDirError(str(exc)) from exc
         try:
             manifest = Manifest.model_validate(raw)
         except ValidationError as exc:
