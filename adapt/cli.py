@@ -195,7 +195,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     train.add_argument("--logging-steps", type=int, default=10, help="loss logged every N steps")
-    train.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPUs)")
+    train.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bf16 mixed precision (GPUs, and CPUs with native bf16 such as AMX)",
+    )
     train.add_argument(
         "--no-group-by-length",
         dest="group_by_length",
