@@ -229,7 +229,12 @@ def recovery_seconds(answers: Sequence[Answer], threshold_s: float) -> float | N
 
 async def scenario(url: str, workload: Sequence[dict[str, Any]], args: argparse.Namespace) -> dict:
     rng = random.Random(args.seed)
-    limits = httpx.Limits(max_connections=args.max_in_flight + 8, max_keepalive_connections=64)
+    # Idle connections are dropped by the client before uvicorn's 5 s keep-alive timeout closes
+    # them from its side: otherwise a request sent on a connection the server is closing at that
+    # instant fails in transport (status 0), which says nothing about the server under test.
+    limits = httpx.Limits(
+        max_connections=args.max_in_flight + 8, max_keepalive_connections=64, keepalive_expiry=2.0
+    )
     async with httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits) as client:
         sampler = Sampler(client)
         before = await scrape(client)
