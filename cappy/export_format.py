@@ -15,7 +15,7 @@ class ManifestUnreadable(ValueError):
     """No manifest to read, or one that is not JSON; the message is the one-line reason."""
 
 
-def missing_manifest(directory: Path, *, hint: str | None = None) -> str | None:
+def _missing_manifest(directory: Path, *, hint: str | None = None) -> str | None:
     """Why `directory` has no manifest to read (None when it has one), for each side to raise its
     own error with: not a directory, or no manifest in it (then `hint`, a sentence, follows)."""
     if not directory.is_dir():
@@ -30,10 +30,10 @@ def load_manifest_json(directory: Path, *, hint: str | None = None) -> Any:
     """The manifest's parsed JSON, before either side checks its structure.
 
     Raises:
-        ManifestUnreadable: no directory or manifest (see `missing_manifest`), or a manifest
+        ManifestUnreadable: no directory or manifest (see `_missing_manifest`), or a manifest
             that cannot be read or parsed.
     """
-    missing = missing_manifest(directory, hint=hint)
+    missing = _missing_manifest(directory, hint=hint)
     if missing is not None:
         raise ManifestUnreadable(missing)
     path = directory / MANIFEST
