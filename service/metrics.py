@@ -79,6 +79,15 @@ QUEUE_PAIRS = Gauge("cappy_queue_pairs", "Pairs waiting in the batcher queue.", 
 QUEUE_TOKENS = Gauge(
     "cappy_queue_tokens", "Tokens waiting in the batcher queue.", registry=REGISTRY
 )
+# Read at scrape time from the running batchers (engine/batcher.py binds it with set_function):
+# always fresh, and the signal Kubernetes scales on (deploy/k8s/hpa.yaml).
+QUEUE_EXPECTED_WAIT = Gauge(
+    "cappy_queue_expected_wait_seconds",
+    "Expected queue wait of a request joining now: queued tokens at the model's recent pace, the "
+    "estimate admission refuses on (CAPPY_MAX_QUEUE_WAIT_S); the longest of the process's "
+    "batchers, 0 when nothing is queued or before the first batch ran.",
+    registry=REGISTRY,
+)
 PAIRS_SCORED = Counter("cappy_pairs_scored_total", "Pairs scored by the model.", registry=REGISTRY)
 TOKENS_SCORED = Counter(
     "cappy_tokens_scored_total", "Real (unpadded) tokens scored by the model.", registry=REGISTRY

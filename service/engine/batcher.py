@@ -59,6 +59,16 @@ DEVICE_BATCH_LIMITS = {"cpu": (8192, 64), "cuda": (32768, 256)}
 _RUNNING: weakref.WeakSet[DynamicBatcher] = weakref.WeakSet()
 
 
+def _queue_expected_wait() -> float:
+    # The longest over the stages (and both models during a reload): the queue nearest to refusing
+    # with 429. Read at scrape time, on the event loop like start() and stop(): the gauge holds no
+    # batcher and is never stale.
+    return max((b.expected_wait() or 0.0 for b in _RUNNING), default=0.0)
+
+
+metrics.QUEUE_EXPECTED_WAIT.set_function(_queue_expected_wait)
+
+
 @dataclass(frozen=True, slots=True)
 class BatcherConfig:
     """Batching and admission limits.

@@ -6,10 +6,12 @@ is in test_admission.py.
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import random
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 
 import numpy as np
@@ -534,6 +536,62 @@ async def test_queue_gauges_sum_every_running_batcher() -> None:
         first_scorer.release()
         await asyncio.gather(held[0], waiting[0])
     assert metric("cappy_queue_pairs") == 0
+
+
+async def test_expected_wait_gauge_is_the_longest_wait_of_the_running_batchers() -> None:
+    """cappy_queue_expected_wait_seconds, read at scrape time: 0 while nothing is queued or no
+    batch has run yet (no pace), else the longest `expected_wait()` of the running batchers, at
+    the pace of their last batches (fixed while the models are held)."""
+    name = "cappy_queue_expected_wait_seconds"
+    first_scorer, second_scorer = FakeScorer(), FakeScorer()
+    async with running(first_scorer) as first, running(second_scorer) as second:
+        assert metric(name) == 0
+        held = await hold_model(first, first_scorer)
+        queued = await queue_request(first, [pair(10)] * 3)
+        assert first.queue_tokens == 30 and first.expected_wait() is None
+        assert metric(name) == 0  # queued, but no batch has finished: no pace to wait by
+        first_scorer.release()
+        await asyncio.gather(held, queued)
+        await second.score([pair(10)])
+        assert metric(name) == 0  # a pace, nothing queued
+
+        held_both = [await hold_model(first, first_scorer), await hold_model(second, second_scorer)]
+        waiting = [
+            await queue_request(first, [pair(10)] * 3),
+            await queue_request(second, [pair(20)] * 5),
+        ]
+        waits = [first.expected_wait(), second.expected_wait()]
+        pace = first.stats().tokens_per_second
+        assert pace is not None and waits[0] == pytest.approx(30 / pace)
+        assert all(wait is not None and wait > 0 for wait in waits)
+        assert metric(name) == max(w for w in waits if w is not None)
+        second_scorer.release()
+        await asyncio.gather(held_both[1], waiting[1])
+        assert metric(name) == first.expected_wait()  # second's queue is empty again
+        first_scorer.release()
+        await asyncio.gather(held_both[0], waiting[0])
+    assert metric(name) == 0
+
+
+async def test_expected_wait_gauge_keeps_no_stopped_batcher_alive() -> None:
+    """The gauge reads the running batchers at scrape time; it holds none, so a reload's old
+    batchers are freed and a restarted one is counted again."""
+    scorer = FakeScorer()
+    batcher = DynamicBatcher(scorer, encode)
+    for _ in range(2):  # stop, then start again: still counted
+        await batcher.start()
+        await batcher.score([pair(10)])
+        first = await hold_model(batcher, scorer)
+        queued = await queue_request(batcher, [pair(10)] * 2)
+        assert metric("cappy_queue_expected_wait_seconds") == batcher.expected_wait() > 0
+        scorer.release()
+        await asyncio.gather(first, queued)
+        await batcher.stop()
+        assert metric("cappy_queue_expected_wait_seconds") == 0
+    gone = weakref.ref(batcher)
+    del batcher, first, queued
+    gc.collect()
+    assert gone() is None
 
 
 # --- other model work on the workers ------------------------------------------------------------
