@@ -4,11 +4,15 @@ cache directory and reused on the next start."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import importlib.util
 import logging
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from cappy.export_format import MANIFEST
@@ -69,23 +73,78 @@ def is_export_dir(model: str) -> bool:
     return (Path(model).expanduser() / MANIFEST).is_file()
 
 
+# What `cappy export` needs beyond the service (the `export` extra); not imported here.
+EXPORT_MODULES = ("torch", "transformers", "onnx")
+
+
+def _missing_export_modules() -> list[str]:
+    return [name for name in EXPORT_MODULES if importlib.util.find_spec(name) is None]
+
+
 def resolve_export_dir(model: str, cache_dir: Path, *, timeout_s: float = 3600) -> Path:
-    """The export directory to serve for `model`, exporting it first if needed."""
+    """The export directory to serve for `model`, exporting it first if needed.
+
+    The export's own output goes to this log at debug level (its progress, the hub client's
+    retries); a failure is raised as one message that carries the export's reason.
+
+    Raises:
+        ModelSourceError: it cannot be exported here (no torch: the serve-only install), the
+            export failed (the message says why) or took longer than `timeout_s`.
+    """
     if is_export_dir(model):
         return Path(model).expanduser()
     target = cache_path(model, cache_dir)
     if (target / MANIFEST).is_file():
         logger.info("using the cached export %s for %s", target, model)
         return target
+    missing = _missing_export_modules()
+    if missing:
+        raise ModelSourceError(
+            f"{model} is not an export directory, and this installation cannot export it "
+            f"({', '.join(missing)} not installed: the serve-only image or a package installed "
+            "without its `export` extra); mount an export directory and point CAPPY_MODEL at "
+            "it, or use the image that exports (the default target)"
+        )
     cache_dir.mkdir(parents=True, exist_ok=True)
+    # Replicas sharing a cache volume export once: the others wait here, then find it cached.
+    with (cache_dir / f".{target.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / MANIFEST).is_file():
+            logger.info("using the export %s of %s made meanwhile", target, model)
+            return target
+        return _export(model, target, timeout_s)
+
+
+def _export(model: str, target: Path, timeout_s: float) -> Path:
     logger.info("exporting %s to %s (once; later starts reuse it)", model, target)
     command = [sys.executable, "-m", "cappy", "export", "--model", model, "--out", str(target)]
+    started = time.monotonic()
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+    )
+    timer = threading.Timer(timeout_s, process.kill)
+    timer.start()
+    reason = ""
     try:
-        done = subprocess.run(
-            command, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout_s, check=False
+        assert process.stderr is not None
+        for line in process.stderr:
+            text = line.rstrip()
+            if text.startswith("error: "):
+                reason = text.removeprefix("error: ")
+            elif text:
+                logger.debug("export: %s", text)
+        process.wait()
+    finally:
+        timer.cancel()
+    if time.monotonic() - started >= timeout_s:
+        raise ModelSourceError(f"exporting {model} took longer than {timeout_s:.0f} s")
+    if process.returncode != 0 or not (target / MANIFEST).is_file():
+        raise ModelSourceError(
+            f"could not export {model}: {reason or f'cappy export exited {process.returncode}'}"
         )
-    except subprocess.TimeoutExpired as exc:
-        raise ModelSourceError(f"exporting {model} took longer than {timeout_s:.0f} s") from exc
-    if done.returncode != 0 or not (target / MANIFEST).is_file():
-        raise ModelSourceError(f"could not export {model} (see the error above)")
+    logger.info("exported %s in %.0f s", model, time.monotonic() - started)
     return target

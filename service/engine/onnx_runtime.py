@@ -64,13 +64,18 @@ def preload_cuda_libraries(ort: Any) -> None:
         )
 
 
-def cuda_available() -> bool:
-    """Whether ONNX Runtime can use a CUDA GPU here."""
+def cuda_provider_built() -> bool:
+    """Whether this ONNX Runtime has the CUDA provider (onnxruntime-gpu), GPU or not."""
     try:
         import onnxruntime as ort
     except ImportError:
         return False
-    if CUDA_PROVIDER not in ort.get_available_providers():
+    return CUDA_PROVIDER in ort.get_available_providers()
+
+
+def cuda_available() -> bool:
+    """Whether ONNX Runtime can use a CUDA GPU here."""
+    if not cuda_provider_built():
         return False
     # The provider is compiled in even on machines without a GPU; ask the driver.
     try:

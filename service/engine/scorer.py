@@ -29,7 +29,12 @@ import numpy as np
 
 from service.engine.errors import ScorerError
 from service.engine.export_dir import ExportDir, ExportDirError
-from service.engine.onnx_runtime import OnnxScorer, cuda_available, usable_cores
+from service.engine.onnx_runtime import (
+    OnnxScorer,
+    cuda_available,
+    cuda_provider_built,
+    usable_cores,
+)
 from service.engine.types import Device, Engine, GraphInputs, Precision, Scorer
 from service.engine.warmup import WARMUP_SHAPES, synthetic_feeds
 
@@ -284,6 +289,9 @@ def load_scorer(
     """
     if device == "auto":
         device = "cuda" if cuda_available() else "cpu"
+        if device == "cpu" and cuda_provider_built():
+            # The GPU image on a host without a GPU (or without the NVIDIA runtime): it serves.
+            logger.info("ONNX Runtime has the CUDA provider but sees no GPU: serving on the CPU")
     pad = _pad_id(export_dir)
     common: GraphInputs = {
         "input_names": export_dir.input_names,

@@ -83,7 +83,7 @@ def test_checkpoint_exported_once_and_sigterm_drains(tiny_checkpoint: Path, tmp_
     process = _start(str(tiny_checkpoint), cache, port, tmp_path / "first.log")
     try:
         _wait_ready(process, base, tmp_path / "first.log")
-        exports = list(cache.iterdir())
+        exports = list(cache.glob("[!.]*"))  # the export; its lock file is hidden
         assert len(exports) == 1 and (exports[0] / "cappy_export.json").is_file()
         # A large request in flight when SIGTERM arrives is still answered.
         result: dict[str, httpx.Response] = {}
@@ -114,7 +114,7 @@ def test_checkpoint_exported_once_and_sigterm_drains(tiny_checkpoint: Path, tmp_
     second = _start(str(tiny_checkpoint), cache, port, tmp_path / "second.log")
     try:
         _wait_ready(second, base, tmp_path / "second.log")
-        assert list(cache.iterdir()) == exports
+        assert list(cache.glob("[!.]*")) == exports
         assert (exports[0] / "cappy_export.json").stat().st_mtime_ns == mtime
         info = httpx.get(f"{base}/info", timeout=10).json()
         assert info["model"] == tiny_checkpoint.name

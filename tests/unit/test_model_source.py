@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import threading
 from pathlib import Path
 
 import pytest
 
+from service import model_source
 from service.model_source import ModelSourceError, check_model_source, is_export_dir
 
 
@@ -30,3 +34,52 @@ def test_export_dir_is_recognised_by_its_manifest(tmp_path: Path) -> None:
     assert not is_export_dir(str(tmp_path))
     (tmp_path / "cappy_export.json").write_text("{}")
     assert is_export_dir(str(tmp_path))
+
+
+def test_an_install_without_torch_refuses_to_export_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The serve-only image: one message that says what to do, and no export attempted."""
+    monkeypatch.setattr(model_source, "EXPORT_MODULES", ("torch", "no_such_module_cappy"))
+    with pytest.raises(ModelSourceError) as refused:
+        model_source.resolve_export_dir("btan2/cappy-large", tmp_path / "cache")
+    message = str(refused.value)
+    assert "no_such_module_cappy not installed" in message
+    assert "mount an export directory" in message and "CAPPY_MODEL" in message
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_failed_export_is_one_message_with_its_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hub id that cannot be fetched (offline here): the export's own `error:` line becomes
+    the reason; everything else it printed stays at debug level."""
+    caplog.set_level(logging.INFO, logger="service.model_source")
+    with pytest.raises(ModelSourceError) as failed:
+        model_source.resolve_export_dir("btan2/cappy-large", tmp_path / "cache")
+    message = str(failed.value)
+    assert message.startswith("could not export btan2/cappy-large: ")
+    assert "not in the local Hugging Face cache" in message
+    assert "\n" not in message
+    assert [r.levelno for r in caplog.records] == [logging.INFO]  # "exporting ... (once ...)"
+
+
+def test_a_replica_waits_for_anothers_export_and_uses_it(tmp_path: Path) -> None:
+    """Replicas sharing a cache volume: while one exports (holding the lock), another waits and
+    then takes the finished export instead of exporting again."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    target = model_source.cache_path("btan2/cappy-large", cache)
+    found: list[Path] = []
+    with (cache / f".{target.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiting = threading.Thread(
+            target=lambda: found.append(model_source.resolve_export_dir("btan2/cappy-large", cache))
+        )
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive() and not found  # blocked on the lock
+        target.mkdir()
+        (target / "cappy_export.json").write_text("{}")
+    waiting.join(30)
+    assert found == [target]
