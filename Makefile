@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU machines: the local CPU wheel (any other torch spec pulls GBs of CUDA packages).
-# GPU machines: make TORCH_SPEC=torch EXTRAS=gpu,dev ...
+# GPU machines: make TORCH_SPEC=torch EXTRAS=gpu,export,dev ...
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= cpu,int8,adapt,dev,e2e
+EXTRAS ?= cpu,export,int8,adapt,dev,e2e
 # llama.cpp's default native build crashes on these VMs (the CPU reports AMX/AVX-512 that the VM
 # does not allow): build for AVX2 explicitly.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
