@@ -33,6 +33,9 @@ GRAFANA = ROOT / "deploy/grafana"
 DASHBOARD = GRAFANA / "dashboards/cappy-serve.json"
 K8S = ROOT / "deploy/k8s"
 KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")
+# API groups of custom resources (the Prometheus Operator's ServiceMonitor): kubernetes-validate
+# knows the built-in kinds only, so these get structural tests (test_k8s_autoscaling.py).
+CRD_GROUPS = frozenset({"monitoring.coreos.com"})
 
 
 def _tool(name: str) -> str | None:
@@ -98,6 +101,10 @@ def test_hadolint_passes() -> None:
     run_ok([hadolint, "--failure-threshold", "info", str(DOCKERFILE)], timeout=60)
 
 
+def _stage_names(stages: list[list[tuple[str, str]]]) -> list[str]:
+    return [stage[0][1].split()[-1] if " AS " in stage[0][1].upper() else "" for stage in stages]
+
+
 def test_dockerfile_structure() -> None:
     instructions = _instructions(DOCKERFILE.read_text(encoding="utf-8"))
     preamble_args = []
@@ -108,31 +115,42 @@ def test_dockerfile_structure() -> None:
             preamble_args.append(rest)
     assert "PYTHON_IMAGE=python:3.11-slim" in preamble_args
     stages = _stages(instructions)
-    assert len(stages) >= 2, "multi-stage build expected"
-    for stage in stages:
-        assert stage[0][1].startswith("${PYTHON_IMAGE}"), stage[0]
-    build_args = [rest for keyword, rest in stages[0] if keyword == "ARG"]
-    assert "EXTRAS=gpu" in build_args
-    final = stages[-1]
-    keywords = [keyword for keyword, _ in final]
-    assert "COPY" in keywords and any("--from=build" in rest for k, rest in final if k == "COPY")
+    names = _stage_names(stages)
+    by_name = dict(zip(names, stages, strict=True))
+    # Each stage starts from the base image, an empty one, or a stage above it.
+    for index, stage in enumerate(stages):
+        base = stage[0][1].split()[0]
+        assert base in ("${PYTHON_IMAGE}", "scratch") or base in names[:index], stage[0]
+    assert names[-1] == "export", "the default target (last stage) exports at first start"
+    # The classic builder builds every stage above the target: no torch above `serve`.
+    above_serve = stages[: names.index("serve") + 1]
+    assert not any("TORCH" in rest for stage in above_serve for _, rest in stage)
+    assert any("EXTRAS=gpu" == rest for keyword, rest in by_name["serve-deps"] if keyword == "ARG")
 
-    users = [rest for keyword, rest in final if keyword == "USER"]
-    assert users, "the runtime stage must switch to a non-root user"
-    user = users[-1].split(":")[0]
-    assert user.isdigit() and int(user) != 0, "numeric non-root uid (runAsNonRoot checks it)"
-
-    healthcheck = [rest for keyword, rest in final if keyword == "HEALTHCHECK"]
+    runtime = by_name["runtime"]
+    healthcheck = [rest for keyword, rest in runtime if keyword == "HEALTHCHECK"]
     assert healthcheck and "/health" in healthcheck[0]
-    assert ("EXPOSE", "8000") in final
-    cmd = [rest for keyword, rest in final if keyword == "CMD"]
+    assert ("EXPOSE", "8000") in runtime
+    cmd = [rest for keyword, rest in runtime if keyword == "CMD"]
     assert json.loads(cmd[-1]) == ["cappy", "serve", "--host", "0.0.0.0"]
-    assert any(keyword == "VOLUME" and "/var/cache/cappy" in rest for keyword, rest in final)
+    assert any(keyword == "VOLUME" and "/var/cache/cappy" in rest for keyword, rest in runtime)
+    for target, build in (("serve", "serve-build"), ("export", "export-build")):
+        final = by_name[target]
+        assert final[0][1].split()[0] == "runtime", target
+        copies = [rest for keyword, rest in final if keyword == "COPY"]
+        assert any(f"--from={build}" in rest for rest in copies), target
+        users = [rest for keyword, rest in final if keyword == "USER"]
+        assert users, f"{target} must switch to a non-root user"
+        user = users[-1].split(":")[0]
+        assert user.isdigit() and int(user) != 0, "numeric non-root uid (runAsNonRoot checks it)"
 
-    env_text = " ".join(rest for keyword, rest in final if keyword == "ENV")
+    env_text = " ".join(rest for keyword, rest in runtime if keyword == "ENV")
     env = dict(re.findall(r"(\w+)=(\S+)", env_text))
     cappy = {k for k in env if k.startswith("CAPPY_")}
     assert cappy <= _setting_env_names(), f"unknown settings: {cappy - _setting_env_names()}"
+    # Defaults live in the service (batch limits differ by device): the image sets only where
+    # a container binds and caches, and the default model.
+    assert cappy == {"CAPPY_MODEL", "CAPPY_CACHE_DIR", "CAPPY_HOST", "CAPPY_PORT"}
     assert env["CAPPY_HOST"] == "0.0.0.0" and env["CAPPY_PORT"] == "8000"
     assert env["CAPPY_CACHE_DIR"].startswith("/var/cache/cappy")
     assert "CAPPY_API_KEYS" not in env, "no secrets baked into the image"
@@ -149,13 +167,17 @@ def _dockerignore_patterns() -> list[str]:
 def test_copied_sources_exist_and_are_not_ignored() -> None:
     stages = _stages(_instructions(DOCKERFILE.read_text(encoding="utf-8")))
     ignored = _dockerignore_patterns()
-    for keyword, rest in stages[0]:
-        if keyword != "COPY" or "--from" in rest:
-            continue
-        *sources, _ = rest.split()
-        for source in sources:
-            assert (ROOT / source).exists(), source
-            assert source.rstrip("/") not in ignored, f"{source} is in .dockerignore"
+    copied = 0
+    for stage in stages:
+        for keyword, rest in stage:
+            if keyword != "COPY" or "--from" in rest:
+                continue
+            *sources, _ = rest.split()
+            for source in sources:
+                copied += 1
+                assert (ROOT / source).exists(), source
+                assert source.rstrip("/") not in ignored, f"{source} is in .dockerignore"
+    assert copied >= 5
     for heavy in (".venv", ".git", "tests", "exports"):
         assert heavy in ignored
 
@@ -201,30 +223,60 @@ def _bind_sources(service: dict[str, Any]) -> list[tuple[str, str]]:
     return mounts
 
 
+# Each image the compose file names: (service, variable, the upstream default's prefix).
+COMPOSE_IMAGES = (
+    ("prometheus", "CAPPY_PROMETHEUS_IMAGE", "prom/prometheus:"),
+    ("balancer", "CAPPY_HAPROXY_IMAGE", "haproxy:"),
+    ("grafana", "CAPPY_GRAFANA_IMAGE", "grafana/grafana:"),
+    ("cappy", "CAPPY_IMAGE", "cappy-serve:cpu"),
+    ("cappy-gpu", "CAPPY_GPU_IMAGE", "cappy-serve:gpu"),
+    ("llm", "CAPPY_LLM_IMAGE", "cappy-serve-llm:"),
+)
+
+
 def test_compose_structure() -> None:
     compose = _compose()
-    text = COMPOSE.read_text(encoding="utf-8")
     services = compose["services"]
-    assert {"cappy", "prometheus", "grafana"} <= set(services)
-    cappy = services["cappy"]
-    assert cappy["build"]["context"] == "."
-    assert (ROOT / cappy["build"].get("dockerfile", "Dockerfile")).is_file()
-    assert "EXTRAS" in cappy["build"]["args"]
-    assert "8000:8000" in cappy["ports"]
-    assert set(cappy["environment"]) <= _setting_env_names()
-    grace = re.fullmatch(r"(\d+)s", cappy["stop_grace_period"])
-    assert grace is not None
-    graceful = float(cappy["environment"].get("CAPPY_GRACEFUL_SHUTDOWN_S", _graceful_default()))
-    assert int(grace.group(1)) > graceful
-    assert any(v.endswith(":/var/cache/cappy") for v in cappy["volumes"])
-    # The GPU reservation is there, commented, with instructions.
-    assert "driver: nvidia" in text and "capabilities: [gpu]" in text
-    # Prometheus and Grafana get this repository's deploy/ files.
-    for name in ("prometheus", "grafana"):
+    assert set(services) == {"cappy", "cappy-gpu", "llm", "balancer", "prometheus", "grafana"}
+    profiles = {name: service.get("profiles", []) for name, service in services.items()}
+    assert profiles["cappy"] == ["cpu"] and profiles["cappy-gpu"] == ["gpu"]
+    assert profiles["llm"] == ["llm"]
+    # Images are variables whose defaults are the upstream images (stand-ins only by choice).
+    for name, variable, default in COMPOSE_IMAGES:
+        found = re.fullmatch(r"\$\{(\w+):-([^}]+)\}", services[name]["image"])
+        assert found is not None, services[name]["image"]
+        assert found.group(1) == variable and found.group(2).startswith(default), name
+    for name in ("cappy", "cappy-gpu"):
+        service = services[name]
+        assert service["build"]["context"] == "."
+        assert (ROOT / service["build"].get("dockerfile", "Dockerfile")).is_file()
+        args = service["build"]["args"]
+        assert args["PYTHON_IMAGE"] == "${CAPPY_PYTHON_IMAGE:-python:3.11-slim}"
+        names = {entry.split("=")[0] for entry in service["environment"]}
+        assert names <= _setting_env_names(), names - _setting_env_names()
+        assert all("=" not in entry for entry in service["environment"]), "passed on, not set"
+        grace = re.fullmatch(r"(\d+)s", service["stop_grace_period"])
+        assert grace is not None and int(grace.group(1)) > _graceful_default()
+        assert any(v.endswith(":/var/cache/cappy") for v in service["volumes"])
+        assert service["read_only"] is True and service["tmpfs"] == ["/tmp"]
+        assert "ports" not in service, "replicas are reached through the balancer"
+    assert services["cappy"]["build"]["args"]["EXTRAS"] == "cpu"
+    assert services["cappy-gpu"]["build"]["args"]["EXTRAS"] == "gpu"
+    # The GPU profile reserves the GPU, and answers to the same name as the cpu service.
+    gpu = services["cappy-gpu"]
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    assert gpu["networks"]["default"]["aliases"] == ["cappy"]
+    assert services["llm"]["build"]["context"] == "./deploy/llm"
+    assert (ROOT / "deploy/llm/Dockerfile").is_file()
+    # The balancer, Prometheus and Grafana get this repository's deploy/ files.
+    for name in ("balancer", "prometheus", "grafana"):
         mounts = _bind_sources(services[name])
         assert mounts, name
         for source, _ in mounts:
             assert (ROOT / source).exists(), source
+    assert dict(_bind_sources(services["balancer"]))["./deploy/haproxy"] == "/usr/local/etc/haproxy"
+    assert services["balancer"]["ports"][0].endswith(":8000")
     prometheus_mounts = dict(_bind_sources(services["prometheus"]))
     assert prometheus_mounts["./deploy/prometheus"] == "/etc/prometheus"
     assert "--config.file=/etc/prometheus/prometheus.yml" in services["prometheus"]["command"]
@@ -234,6 +286,23 @@ def test_compose_structure() -> None:
         (GRAFANA / "provisioning/dashboards/cappy.yml").read_text(encoding="utf-8")
     )["providers"][0]
     assert grafana_mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]
+
+
+def test_haproxy_checks_ready_and_answers_in_the_error_envelope() -> None:
+    config = (ROOT / "deploy/haproxy/haproxy.cfg").read_text(encoding="utf-8")
+    assert "option httpchk GET /ready" in config
+    assert "server-template cappy" in config and "cappy:8000" in config
+    assert "option abortonclose" in config and "retry-on" in config
+    for status in (502, 503, 504):
+        assert f"errorfile {status} /usr/local/etc/haproxy/errors/{status}.http" in config
+        raw = (ROOT / f"deploy/haproxy/errors/{status}.http").read_bytes()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        assert lines[0].startswith(f"HTTP/1.1 {status} ")
+        headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+        assert headers["content-type"] == "application/json" and float(headers["retry-after"]) > 0
+        error = json.loads(body)["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
 
 
 # --- Prometheus ---------------------------------------------------------------------------------
@@ -265,6 +334,23 @@ tests:
             exp_annotations:
               summary: "cappy-serve a:8000 is not answering /metrics"
               description: "Prometheus could not scrape a:8000 for 1 minute."
+  - interval: 1m
+    input_series:
+      - series: 'up{job="cappy", instance="a:8000"}'
+        values: '1 1 0 0 0 0 0 0'
+      - series: 'up{job="cappy", instance="b:8000"}'
+        values: '1 1 1 0 0 0 0 0'
+    alert_rule_test:
+      - eval_time: 3m
+        alertname: CappyNoReplicaUp
+        exp_alerts: []
+      - eval_time: 6m
+        alertname: CappyNoReplicaUp
+        exp_alerts:
+          - exp_labels: {severity: critical}
+            exp_annotations:
+              summary: "No cappy-serve replica answers /metrics"
+              description: "Prometheus has had no cappy-serve target up for 1 minute."
   - interval: 1m
     input_series:
       - series: 'REQUESTS{job="cappy", instance="a", route="/select", status="200"}'
@@ -318,9 +404,17 @@ def test_prometheus_structure() -> None:
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     cappy = jobs["cappy"]
     assert cappy.get("metrics_path", "/metrics") == "/metrics"
-    targets = [t for group in cappy["static_configs"] for t in group["targets"]]
-    compose_port = _compose()["services"]["cappy"]["ports"][0].split(":")[-1]
-    assert targets == [f"cappy:{compose_port}"]
+    # Every replica, however many: Docker's DNS answers the service name with each address.
+    (discovery,) = cappy["dns_sd_configs"]
+    assert discovery["names"] == ["cappy"] and discovery["type"] == "A"
+    assert discovery["port"] == 8000
+    services = _compose()["services"]
+    assert (
+        "cappy" in services and "cappy" in services["cappy-gpu"]["networks"]["default"]["aliases"]
+    )
+    balancer = [t for group in jobs["balancer"]["static_configs"] for t in group["targets"]]
+    assert balancer == ["balancer:8404"]
+    assert any(port.endswith(":8404") for port in services["balancer"]["ports"])
     rules = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))
     names = set()
     for group in rules["groups"]:
@@ -328,7 +422,7 @@ def test_prometheus_structure() -> None:
             assert rule["expr"] and rule["labels"]["severity"] in ("critical", "warning")
             assert rule["annotations"]["summary"]
             names.add(rule["alert"])
-    assert {"CappyDown", "CappyHighErrorRate", "CappyOverloaded"} <= names
+    assert {"CappyDown", "CappyNoReplicaUp", "CappyHighErrorRate", "CappyOverloaded"} <= names
 
 
 # --- metric names -------------------------------------------------------------------------------
@@ -446,6 +540,11 @@ def _by_kind(kind: str) -> list[dict[str, Any]]:
     return [r for r in _k8s_resources() if r["kind"] == kind]
 
 
+def is_custom_resource(resource: dict[str, Any]) -> bool:
+    """Whether a manifest is of a CRD kind (its API group in `CRD_GROUPS`; "v1" is core)."""
+    return str(resource["apiVersion"]).rpartition("/")[0] in CRD_GROUPS
+
+
 def test_kustomization_lists_every_manifest() -> None:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text(encoding="utf-8"))
     files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
@@ -458,7 +557,9 @@ def test_k8s_manifests_validate_against_the_schemas(version: str) -> None:
         import kubernetes_validate
     except ImportError:
         pytest.skip("kubernetes-validate is not installed (pip install kubernetes-validate)")
-    for resource in _k8s_resources():
+    builtin = [r for r in _k8s_resources() if not is_custom_resource(r)]
+    assert {r["kind"] for r in builtin} >= {"Deployment", "Service", "HorizontalPodAutoscaler"}
+    for resource in builtin:
         kubernetes_validate.validate(resource, version, strict=True)
 
 

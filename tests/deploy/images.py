@@ -1,0 +1,98 @@
+"""The project's images, built from its own Dockerfile (and deploy/llm/Dockerfile) on the bases
+standins.py chose, while package_index.py offers the host's local packages to pip inside.
+
+`python -m tests.deploy.images` builds them all by hand, as the tests do, and prints their sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.deploy import package_index
+from tests.deploy.engine import Docker
+from tests.deploy.standins import BaseImages
+
+ROOT = Path(__file__).resolve().parents[2]
+LLM_DOCKERFILE = ROOT / "deploy" / "llm" / "Dockerfile"
+# Names of their own: these are the product's images, but built on stand-in bases.
+TAGS = {
+    "cpu": "cappy-serve-test:cpu",
+    "cpu-serve": "cappy-serve-test:cpu-serve",
+    "gpu": "cappy-serve-test:gpu",
+    "llm": "cappy-serve-test:llm",
+}
+# What each image is built with: (Dockerfile, target, EXTRAS).
+RECIPES = {
+    "cpu": (ROOT / "Dockerfile", None, "cpu"),
+    "cpu-serve": (ROOT / "Dockerfile", "serve", "cpu"),
+    "gpu": (ROOT / "Dockerfile", None, "gpu"),
+    "llm": (LLM_DOCKERFILE, None, None),
+}
+LLAMA_WHEEL = "llama_cpp_python-0.3.36-*.whl"
+
+
+@dataclass(frozen=True)
+class Built:
+    tag: str
+    seconds: float
+    size_bytes: int
+
+
+def _host_index_url(python: str) -> str:
+    done = subprocess.run(
+        [python, "-m", "pip", "config", "get", "global.index-url"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return done.stdout.strip() or "https://pypi.org/simple"
+
+
+@contextlib.contextmanager
+def host_packages(python: str = sys.executable) -> Iterator[None]:
+    """The host's local packages on the loopback index while images build, with the
+    llama-cpp-python wheel pip built here (an image then need not compile llama.cpp)."""
+    roots, links = package_index.host_pip_sources(python)
+    wheels = [w for folder in links for w in folder.glob("*.whl")]
+    wheels += package_index.built_wheels(LLAMA_WHEEL)[:1]
+    with package_index.serving(package_index.PackageIndex(roots, wheels)):
+        yield
+
+
+def build(docker: Docker, name: str, bases: BaseImages, python: str = sys.executable) -> Built:
+    """Builds image `name` (a key of RECIPES) and returns its tag, build time and size."""
+    dockerfile, target, extras = RECIPES[name]
+    args = ["build", "--network", "host", "--file", str(dockerfile), "--tag", TAGS[name]]
+    args += ["--build-arg", f"PYTHON_IMAGE={bases.python}"]
+    if extras is not None:
+        args += ["--build-arg", f"EXTRAS={extras}"]
+    if target is not None:
+        args += ["--target", target]
+    if bases.standin and dockerfile == ROOT / "Dockerfile":
+        # The PyTorch CPU index is not reachable from a machine without registries; the CPU
+        # wheel comes from the host's local packages, its dependencies from the host's index.
+        args += ["--build-arg", f"TORCH_INDEX_URL={_host_index_url(python)}"]
+    context = ROOT if dockerfile == ROOT / "Dockerfile" else dockerfile.parent
+    started = time.monotonic()
+    docker.run(*args, str(context), timeout=1800)
+    seconds = time.monotonic() - started
+    size = int(docker.run("image", "inspect", "--format", "{{.Size}}", TAGS[name]).stdout)
+    return Built(TAGS[name], seconds, size)
+
+
+if __name__ == "__main__":
+    from tests.deploy.engine import prepare
+    from tests.deploy.standins import base_images
+
+    engine = prepare(sys.executable)
+    chosen = base_images(engine)
+    with host_packages():
+        for image in sys.argv[1:] or list(RECIPES):
+            built = build(engine, image, chosen)
+            print(f"{built.tag}: {built.size_bytes / 1e6:.0f} MB, built in {built.seconds:.0f} s")
