@@ -5,8 +5,14 @@
 - cache.py: the append-only, crash-safe cache of upstream answers.
 - sampling.py: collecting the LLM's samples through the proxy's recipe and upstream client.
 - data.py: `cappy adapt data`, the regression pairs.
-- train.py: `cappy adapt train`, Hugging Face Trainer, then export + verify (model_export).
+- heldout.py: the held-out examples of training and what an evaluation measures on them.
+- trainer.py: the Trainer's batches, loss (MSE, optional listwise term), head learning rate and
+  Ctrl-C.
+- train.py: `cappy adapt train`, Hugging Face Trainer with the held-out stop and resume, then
+  export + verify (model_export).
 - scoring.py: scoring pairs with an export directory through the service's engine.
-- evaluate.py: `cappy eval`, Cappy against nucleus, greedy, self-scoring, random and oracle.
+- selection.py, bootstrap.py: each method's pick, per-task means, the paired bootstrap.
+- evaluate.py: `cappy eval`, Cappy against nucleus, greedy, self-scoring (mean and sum), random
+  and oracle.
 - cli.py: the subcommands' arguments and messages.
 """

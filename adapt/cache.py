@@ -2,9 +2,10 @@
 crash or Ctrl-C and a re-run resumes without asking the LLM again for anything it answered.
 
 Layout: the first line is a header holding the sampling configuration (model, endpoint, max
-tokens, logprobs, seed base, recipe); every other line is one answer, keyed by
-(example id, decoding, seed). A cache belongs to one configuration: opening it with another is
-refused, naming the fields that differ, rather than mixing samples of two settings.
+tokens, logprobs, seed base, recipe, the parameters each decoding sent); every other line is one
+answer, keyed by (example id, decoding, seed). A cache belongs to one configuration: opening it
+with another is refused, naming the fields that differ, rather than mixing samples of two
+settings.
 
 Crash safety:
 - each answer is written as one line, flushed and fsync'ed before the next is taken as done, so
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -142,13 +143,7 @@ def _scan(path: Path) -> _Contents:
         try:
             item = json.loads(raw)
             if number == 1:
-                if item.get("type") != "header" or item.get("format") != FORMAT:
-                    raise AdaptError(f"{path}: not a sample cache (no {FORMAT} header)")
-                if item.get("version") != VERSION:
-                    raise AdaptError(
-                        f"{path}: sample cache version {item.get('version')}, expected {VERSION}"
-                    )
-                config = item["config"]
+                config = _header_config(path, item)
                 continue
             record = SampleRecord.from_dict(item)
         except AdaptError:
@@ -159,6 +154,45 @@ def _scan(path: Path) -> _Contents:
             continue
         records[record.key] = record
     return _Contents(config, records, end, torn, missing_newline, skipped)
+
+
+def _header_config(path: Path, item: Any) -> dict[str, Any]:
+    """The configuration of a decoded first line.
+
+    Raises:
+        AdaptError: it is not a header of this format and version.
+    """
+    if not isinstance(item, dict) or item.get("type") != "header" or item.get("format") != FORMAT:
+        raise AdaptError(f"{path}: not a sample cache (no {FORMAT} header)")
+    if item.get("version") != VERSION:
+        raise AdaptError(f"{path}: sample cache version {item.get('version')}, expected {VERSION}")
+    config = item.get("config")
+    if not isinstance(config, dict):
+        raise AdaptError(f"{path}: sample cache header without a configuration")
+    return config
+
+
+def read_header(path: Path) -> dict[str, Any] | None:
+    """A cache's configuration, read from its first line alone; None when there is no cache yet
+    (no file, an empty one, or only the torn header of a run that died before its first answer).
+
+    Raises:
+        AdaptError: the file is not a sample cache.
+    """
+    try:
+        with path.open("rb") as file:
+            first = file.readline()
+    except FileNotFoundError:
+        return None
+    if not first.strip():
+        return None
+    try:
+        item = json.loads(first)
+    except ValueError:
+        if not first.endswith(b"\n"):  # torn: SampleCache starts it afresh
+            return None
+        raise AdaptError(f"{path}: not a sample cache (no {FORMAT} header)") from None
+    return _header_config(path, item)
 
 
 def read_cache(path: Path) -> tuple[dict[str, Any], dict[Key, SampleRecord]]:
@@ -178,8 +212,21 @@ def read_cache(path: Path) -> tuple[dict[str, Any], dict[Key, SampleRecord]]:
 class SampleCache:
     """The cache opened for appending; use as a context manager (it holds a lock)."""
 
-    def __init__(self, path: Path, config: Mapping[str, Any]):
+    def __init__(
+        self,
+        path: Path,
+        config: Mapping[str, Any],
+        *,
+        complete: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ):
         """Opens (or creates) the cache at `path` for sampling configuration `config`.
+
+        Args:
+            path: the cache file.
+            config: the sampling configuration; written as the header of a new cache, and
+                compared with the header of an existing one.
+            complete: fills in, before that comparison, the fields a header written by an
+                older version lacks (`SamplingConfig.complete_header`); the file keeps its header.
 
         Raises:
             AdaptError: the cache was made with another configuration, is not a sample cache,
@@ -187,6 +234,7 @@ class SampleCache:
         """
         self.path = path
         self.config = _normal(config)
+        self._complete = complete
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file: BinaryIO = open(path, "a+b")  # noqa: SIM115 - closed by close()
         try:
@@ -218,7 +266,10 @@ class SampleCache:
             return False
         if contents.config is None:
             raise AdaptError(f"{self.path}: not a sample cache (no header)")
-        differences = _differences(contents.config, self.config)
+        recorded = contents.config
+        if self._complete is not None:
+            recorded = _normal(self._complete(recorded))
+        differences = _differences(recorded, self.config)
         if differences:
             raise AdaptError(
                 f"{self.path}: made with other sampling settings ({'; '.join(differences)}); "

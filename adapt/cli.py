@@ -79,8 +79,9 @@ def _upstream_flags(parser: argparse.ArgumentParser, *, required_for: str) -> No
         "--no-top-k",
         dest="send_top_k",
         action="store_false",
-        help="never send top_k (upstreams that refuse it, e.g. OpenAI): the top-k decoding then "
-        "samples without it, as the proxy does",
+        help="send neither top_k nor llama.cpp's sampler extras (min_p 0, repeat_penalty 1); "
+        "without it both are sent and an upstream that refuses them (e.g. OpenAI) is found "
+        "from the first calls, as the proxy does",
     )
     parser.add_argument(
         "--concurrency",
@@ -129,10 +130,19 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument(
         "--samples-per-example",
         type=int,
-        default=8,
+        default=17,
         metavar="N",
         help="LLM samples per example, 0-17, taken round-robin over the paper's recipe "
-        "(default: 8; 0: no LLM, ground truth and mismatches only)",
+        "(default: 17, the whole recipe; 0: no LLM, ground truth and mismatches only)",
+    )
+    data.add_argument(
+        "--sampled-examples-per-task",
+        type=int,
+        default=None,
+        metavar="N",
+        help="LLM samples for the first N selected examples of each task only (the sampling "
+        "budget); ground truth and mismatches still come from every selected example "
+        "(default: samples for all)",
     )
     data.add_argument(
         "--no-mismatch", dest="mismatch", action="store_false", help="no mismatched pairs"
@@ -201,10 +211,55 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="bf16 mixed precision (GPUs, and CPUs with native bf16 such as AMX)",
     )
     train.add_argument(
-        "--no-group-by-length",
-        dest="group_by_length",
-        action="store_false",
-        help="plain shuffled batches (default: batches of similar lengths, less padding)",
+        "--group-by-length",
+        action="store_true",
+        help="batches of similar lengths (less padding, but a step then holds one or two tasks; "
+        "default: random batches)",
+    )
+    train.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.1,
+        help="share of each task's examples held out, all of an example's pairs together, and "
+        "evaluated (default: 0.1; 0: none, no early stop)",
+    )
+    train.add_argument(
+        "--eval-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="evaluate on the held-out examples and save a checkpoint every N steps "
+        "(default: a tenth of --steps, at least 10)",
+    )
+    train.add_argument(
+        "--early-stopping-patience",
+        type=int,
+        default=5,
+        metavar="N",
+        help="stop after N evaluations without a better held-out selection Rouge-L (or ground "
+        "truth above mismatch, without samples); the best checkpoint is kept (default: 5; 0: "
+        "train every step, still keeping the best)",
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run (crash, kill, Ctrl-C) from its last checkpoint",
+    )
+    train.add_argument(
+        "--head-lr",
+        dest="head_learning_rate",
+        type=float,
+        default=None,
+        help="learning rate of the regression head (and BERT's pooler); default: --lr",
+    )
+    train.add_argument(
+        "--listwise",
+        dest="listwise_weight",
+        type=float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="add WEIGHT x a listwise loss ranking each example's candidates against their "
+        "labels (batches then hold whole examples; default: 0, MSE alone)",
     )
     train.add_argument("--int8", action="store_true", help="export model.int8.onnx as well")
     add_export_flags(train, force_help="replace OUT and the checkpoint if they exist")
@@ -302,6 +357,7 @@ def _train(args: argparse.Namespace) -> int:
         "checkpoint": str(result.checkpoint),
         "first_loss": result.losses[0][1] if result.losses else None,
         "last_loss": result.losses[-1][1] if result.losses else None,
+        "best": result.best,
         "seconds": round(result.seconds, 1),
         "verify": "ok",
     }
@@ -320,11 +376,15 @@ def _eval(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Runs `adapt data|train` or `eval`; AdaptError becomes a one-line message and exit 1."""
+    from adapt.train import TrainingInterrupted
     from model_export.errors import ExportError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.handler(args))
+    except TrainingInterrupted as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 130
     except (AdaptError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

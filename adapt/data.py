@@ -3,7 +3,10 @@ and the upstream LLM's own samples.
 
 Each example gives, in this order:
 - its ground truth, (instruction, reference) -> 1.0, one pair per reference;
-- the LLM's samples, (instruction, sample) -> Rouge-L F against the references (adapt.labels);
+- the LLM's samples, (instruction, sample) -> Rouge-L F against the references (adapt.labels):
+  17 by default (the paper's whole recipe), for every example or, within a sampling budget, for
+  the first `sampled_examples_per_task` of each task (ground truths and mismatches cost no
+  upstream call and come from every example);
 - a mismatch, (instruction, a reference of another example of the same task) -> 0.0, none when
   the task has one example.
 Pairs are de-duplicated on (instruction, response), keeping the first, so a sample that repeats
@@ -34,7 +37,7 @@ import httpx
 from adapt import planning, sampling
 from adapt.cache import SampleRecord
 from adapt.errors import AdaptError
-from adapt.examples import Example, by_task
+from adapt.examples import Example, by_task, select
 from adapt.labels import RougeL, mismatch_reference
 from service.upstream.recipe import Recipe
 
@@ -178,7 +181,9 @@ class DataOptions(sampling.SamplingOptions):
 
     train: Path
     out: Path
-    samples_per_example: int = 8
+    samples_per_example: int = 17
+    # The sampling budget: LLM samples for the first N examples of each task (None: all).
+    sampled_examples_per_task: int | None = None
     mismatch: bool = True
     cache: Path | None = None
 
@@ -209,10 +214,15 @@ def run(options: DataOptions, *, transport: httpx.AsyncBaseTransport | None = No
             raise AdaptError(
                 "--upstream is required to collect LLM samples (or pass --samples-per-example 0)"
             )
+        sampled = (
+            select(examples, examples_per_task=options.sampled_examples_per_task)
+            if options.sampled_examples_per_task is not None
+            else examples
+        )
         config, samples, stats = asyncio.run(
             sampling.gather(
                 options,
-                examples,
+                sampled,
                 cache_path,
                 transport,
                 logprobs=False,
@@ -240,6 +250,8 @@ def run(options: DataOptions, *, transport: httpx.AsyncBaseTransport | None = No
         "examples": len(examples),
         "examples_by_task": dict(Counter(e.task for e in examples)),
         "samples_per_example": options.samples_per_example,
+        "sampled_examples": len(samples),
+        "sampled_examples_per_task": options.sampled_examples_per_task,
         "mismatch": options.mismatch,
         "seed": options.seed,
         "sampling": sampling_info,

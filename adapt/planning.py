@@ -1,6 +1,8 @@
 """What `cappy adapt data` and `cappy eval` ask the upstream LLM for: every sample of a run
 planned before any call (decoding, index, seed), and each sample's request body, from the
-proxy's recipe (`service.upstream.recipe`).
+proxy's recipe (`service.upstream.recipe`) and sampling parameters
+(`service.upstream.samplers.sampling_params`: the same parameters the proxy sends, llama.cpp's
+sampler extras included where the upstream accepts them).
 
 How the calls differ from the proxy's fan-out, and why:
 - one call per sample (no `n`): each sample is cached, and resumed, on its own;
@@ -25,6 +27,7 @@ from adapt.examples import Example
 from service.upstream.errors import RecipeError
 from service.upstream.recipe import Decoding, Recipe
 from service.upstream.render import render_chat_instruction
+from service.upstream.samplers import Sends, sampling_params, sent_by_decoding
 
 Endpoint = Literal["chat", "completions"]
 _SEED_SPACE = 2**31 - 1
@@ -41,6 +44,10 @@ class SamplingConfig:
         logprobs: ask for the sampled tokens' log-probabilities (self-scoring needs them).
         send_top_k: send `top_k` (False for upstreams that refuse it, e.g. OpenAI: a top-k
             decoding then samples without it, as the proxy does).
+        send_extras: send llama.cpp's sampler extras (top_k 0, min_p 0, repeat_penalty 1),
+            which switch off the samplers it applies by default; False for upstreams that
+            refuse them, and for caches made before they existed (their samples were drawn
+            without them).
         seed: the base every call's seed is derived from.
         recipe: the decodings sampled, in order (each up to its count).
         samples_per_example: how many samples each example gets (see `plan_decodings`). Not
@@ -53,26 +60,40 @@ class SamplingConfig:
     max_tokens: int = 64
     logprobs: bool = False
     send_top_k: bool = True
+    send_extras: bool = True
     seed: int = 0
     recipe: Recipe = field(default_factory=Recipe.default)
     samples_per_example: int = 17
 
+    @property
+    def sends(self) -> Sends:
+        """What every call carries beyond each decoding's temperature and top_p."""
+        return Sends(top_k=self.send_top_k, extras=self.send_extras)
+
     def header(self) -> dict[str, Any]:
-        """The cache header's configuration."""
+        """The cache header's configuration; `sent` is each decoding's sampling parameters, as
+        every call of it sends them (what the eval report and the data manifest show)."""
         return {
             "model": self.model,
             "endpoint": self.endpoint,
             "max_tokens": self.max_tokens,
             "logprobs": self.logprobs,
             "send_top_k": self.send_top_k,
+            "send_extras": self.send_extras,
             "seed": self.seed,
             "recipe": self.recipe.to_list(),
+            "sent": sent_by_decoding(self.recipe.decodings, self.sends),
         }
 
     @classmethod
     def from_header(cls, config: dict[str, Any]) -> SamplingConfig:
         """The configuration a cache was made with, planning the whole recipe per example (for
-        evaluating from a cache alone)."""
+        evaluating from a cache alone). A header written before the sampler extras existed
+        (no `send_extras`) is a run that sent none.
+
+        Raises:
+            AdaptError: the header lacks a field or holds an invalid one.
+        """
         try:
             recipe = Recipe.from_spec(config["recipe"], max_samples=10_000, where="recipe")
             return cls(
@@ -81,12 +102,25 @@ class SamplingConfig:
                 max_tokens=int(config["max_tokens"]),
                 logprobs=bool(config["logprobs"]),
                 send_top_k=bool(config["send_top_k"]),
+                send_extras=bool(config.get("send_extras", False)),
                 seed=int(config["seed"]),
                 recipe=recipe,
                 samples_per_example=recipe.total,
             )
         except (KeyError, TypeError, ValueError, RecipeError) as exc:
             raise AdaptError(f"sample cache header is incomplete or invalid ({exc})") from None
+
+    @classmethod
+    def complete_header(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """A recorded header with the fields an older version did not write filled in as that
+        version sent them (`send_extras` false, `sent` without the extras), so that a cache made
+        before them resumes under the same settings; a header that is not one is returned as is
+        (the cache then names what differs)."""
+        try:
+            filled = cls.from_header(config).header()
+        except AdaptError:
+            return config
+        return {**filled, **config}
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +189,7 @@ def build_body(sample: PlannedSample, config: SamplingConfig) -> dict[str, Any]:
         body["messages"] = [{"role": "user", "content": sample.example.instruction}]
     else:
         body["prompt"] = sample.example.instruction
-    body.update(sample.decoding.sampling_params(send_top_k=config.send_top_k))
+    body.update(sampling_params(sample.decoding, config.sends))
     body["seed"] = sample.seed
     if config.logprobs:
         if config.endpoint == "chat":

@@ -1,8 +1,13 @@
 """Collecting the LLM's samples for examples, through the proxy's own code: the recipe
-(`service.upstream.recipe`: which decodings, their sampling parameters, the top_k rule) and the
-client (`service.upstream.client.UpstreamClient`: timeouts, retries with back-off, the cap on
-calls in flight). What each call asks for is planned in adapt.planning; every answer goes to the
-sample cache (adapt.cache) as it arrives.
+(`service.upstream.recipe`: which decodings), the sampling parameters and what the upstream
+accepts of them (`service.upstream.samplers`: `top_k` and llama.cpp's sampler extras, detected
+as the proxy detects them), and the client (`service.upstream.client.UpstreamClient`: timeouts,
+retries with back-off, the cap on calls in flight). What each call asks for is planned in
+adapt.planning; every answer goes to the sample cache (adapt.cache) as it arrives.
+
+The cache header records what every call of a decoding sends, so it is settled before the
+cache is written: a cache that exists says it (its calls sent `top_k` and the extras, or not);
+a new one is preceded by `detect`, whose calls are the run's first samples.
 """
 
 from __future__ import annotations
@@ -10,15 +15,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 from tqdm import tqdm
 
-from adapt.cache import Key, SampleCache, SampleRecord
+from adapt.cache import Key, SampleCache, SampleRecord, read_header
 from adapt.errors import AdaptError
 from adapt.examples import Example, load_examples
 from adapt.planning import Endpoint, PlannedSample, SamplingConfig, build_body, plan
@@ -26,6 +31,7 @@ from service.upstream.client import UpstreamClient, UpstreamConfig
 from service.upstream.errors import UpstreamError
 from service.upstream.recipe import Recipe
 from service.upstream.render import sample_text
+from service.upstream.samplers import Part, UpstreamCapabilities, sampling_params, to_drop
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +123,108 @@ async def resolve_model(client: UpstreamClient, model: str | None) -> str:
     return str(ids[0])
 
 
+def _call(client: UpstreamClient, endpoint: Endpoint, body: dict[str, Any]) -> Awaitable[Any]:
+    if endpoint == "chat":
+        return client.chat_completions(body)
+    return client.completions(body)
+
+
+async def detect(
+    planned: Sequence[PlannedSample],
+    client: UpstreamClient,
+    config: SamplingConfig,
+    *,
+    max_failures: int = 50,
+) -> tuple[SamplingConfig, list[SampleRecord]]:
+    """`config` sending `top_k` and the sampler extras only if the upstream accepts them,
+    learnt from the run's first calls as the proxy learns it (`UpstreamCapabilities`,
+    `samplers.to_drop`): a refused call is asked again without the extras, then without `top_k`.
+
+    The first planned sample tells about the extras; then, while `top_k` is unknown, the first
+    sample of a decoding with a `top_k` of its own tells about it. These calls are samples of
+    the run: their answers are returned for the cache, except any sent otherwise than the final
+    configuration sends (asked again by `collect`). A call that fails for another reason is
+    logged and left to `collect`. With `config.send_top_k` False nothing is asked: neither is
+    sent.
+
+    Raises:
+        AdaptError: more than `max_failures` calls failed.
+    """
+    caps = UpstreamCapabilities.configured("no", "auto" if config.send_top_k else "no")
+    own_top_k = any(s.decoding.top_k is not None for s in planned)
+    answers: list[tuple[SampleRecord, dict[str, float | int]]] = []
+    failures = 0
+    for sample in planned:
+        if caps.extras is not None and (caps.top_k is not None or not own_top_k):
+            break
+        if caps.extras is not None and sample.decoding.top_k is None:
+            continue  # only a decoding with its own top_k tells more
+        sends = caps.sends()
+        dropped: set[Part] = set()
+        while True:
+            asked = replace(config, send_top_k=sends.top_k, send_extras=sends.extras)
+            try:
+                payload = await _call(client, config.endpoint, build_body(sample, asked))
+            except UpstreamError as exc:
+                part = to_drop(exc, sample.decoding, sends, alone=True, may_drop=caps.may_drop)
+                if part is not None:
+                    logger.info(
+                        "the upstream refused %s (%s); asking again without %s",
+                        sample.decoding.name,
+                        exc.describe(),
+                        "top_k" if part == "top_k" else "the sampler extras",
+                    )
+                    sends = sends.without(part)
+                    dropped.add(part)
+                    continue
+                failures += 1
+                logger.warning("sample %s failed: %s", "/".join(map(str, sample.key)), exc.message)
+                if failures > max_failures:
+                    raise AdaptError(
+                        f"{failures} upstream calls failed (last: {exc.message}); stopping"
+                    ) from None
+                break
+            caps.learn(sample.decoding, sends, dropped)
+            record = parse_answer(sample, payload, config.endpoint)
+            answers.append((record, sampling_params(sample.decoding, sends)))
+            break
+    settled = replace(
+        config,
+        send_top_k=config.send_top_k and caps.top_k is not False,
+        send_extras=config.send_top_k and caps.extras is not False,
+    )
+    if not settled.send_extras and config.send_top_k:
+        logger.info("the upstream refuses llama.cpp's sampler extras: sending none")
+    if not settled.send_top_k and config.send_top_k:
+        logger.info("the upstream refuses top_k: top-k decodings sample without it")
+    by_key = {s.key: s for s in planned}
+    kept = [
+        record
+        for record, params in answers
+        if params == sampling_params(by_key[record.key].decoding, settled.sends)
+    ]
+    return settled, kept
+
+
+def as_recorded(config: SamplingConfig, recorded: dict[str, Any]) -> SamplingConfig:
+    """`config` sending `top_k` and the sampler extras as the calls of an existing cache did
+    (what the upstream accepted then; a cache from before the extras sent none), unless
+    `config` sends neither (`--no-top-k`: the cache then refuses a header that says otherwise)."""
+    if not config.send_top_k:
+        return config
+    if "send_extras" not in recorded:
+        logger.warning(
+            "the sample cache was made before llama.cpp's sampler extras were sent (its samples "
+            "were shaped by the upstream's own top_k, min_p, repeat_penalty): resuming it as it "
+            "was made; use a new cache for the paper's decodings"
+        )
+    return replace(
+        config,
+        send_top_k=bool(recorded.get("send_top_k", True)),
+        send_extras=bool(recorded.get("send_extras", False)),
+    )
+
+
 @dataclass
 class CollectStats:
     """What `collect` did: samples found in the cache, asked for, and failed."""
@@ -174,10 +282,7 @@ async def collect(
                 return
             body = build_body(sample, config)
             try:
-                if config.endpoint == "chat":
-                    payload = await client.chat_completions(body)
-                else:
-                    payload = await client.completions(body)
+                payload = await _call(client, config.endpoint, body)
             except UpstreamError as exc:
                 stats.failed.append((sample.key, exc.describe()))
                 logger.warning("sample %s failed: %s", "/".join(map(str, sample.key)), exc.message)
@@ -237,7 +342,7 @@ class SamplingOptions:
     examples_per_task: int | None = None
     max_tokens: int = 64
     endpoint: Endpoint = "chat"
-    send_top_k: bool = True
+    send_top_k: bool = True  # where accepted (detected); False: neither top_k nor the extras
     seed: int = 0
     concurrency: int = 1
     timeout_s: float = 120.0
@@ -263,7 +368,9 @@ async def gather(
 ) -> tuple[SamplingConfig, dict[str, list[SampleRecord]], CollectStats]:
     """Every example's samples from the upstream, through the cache (resumes where it stopped):
     the one sampling path of `cappy adapt data` and `cappy eval`. The paper's recipe, all of it
-    per example unless `samples_per_example` says fewer."""
+    per example unless `samples_per_example` says fewer, with the sampling parameters the proxy
+    sends (`top_k` and llama.cpp's sampler extras where the upstream accepts them: as the
+    existing cache's calls did, else `detect`ed)."""
     assert options.upstream is not None
     recipe = Recipe.default()
     if samples_per_example is None:
@@ -281,12 +388,23 @@ async def gather(
             max_tokens=options.max_tokens,
             logprobs=logprobs,
             send_top_k=options.send_top_k,
+            send_extras=options.send_top_k,
             seed=options.seed,
             recipe=recipe,
             samples_per_example=samples_per_example,
         )
         planned = plan(examples, config)
-        with SampleCache(cache_path, config.header()) as cache:
+        recorded = read_header(cache_path)
+        first: list[SampleRecord] = []
+        if recorded is not None:
+            config = as_recorded(config, recorded)
+        else:
+            config, first = await detect(planned, client, config, max_failures=options.max_failures)
+        with SampleCache(
+            cache_path, config.header(), complete=SamplingConfig.complete_header
+        ) as cache:
+            for record in first:
+                cache.append(record)
             stats = await collect(
                 planned,
                 client,
@@ -296,4 +414,7 @@ async def gather(
                 max_failures=options.max_failures,
                 progress=options.progress,
             )
+            # detect's answers were fetched by this run, not found in the cache.
+            stats.cached -= len(first)
+            stats.fetched += len(first)
             return config, samples_by_example(planned, cache), stats

@@ -4,13 +4,25 @@ model_export, so that what comes out is a servable export directory.
 
 Recipe (every part a flag): MSE regression on the labels, AdamW, lr 2e-5, 10% linear warm-up then
 linear decay to 0, effective batch 256 (micro-batch x gradient accumulation x processes), 400
-optimiser steps, pairs truncated `longest_first` to 512 tokens, instruction first.
+optimiser steps, random batches, pairs truncated `longest_first` to 512 tokens, instruction first.
+
+What a run can be left to do (adapt.heldout, adapt.trainer):
+- `eval_fraction` (10%) of each task's examples is held out, all pairs of an example together,
+  and evaluated every `eval_steps`: pair MSE, ground truth above its mismatch, and the selection
+  Rouge-L among each held-out example's LLM samples;
+- a checkpoint is saved at each evaluation; training stops when the watched metric (the
+  selection Rouge-L where samples exist, else ground truth above mismatch, else MSE) has not
+  improved for `early_stopping_patience` evaluations, and the best checkpoint is the one kept;
+- `resume` continues an interrupted run (a crash, a kill, or Ctrl-C, which saves first) from its
+  last checkpoint, kept in `OUT.checkpoint.trainer/` until the run ends;
+- the head may learn at its own rate (`head_learning_rate`), and a listwise term may rank each
+  example's candidates against their labels (`listwise_weight`).
 
 `--base` is a hub id (`btan2/cappy-large`), a local checkpoint, or an encoder with no regression
 head: a `num_labels=1` head is added (a classification head of another size is replaced, with a
 warning). The fine-tuned checkpoint is saved next to the export (`OUT.checkpoint/`, with
-`cappy_adapt.json`: options, data, loss history), because the export's manifest names it as its
-source and `cappy verify` re-measures parity against it.
+`cappy_adapt.json`: options, data, the held-out evaluations, loss history), because the export's
+manifest names it as its source and `cappy verify` re-measures parity against it.
 
 Multi-GPU: the same command under `torchrun --nproc-per-node N -m cappy.cli adapt train ...` or
 `accelerate launch -m cappy.cli adapt train ...`; the Trainer runs DDP, the accumulation is
@@ -30,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapt import heldout
 from adapt.data import read_pairs
 from adapt.errors import AdaptError
 
@@ -58,7 +71,14 @@ class TrainOptions:
     seed: int = 0
     logging_steps: int = 10
     bf16: bool = False
-    group_by_length: bool = True
+    group_by_length: bool = False
+    # held out, evaluated, stopped early, resumed (module docstring)
+    eval_fraction: float = 0.1
+    eval_steps: int | None = None  # default: a tenth of the steps (at least 10)
+    early_stopping_patience: int = 5
+    resume: bool = False
+    head_learning_rate: float | None = None
+    listwise_weight: float = 0.0
     # export
     fp16: bool = True
     int8: bool = False
@@ -70,12 +90,24 @@ class TrainOptions:
     def checkpoint_dir(self) -> Path:
         return self.checkpoint or self.out.with_name(self.out.name + ".checkpoint")
 
+    @property
+    def scratch_dir(self) -> Path:
+        """The Trainer's checkpoints while the run lasts (what `resume` continues from)."""
+        return self.checkpoint_dir.with_name(self.checkpoint_dir.name + ".trainer")
+
+    @property
+    def every(self) -> int:
+        """Steps between evaluations and checkpoints."""
+        return self.eval_steps or max(10, self.steps // 10)
+
 
 @dataclass
 class TrainResult:
     out: Path | None  # None on processes other than the main one
     checkpoint: Path
     losses: list[tuple[int, float]] = field(default_factory=list)
+    evaluations: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, Any] | None = None  # the kept checkpoint's step and held-out metrics
     export_manifest: dict[str, Any] | None = None
     verify_lines: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -97,14 +129,35 @@ def accumulation_steps(effective_batch: int, micro_batch: int, processes: int) -
     return max(1, round(effective_batch / (micro_batch * processes)))
 
 
+class TrainingInterrupted(AdaptError):
+    """Ctrl-C: a checkpoint was saved; `--resume` continues from it."""
+
+
 def _check_outputs(options: TrainOptions) -> None:
-    """Refuses before hours of training what the export would refuse after them."""
+    """Refuses before hours of training what the export would refuse after them, and a new run
+    over an interrupted one."""
     for path, flag in ((options.out, "--out"), (options.checkpoint_dir, "--checkpoint")):
         if path.exists() and not options.force:
             raise AdaptError(f"{flag} {path}: already exists (pass --force to replace it)")
     parent = options.out.parent
     if not parent.is_dir():
         raise AdaptError(f"--out {options.out}: parent directory {parent} does not exist")
+    scratch = options.scratch_dir
+    if scratch.exists() and not options.resume:
+        if not options.force:
+            raise AdaptError(
+                f"{scratch} holds an interrupted run: pass --resume to continue it, or --force "
+                "to start over"
+            )
+        shutil.rmtree(scratch)
+
+
+def _last_checkpoint(scratch: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return (
+        Path(found) if scratch.is_dir() and (found := get_last_checkpoint(str(scratch))) else None
+    )
 
 
 def _load_base(options: TrainOptions) -> tuple[Any, Any, str]:
@@ -170,30 +223,40 @@ class _PairDataset:
 
 
 def tokenize_pairs(tokenizer: Any, pairs: list[Any], max_length: int) -> _PairDataset:
-    """Pairs -> features, instruction first, truncated longest_first as the service does."""
+    """Pairs -> features, instruction first, truncated longest_first as the service does; each
+    with its example's group number (adapt.trainer's listwise term and sampler)."""
     encoded = tokenizer(
         [p.instruction for p in pairs],
         [p.response for p in pairs],
         truncation="longest_first",
         max_length=max_length,
     )
+    from adapt.trainer import GROUP_KEY
+
     names = list(encoded.keys())
+    groups: dict[str, int] = {}
     features = [
-        {**{name: encoded[name][i] for name in names}, "labels": float(pair.label)}
+        {
+            **{name: encoded[name][i] for name in names},
+            "labels": float(pair.label),
+            GROUP_KEY: groups.setdefault(pair.id, len(groups)),
+        }
         for i, pair in enumerate(pairs)
     ]
     return _PairDataset(features)
 
 
-def _training_arguments(options: TrainOptions, accumulation: int, scratch: Path) -> Any:
+def _training_arguments(options: TrainOptions, accumulation: int, metric: str | None) -> Any:
     import torch
     from transformers import TrainingArguments
 
     params = inspect.signature(TrainingArguments.__init__).parameters
+    every = options.every
     kwargs: dict[str, Any] = {
-        "output_dir": str(scratch),
+        "output_dir": str(options.scratch_dir),
         "max_steps": options.steps,
         "per_device_train_batch_size": options.micro_batch,
+        "per_device_eval_batch_size": max(options.micro_batch, 32),
         "gradient_accumulation_steps": accumulation,
         "learning_rate": options.learning_rate,
         # An integer step count, which every transformers version reads the same way.
@@ -203,7 +266,10 @@ def _training_arguments(options: TrainOptions, accumulation: int, scratch: Path)
         "weight_decay": options.weight_decay,
         "logging_steps": options.logging_steps,
         "logging_first_step": True,
-        "save_strategy": "no",
+        # A checkpoint at every evaluation: what --resume continues from and the best is kept of.
+        "save_strategy": "steps",
+        "save_steps": every,
+        "save_total_limit": 2,
         "report_to": "none",
         "seed": options.seed,
         "bf16": options.bf16,
@@ -212,13 +278,21 @@ def _training_arguments(options: TrainOptions, accumulation: int, scratch: Path)
         # Page-locked batches help only a GPU (and warn without one).
         "dataloader_pin_memory": torch.cuda.is_available(),
     }
+    if metric is not None:
+        strategy = "eval_strategy" if "eval_strategy" in params else "evaluation_strategy"
+        kwargs[strategy] = "steps"
+        kwargs["eval_steps"] = every
+        kwargs["load_best_model_at_end"] = True
+        kwargs["metric_for_best_model"] = metric
+        kwargs["greater_is_better"] = metric != "mse"
     if (world_size() > 1 or options.bf16) and not torch.cuda.is_available():
         # Without a GPU the Trainer sets up DDP (gloo), and bf16 autocast on a CPU with native
         # bf16 (AMX here: 4x fp32's matmul rate), only when told to use the CPU; otherwise each
         # process would train alone on all the data, and bf16 is refused.
         kwargs["use_cpu"] = True
-    if options.group_by_length:
-        # Batches of similar lengths pad less (bigbench instructions run 25 to 1500 characters).
+    if options.group_by_length and options.listwise_weight == 0:
+        # Batches of similar lengths pad less (bigbench instructions run 25 to 1500 characters),
+        # but each then holds one or two tasks.
         if "train_sampling_strategy" in params:
             kwargs["train_sampling_strategy"] = "group_by_length"
         elif "group_by_length" in params:
@@ -226,22 +300,37 @@ def _training_arguments(options: TrainOptions, accumulation: int, scratch: Path)
     return TrainingArguments(**kwargs)
 
 
-def train(options: TrainOptions) -> TrainResult:
-    """Fine-tunes, saves the checkpoint, exports and verifies; see the module docstring.
-
-    Raises:
-        AdaptError: bad input (data, base, outputs), or an export that fails verification.
-    """
-    started = time.perf_counter()
+def _check(options: TrainOptions) -> None:
     if options.steps < 1:
         raise AdaptError("--steps must be >= 1")
     if not 0 <= options.warmup_ratio < 1:
         raise AdaptError("--warmup-ratio must be in [0, 1)")
+    if options.eval_steps is not None and options.eval_steps < 1:
+        raise AdaptError("--eval-steps must be >= 1")
+    if options.early_stopping_patience < 0:
+        raise AdaptError("--early-stopping-patience must be >= 0 (0: no early stop)")
+    if options.listwise_weight < 0:
+        raise AdaptError("--listwise must be >= 0")
+    if options.head_learning_rate is not None and options.head_learning_rate <= 0:
+        raise AdaptError("--head-lr must be > 0")
+
+
+def train(options: TrainOptions) -> TrainResult:
+    """Fine-tunes (with the held-out evaluations and stop), saves the best checkpoint, exports
+    and verifies; see the module docstring.
+
+    Raises:
+        AdaptError: bad input (data, base, outputs), or an export that fails verification.
+        TrainingInterrupted: Ctrl-C; a checkpoint was saved for `resume`.
+    """
+    started = time.perf_counter()
+    _check(options)
     processes = world_size()
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
         _check_outputs(options)
-    pairs = read_pairs(options.data)
+    split = heldout.split_by_example(read_pairs(options.data), options.eval_fraction, options.seed)
+    metric = heldout.watched_metric(split.held_out)
     accumulation = accumulation_steps(options.effective_batch, options.micro_batch, processes)
     effective = options.micro_batch * processes * accumulation
     if effective != options.effective_batch:
@@ -254,8 +343,9 @@ def train(options: TrainOptions) -> TrainResult:
             options.effective_batch,
         )
 
-    from transformers import DataCollatorWithPadding, Trainer
+    from transformers import DataCollatorWithPadding, EarlyStoppingCallback
 
+    from adapt.trainer import CappyTrainer, StopOnInterrupt
     from model_export.source import max_length_for
 
     model, tokenizer, head = _load_base(options)
@@ -263,44 +353,84 @@ def train(options: TrainOptions) -> TrainResult:
     max_length = min(options.max_length, limit)
     if max_length < options.max_length:
         logger.warning("--max-length %d: this model takes at most %d", options.max_length, limit)
-    dataset = tokenize_pairs(tokenizer, pairs, max_length)
-    checkpoint = options.checkpoint_dir
-    scratch = checkpoint.with_name(checkpoint.name + ".trainer")
-    trainer = Trainer(
+    held_out = split.held_out
+
+    def compute_metrics(prediction: Any) -> dict[str, float]:
+        scores = prediction.predictions
+        scores = scores[0] if isinstance(scores, tuple) else scores
+        return heldout.metrics(
+            held_out, [float(s) for s in scores.reshape(len(held_out), -1)[:, 0]]
+        )
+
+    interrupt = StopOnInterrupt()
+    callbacks: list[Any] = [interrupt]
+    if metric is not None and options.early_stopping_patience > 0:
+        callbacks.append(
+            EarlyStoppingCallback(early_stopping_patience=options.early_stopping_patience)
+        )
+    trainer = CappyTrainer(
         model=model,
-        args=_training_arguments(options, accumulation, scratch),
-        train_dataset=dataset,
+        args=_training_arguments(options, accumulation, metric),
+        train_dataset=tokenize_pairs(tokenizer, split.train, max_length),
+        eval_dataset=tokenize_pairs(tokenizer, held_out, max_length) if metric else None,
         data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=compute_metrics if metric else None,
+        callbacks=callbacks,
+        listwise_weight=options.listwise_weight,
+        head_learning_rate=options.head_learning_rate,
     )
-    trainer.train()
-    losses = [
-        (int(entry["step"]), float(entry["loss"]))
-        for entry in trainer.state.log_history
-        if "loss" in entry
-    ]
+    resumed = _last_checkpoint(options.scratch_dir) if options.resume else None
+    if options.resume and resumed is None:
+        logger.warning(
+            "--resume: no checkpoint in %s yet; starting from the base", options.scratch_dir
+        )
+    with interrupt:
+        trainer.train(resume_from_checkpoint=str(resumed) if resumed else None)
+    if interrupt.stopped_at is not None:
+        raise TrainingInterrupted(
+            f"interrupted at step {interrupt.stopped_at} of {options.steps}; a checkpoint is in "
+            f"{options.scratch_dir}: re-run the same command with --resume to continue"
+        )
+    history = trainer.state.log_history
+    losses = [(int(e["step"]), float(e["loss"])) for e in history if "loss" in e]
+    evaluations = [_evaluation(entry) for entry in history if "eval_loss" in entry]
+    best = _best(trainer, evaluations, metric)
+    checkpoint = options.checkpoint_dir
     if checkpoint.exists() and trainer.is_world_process_zero() and main_process:
         shutil.rmtree(checkpoint)
     trainer.save_model(str(checkpoint))  # every process: FSDP/DeepSpeed gather the weights
-    result = TrainResult(out=None, checkpoint=checkpoint, losses=losses)
+    result = TrainResult(
+        out=None, checkpoint=checkpoint, losses=losses, evaluations=evaluations, best=best
+    )
     if not (trainer.is_world_process_zero() and main_process):
         return result
-    shutil.rmtree(scratch, ignore_errors=True)
     tokenizer.save_pretrained(str(checkpoint))
     record = {
         "base": options.base,
         "head": head,
         "data": str(options.data),
-        "pairs": len(pairs),
+        "pairs": len(split.train) + len(held_out),
+        "held_out": {
+            "examples": split.held_out_examples,
+            "pairs": len(held_out),
+            "metric": metric,
+            "best": best,
+            "evaluations": evaluations,
+            "stopped_early": trainer.state.global_step < options.steps,
+        },
+        "resumed_from": str(resumed) if resumed else None,
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
         "max_length": max_length,
         "processes": processes,
         "gradient_accumulation_steps": accumulation,
         "effective_batch": effective,
+        "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "losses": losses,
         "train_seconds": round(time.perf_counter() - started, 1),
     }
     (checkpoint / ADAPT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(options.scratch_dir, ignore_errors=True)
     del trainer, model
 
     result.out, result.export_manifest, result.verify_lines = export_checkpoint(
@@ -308,6 +438,28 @@ def train(options: TrainOptions) -> TrainResult:
     )
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _evaluation(entry: dict[str, Any]) -> dict[str, float]:
+    """One held-out evaluation of the Trainer's log: its step and metrics (without `eval_`)."""
+    metrics = {
+        key.removeprefix("eval_"): float(value)
+        for key, value in entry.items()
+        if key.startswith("eval_") and isinstance(value, int | float)
+    }
+    return {"step": int(entry["step"]), **metrics}
+
+
+def _best(
+    trainer: Any, evaluations: list[dict[str, float]], metric: str | None
+) -> dict[str, Any] | None:
+    """The step and metrics of the checkpoint the Trainer kept as best (None without held-out
+    evaluations)."""
+    if metric is None or not evaluations:
+        return None
+    path = trainer.state.best_model_checkpoint
+    step = int(Path(path).name.rsplit("-", 1)[-1]) if path else evaluations[-1]["step"]
+    return next((e for e in evaluations if e["step"] == step), evaluations[-1])
 
 
 def export_checkpoint(

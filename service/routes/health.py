@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import metrics
-from service.deps import RuntimeDep, SettingsDep
+from service.deps import OptionalProxyDep, ProxyState, RuntimeDep, SettingsDep
 from service.routes.scoring import model_name
 from service.schemas.common import error_responses
 
@@ -74,8 +74,11 @@ async def ready(runtime: RuntimeDep) -> JSONResponse:
 
 
 @info_router.get("/info", responses=error_responses(401))
-async def info(runtime: RuntimeDep, settings: SettingsDep) -> dict[str, Any]:
-    """The served model, its export manifest, the engine and the request limits."""
+async def info(
+    runtime: RuntimeDep, settings: SettingsDep, proxy: OptionalProxyDep
+) -> dict[str, Any]:
+    """The served model, its export manifest, the engine, the request limits and, with an
+    upstream configured, what the proxy sends it (null without one)."""
     export = runtime.export
     manifest = export.manifest if export is not None else None
     described = runtime.describe()
@@ -104,6 +107,18 @@ async def info(runtime: RuntimeDep, settings: SettingsDep) -> dict[str, Any]:
             "max_queue_tokens": settings.max_queue_tokens,
             "request_timeout_s": settings.request_timeout_s,
         },
+        "proxy": _proxy_info(proxy),
+    }
+
+
+def _proxy_info(proxy: ProxyState | None) -> dict[str, Any] | None:
+    """The upstream (without credentials) and what each decoding sends it: before any call, and
+    per model once its support for `n`, `top_k` and llama.cpp's sampler extras is known."""
+    if proxy is None:
+        return None
+    return {
+        "upstream": proxy.client.base_url_redacted,
+        **proxy.best_of_n.describe(proxy.recipe),
     }
 
 

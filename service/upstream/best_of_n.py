@@ -40,8 +40,9 @@ from service.upstream.fanout import (
     Support,
     UpstreamCapabilities,
 )
-from service.upstream.recipe import PAPER_DECODING_NAMES, ProxyOptions
+from service.upstream.recipe import PAPER_DECODING_NAMES, ProxyOptions, Recipe
 from service.upstream.render import render_chat_instruction, render_completion_prompt
+from service.upstream.samplers import SAMPLER_EXTRAS, sent_by_decoding
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,17 @@ ProxyRequest = ChatCompletionRequest | CompletionRequest
 
 # Fields the proxy owns (see the precedence rules in service.upstream.recipe); never forwarded.
 _OWNED_FIELDS = frozenset(
-    {"cappy", "stream", "stream_options", "n", "best_of", "seed", "temperature", "top_p", "top_k"}
+    {
+        "cappy",
+        "stream",
+        "stream_options",
+        "n",
+        "best_of",
+        "seed",
+        "temperature",
+        "top_p",
+        *SAMPLER_EXTRAS,  # top_k, min_p, repeat_penalty
+    }
 )
 
 
@@ -70,7 +81,9 @@ class ProxyConfig:
 
     Attributes:
         n_support: does the upstream honour `n > 1`: "auto" (detect), "yes", "no".
-        top_k_support: does the upstream accept `top_k`: "auto" (detect), "yes", "no".
+        top_k_support: does the upstream accept `top_k`: "auto" (detect), "yes", "no"; "no"
+            also sends none of llama.cpp's sampler extras, which are otherwise detected
+            (`service.upstream.samplers`).
         timeout_s: deadline for gathering one request's samples; calls still running then are
             cancelled and count as timed out.
         instruction_max_chars: budget of a rendered chat instruction; older turns are dropped
@@ -133,7 +146,7 @@ class Selection:
 
 class BestOfN:
     """Runs best-of-N requests against one upstream; one instance per app (holds what it learnt
-    about the upstream's support for `n` and `top_k`, per model)."""
+    about the upstream's support for `n`, `top_k` and the sampler extras, per model)."""
 
     def __init__(
         self,
@@ -159,6 +172,27 @@ class BestOfN:
     def capabilities(self, model: str) -> UpstreamCapabilities:
         """What is known about `model` on the upstream (settings "yes"/"no" are fixed)."""
         return self._capabilities.get(model)
+
+    def describe(self, recipe: Recipe) -> dict[str, Any]:
+        """What the proxy sends upstream, for /info: the settings, the sampling parameters each
+        decoding of `recipe` sends to a model not called yet, and, for every model called since
+        (the last 256), what it was found to accept and what each decoding now sends."""
+        initial = self._capabilities.initial()
+        return {
+            "n_support": self.config.n_support,
+            "top_k_support": self.config.top_k_support,
+            "recipe": recipe.to_list(),
+            "sends": sent_by_decoding(recipe.decodings, initial.sends()),
+            "models": {
+                model: {
+                    "n": caps.n,
+                    "top_k": caps.top_k,
+                    "sampler_extras": caps.extras,
+                    "sends": sent_by_decoding(recipe.decodings, caps.sends()),
+                }
+                for model, caps in self._capabilities.items()
+            },
+        }
 
     def prepare(self, request: ProxyRequest) -> PreparedRequest:
         """Refuses what the proxy cannot serve and renders the instruction (call before any

@@ -83,8 +83,9 @@ class UpstreamError(ProxyError):
         upstream_status: the upstream's HTTP status code, when it answered.
         upstream_code: the upstream's sanitized `error.code` (or `error.type`), when given.
         retry_after: seconds the upstream asked us to wait (429/503), when given.
-        mentions: request parameter names (`n`, `top_k`, `seed`) the upstream's error body
-            mentioned; used only to detect unsupported parameters, never shown.
+        mentions: request parameter names (`n`, `seed`, `top_k`, `min_p`, `repeat_penalty`)
+            the upstream's error body mentioned; used only to detect unsupported parameters,
+            never shown.
     """
 
     def __init__(

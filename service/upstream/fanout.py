@@ -1,15 +1,18 @@
-"""The upstream calls of one proxy request: what the upstream supports (`n`, `top_k`), one job per
-call with its own seed, retries without what the upstream rejected, and the samples gathered
-(or why they failed) by the request's deadline.
+"""The upstream calls of one proxy request: what the upstream supports (`n`, `top_k`, the sampler
+extras), one job per call with its own seed, retries without what the upstream rejected, and the
+samples gathered (or why they failed) by the request's deadline.
 
 - `n`: with `n` known to work, a decoding of count k is one call with `n=k`; known not to
   work, k calls. Not yet known (setting "auto"), the proxy tries `n` and learns, per model: an
   upstream that rejects it (400/422) gets the samples as single calls; one that silently returns
   fewer choices than asked (llama.cpp) gets the missing ones topped up with single calls. Either
   way later requests for that model go straight to single calls.
-- `top_k`: sent unless known to be rejected; a decoding with top_k sent without it (top-k 40 at
-  temperature 1 becomes plain sampling) is reported as substituted. Under "auto" a 400/422 to a
-  call that carried top_k is retried without it, and learnt.
+- Sampling parameters: each call sends `service.upstream.samplers.sampling_params` for its
+  decoding and what the model is known to accept: `top_k` unless known refused, llama.cpp's
+  sampler extras (top_k 0, min_p 0, repeat_penalty 1) unless known refused. A 400/422 to a call
+  that carried them is asked again without one of them (`samplers.to_drop`) and learnt when that
+  succeeds. A decoding with top_k sent without it (top-k 40 at temperature 1 becomes plain
+  sampling) is reported as substituted.
 - Seeds: every sampled call gets its own (llama.cpp otherwise returns the same sample for the
   same prompt and settings): `seed + i` from the request's base seed.
 - Cancellation: when the request's task is cancelled (the client went away) or its deadline
@@ -31,39 +34,13 @@ from service.upstream.client import UpstreamClient
 from service.upstream.errors import FailureKind, SampleFailure, UpstreamError
 from service.upstream.recipe import Decoding
 from service.upstream.render import sample_text
+from service.upstream.samplers import Sends, Support, UpstreamCapabilities, sampling_params, to_drop
 
 logger = logging.getLogger(__name__)
 
-Support = Literal["auto", "yes", "no"]
 SEED_SPACE = 2**31 - 1
 _MAX_REMEMBERED_MODELS = 256
-
-
-@dataclass(slots=True)
-class UpstreamCapabilities:
-    """What the proxy knows about one upstream model.
-
-    Attributes:
-        n: does it honour `n > 1`: True/False, or None when not yet known.
-        top_k: does it accept `top_k`: True/False, or None when not yet known.
-        learn_n: may calls change `n` (the setting is "auto"; "yes"/"no" fix it).
-        learn_top_k: may calls change `top_k` (likewise).
-    """
-
-    n: bool | None = None
-    top_k: bool | None = None
-    learn_n: bool = True
-    learn_top_k: bool = True
-
-    @classmethod
-    def configured(cls, n_support: Support, top_k_support: Support) -> UpstreamCapabilities:
-        """What is known before any call: "yes"/"no" fixed, "auto" unknown and learnable."""
-        return cls(
-            n=None if n_support == "auto" else n_support == "yes",
-            top_k=None if top_k_support == "auto" else top_k_support == "yes",
-            learn_n=n_support == "auto",
-            learn_top_k=top_k_support == "auto",
-        )
+Dropped = frozenset[Literal["n", "top_k", "extras"]]
 
 
 class CapabilityCache:
@@ -78,11 +55,19 @@ class CapabilityCache:
         """What is known about `model` (created from the settings on first use)."""
         caps = self._models.get(model)
         if caps is None:
-            caps = UpstreamCapabilities.configured(self.n_support, self.top_k_support)
+            caps = self.initial()
             self._models[model] = caps
             while len(self._models) > _MAX_REMEMBERED_MODELS:
                 self._models.popitem(last=False)
         return caps
+
+    def initial(self) -> UpstreamCapabilities:
+        """What is known about a model before its first call (from the settings alone)."""
+        return UpstreamCapabilities.configured(self.n_support, self.top_k_support)
+
+    def items(self) -> list[tuple[str, UpstreamCapabilities]]:
+        """Every remembered model and what is known about it, oldest first (a snapshot)."""
+        return list(self._models.items())
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,13 +101,15 @@ class Candidate:
 
 @dataclass(frozen=True, slots=True)
 class _Job:
-    """One upstream call: `len(slots)` samples of one decoding (n > 1 when more than one)."""
+    """One upstream call: `len(slots)` samples of one decoding (n > 1 when more than one),
+    carrying `sends`; `dropped`: what earlier calls of these samples carried and the upstream
+    refused (learnt when this one succeeds)."""
 
     decoding: Decoding
     slots: tuple[int, ...]
-    send_top_k: bool
+    sends: Sends
     seed: int
-    retry_of: Literal["n", "top_k"] | None = None
+    dropped: Dropped = frozenset()
 
 
 @dataclass(slots=True)
@@ -192,24 +179,24 @@ class Fanout:
         """Starts the calls of `decodings`; returns the samples planned."""
         slot = 0
         use_n = self.caps.n is not False
-        send_top_k = self.caps.top_k is not False
+        sends = self.caps.sends()
         for decoding in decodings:
             slots = tuple(range(slot, slot + decoding.count))
             slot += decoding.count
             if use_n and len(slots) > 1:
-                self.spawn(decoding, slots, send_top_k)
+                self.spawn(decoding, slots, sends)
             else:
-                self.spawn_singles(decoding, slots, send_top_k)
+                self.spawn_singles(decoding, slots, sends)
         return slot
 
     def spawn(
         self,
         decoding: Decoding,
         slots: tuple[int, ...],
-        send_top_k: bool,
-        retry_of: Literal["n", "top_k"] | None = None,
+        sends: Sends,
+        dropped: Dropped = frozenset(),
     ) -> None:
-        job = _Job(decoding, slots, send_top_k, self.next_seed(), retry_of)
+        job = _Job(decoding, slots, sends, self.next_seed(), dropped)
         task = asyncio.create_task(self._call(job), name=f"cappy-upstream-{decoding.name}")
         self.tasks[task] = job
 
@@ -217,15 +204,15 @@ class Fanout:
         self,
         decoding: Decoding,
         slots: Sequence[int],
-        send_top_k: bool,
-        retry_of: Literal["n", "top_k"] | None = None,
+        sends: Sends,
+        dropped: Dropped = frozenset(),
     ) -> None:
         for s in slots:
-            self.spawn(decoding, (s,), send_top_k, retry_of)
+            self.spawn(decoding, (s,), sends, dropped)
 
     def body_for(self, job: _Job) -> dict[str, Any]:
         body = dict(self.base_body)
-        body.update(job.decoding.sampling_params(send_top_k=job.send_top_k))
+        body.update(sampling_params(job.decoding, job.sends))
         if len(job.slots) > 1:
             body["n"] = len(job.slots)
         body["seed"] = job.seed
@@ -279,38 +266,36 @@ class Fanout:
     def handle(self, outcome: _Outcome) -> None:
         job = outcome.job
         learn_n = self.caps.learn_n
-        learn_top_k = self.caps.learn_top_k
-        sent_top_k = job.send_top_k and job.decoding.top_k is not None
+        substituted = job.decoding.top_k is not None and not job.sends.top_k
         if outcome.error is not None:
             error = outcome.error
-            if (
-                learn_top_k
-                and sent_top_k
-                and error.is_rejection
-                and ("top_k" in error.mentions or len(job.slots) == 1)
-            ):
+            part = to_drop(
+                error,
+                job.decoding,
+                job.sends,
+                alone=len(job.slots) == 1,
+                may_drop=self.caps.may_drop,
+            )
+            if part is not None:
                 logger.info(
-                    "upstream rejected top_k for decoding %s; retrying without it",
+                    "upstream refused the call of decoding %s (%s); asking again without %s",
                     job.decoding.name,
+                    error.describe(),
+                    "top_k" if part == "top_k" else "the sampler extras",
                 )
-                self.spawn(job.decoding, job.slots, False, "top_k")
+                self.spawn(job.decoding, job.slots, job.sends.without(part), job.dropped | {part})
                 return
             if learn_n and len(job.slots) > 1 and error.is_rejection:
                 logger.info("upstream rejected n=%d; retrying as single calls", len(job.slots))
-                self.spawn_singles(job.decoding, job.slots, job.send_top_k, "n")
+                self.spawn_singles(job.decoding, job.slots, job.sends, job.dropped | {"n"})
                 return
             for s in job.slots:
                 self.failures[s] = SampleFailure(job.decoding.name, error)
             return
 
         payload = outcome.payload or {}
-        if job.retry_of == "n" and learn_n:
-            self.caps.n = False
-        if job.retry_of == "top_k" and learn_top_k:
-            self.caps.top_k = False
-        if sent_top_k and learn_top_k:
-            self.caps.top_k = True
-        if job.decoding.top_k is not None and not job.send_top_k:
+        self.caps.learn(job.decoding, job.sends, job.dropped)
+        if substituted:
             self.substituted.add(job.decoding.name)
 
         usage = payload.get("usage") or {}
@@ -329,7 +314,7 @@ class Fanout:
                 finish_reason=choice.get("finish_reason"),
                 choice=choice,
                 seed=job.seed,
-                substituted=job.decoding.top_k is not None and not job.send_top_k,
+                substituted=substituted,
                 completion_tokens=completion_tokens if single else None,
                 model=payload.get("model") if isinstance(payload.get("model"), str) else None,
                 system_fingerprint=payload.get("system_fingerprint")
@@ -348,7 +333,7 @@ class Fanout:
                     len(job.slots),
                     job.decoding.name,
                 )
-                self.spawn_singles(job.decoding, missing, job.send_top_k)
+                self.spawn_singles(job.decoding, missing, job.sends)
             elif learn_n:
                 self.caps.n = True
 

@@ -19,22 +19,27 @@ overrides `CAPPY_PROXY_MIN_CANDIDATES`. A recipe's total samples are bounded
 that bound, which is a setting.
 
 What wins between the client's own parameters and the recipe — exactly:
-- The recipe owns the sampling triple `temperature`, `top_p`, `top_k`. Whatever the client sent
-  for these three is ignored while a recipe is in effect (and one always is). A decoding that
-  leaves one of them unset sends nothing for it, so the upstream's own default applies (note:
-  llama.cpp defaults to top_k 40, top_p 0.95, min_p 0.05; write `"top_k": 0` in a decoding to
-  disable top-k there).
-- `top_k` is only sent to upstreams that accept it (`CAPPY_UPSTREAM_TOP_K_SUPPORT`); elsewhere
-  the decoding is sent without it (top-k 40 at temperature 1.0 becomes plain sampling) and the
-  response reports it as substituted.
+- The recipe owns sampling: `temperature`, `top_p`, `top_k`, `min_p` and `repeat_penalty`.
+  Whatever the client sent for these five is ignored while a recipe is in effect (and one always
+  is), so that the paper's decodings are what their names say. What each call sends is
+  `service.upstream.samplers.sampling_params`: the decoding's `temperature` and `top_p` (one
+  left unset is not sent: the upstream's default applies), its own `top_k`, and, where the
+  upstream accepts them (llama.cpp), the sampler extras that switch llama.cpp's other samplers
+  off: `top_k` 0, `min_p` 0.0, `repeat_penalty` 1.0. A decoding that sets `top_k` itself keeps
+  its own value (top-k 40 sends `top_k` 40 with `min_p` 0.0 and `repeat_penalty` 1.0).
+  OpenAI-like upstreams, which refuse these fields, are sent the decoding's parameters only.
+- `top_k` and the extras are only sent to upstreams that accept them (detected, or fixed by
+  `CAPPY_UPSTREAM_TOP_K_SUPPORT`; "no" sends neither); elsewhere a top-k decoding is sent
+  without its `top_k` (top-k 40 at temperature 1.0 becomes plain sampling) and the response
+  reports it as substituted.
 - The proxy owns `n` (the client may only ask for 1: it gets one choice, the best), `seed` (every
   sampled call gets its own; derived as `seed + i` when the client sent `seed`, so a request is
   reproducible where the upstream is), `stream` and `stream_options` (upstream calls never
   stream; the proxy streams the selected answer itself), and `best_of` (refused when > 1).
 - Everything else the client sent passes through unchanged to every upstream call: `model`,
-  `max_tokens` / `max_completion_tokens`, `stop`, penalties, `logit_bias`, `logprobs`,
-  `response_format`, `tools`, `user`, and any field the proxy does not know (`min_p`,
-  `repeat_penalty`, ...). The `cappy` object itself is never sent upstream.
+  `max_tokens` / `max_completion_tokens`, `stop`, `presence_penalty` / `frequency_penalty`,
+  `logit_bias`, `logprobs`, `response_format`, `tools`, `user`, and any field the proxy does not
+  know (`typical_p`, `mirostat_mode`, ...). The `cappy` object itself is never sent upstream.
 """
 
 from __future__ import annotations
@@ -65,7 +70,8 @@ class Decoding:
         count: samples to draw with this decoding.
         temperature: 0 (greedy) to 2, or None to leave the upstream's default.
         top_p: nucleus mass, or None for the upstream's default.
-        top_k: top-k cut-off (0 disables it on llama.cpp / vLLM), or None to send none.
+        top_k: top-k cut-off (0 disables it on llama.cpp / vLLM), or None: none of its own
+            (the sampler extras' 0 where the upstream takes them, `service.upstream.samplers`).
     """
 
     name: str
@@ -81,17 +87,6 @@ class Decoding:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0
-
-    def sampling_params(self, *, send_top_k: bool = True) -> dict[str, float | int]:
-        """The parameters this decoding sets on an upstream call (unset ones are omitted)."""
-        params: dict[str, float | int] = {}
-        if self.temperature is not None:
-            params["temperature"] = self.temperature
-        if self.top_p is not None:
-            params["top_p"] = self.top_p
-        if self.top_k is not None and send_top_k:
-            params["top_k"] = self.top_k
-        return params
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "count": self.count}

@@ -23,6 +23,7 @@ import httpx
 from service import metrics
 from service.schemas.text import lone_surrogate_path, repair_lone_surrogates
 from service.upstream.errors import FailureKind, UpstreamError, sanitize_identifier
+from service.upstream.samplers import SAMPLER_EXTRAS
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ _NO_RETRY_5XX = frozenset({501, 505})
 # Parameter names whose mention in an upstream 4xx body hints at an unsupported parameter.
 _MENTION_PATTERNS = {
     name: re.compile(rf"(?<![A-Za-z0-9_\\]){name}(?![A-Za-z0-9_])")
-    for name in ("n", "top_k", "seed")
+    for name in ("n", "seed", *SAMPLER_EXTRAS)  # SAMPLER_EXTRAS: top_k, min_p, repeat_penalty
 }
 
 

@@ -12,6 +12,7 @@ import json
 from collections import Counter
 from collections.abc import Sequence
 
+import httpx
 import openai.types as oai
 import openai.types.chat as oai_chat
 import pytest
@@ -134,3 +135,71 @@ async def test_completions_stream_with_keepalives_against_llama_cpp(proxy: BestO
     final = oai.Completion.model_validate(data[-2])
     assert final.choices[0].finish_reason in ("stop", "length")
     assert data[-1]["choices"] == [] and data[-1]["usage"]["total_tokens"] > 0
+
+
+class RecordingTransport(httpx.AsyncBaseTransport):
+    """The real network, with every request body and answer status kept."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.calls: list[tuple[dict, int]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if request.method == "POST":
+            self.calls.append((json.loads(request.content), response.status_code))
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_llama_cpp_gets_and_accepts_the_sampler_extras(llama_server: str):
+    recording = RecordingTransport()
+    client = UpstreamClient(
+        UpstreamConfig(base_url=llama_server, timeout_s=120.0), transport=recording
+    )
+    async with client:
+        proxy = BestOfN(client, length_test_scorer, ProxyConfig(timeout_s=300.0))
+        model = await served_model(proxy)
+        request = CompletionRequest(model=model, prompt="The sea is", max_tokens=8, seed=5)
+        options = resolve_options(None, default_recipe=Recipe.default())
+        selection = await proxy.select(proxy.prepare(request), options)
+    assert len(selection.candidates) == 17 and not selection.failures
+    caps = proxy.capabilities(model)
+    assert caps.extras is True and caps.top_k is True and selection.substituted == []
+    # Every call carried the extras and was answered 200: llama.cpp takes them.
+    assert recording.calls and all(status == 200 for _, status in recording.calls)
+    for body, _ in recording.calls:
+        assert body["min_p"] == 0.0 and body["repeat_penalty"] == 1.0, body
+        if body["temperature"] == 0.0:
+            assert body["top_k"] == 0 and "top_p" not in body  # greedy
+        else:
+            assert body["top_k"] in (0, 40) and body["top_p"] in (1.0, 0.95)
+    assert sum(b["top_k"] == 40 for b, _ in recording.calls) == 4  # n ignored: single calls
+
+
+async def test_the_extras_change_only_what_they_should(llama_server: str):
+    """Seeded calls straight to llama.cpp: leaving the extras out is sampling with its defaults
+    (top_k 40, min_p 0.05, repeat_penalty 1.1); with them, plain sampling differs from that, and
+    greedy does not depend on top_k or min_p."""
+    async with httpx.AsyncClient(base_url=llama_server, timeout=120) as http:
+        model = str((await http.get("/models")).json()["data"][0]["id"])
+
+        async def text(seed: int, **params: float) -> str:
+            body = {"model": model, "prompt": "My favourite animal is", "max_tokens": 16}
+            answer = await http.post("/completions", json={**body, "seed": seed, **params})
+            assert answer.status_code == 200, answer.text
+            return str(answer.json()["choices"][0]["text"])
+
+        plain = {"temperature": 1.0, "top_p": 1.0}
+        defaults = {"top_k": 40, "min_p": 0.05, "repeat_penalty": 1.1}
+        extras = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
+        seeds = (1, 2, 3)
+        without = [await text(s, **plain) for s in seeds]
+        assert without == [await text(s, **plain, **defaults) for s in seeds]
+        with_extras = [await text(s, **plain, **extras) for s in seeds]
+        assert with_extras != without
+        assert with_extras == [await text(s, **plain, **extras) for s in seeds]  # seeded
+        greedy = await text(1, temperature=0.0, **extras)
+        assert greedy == await text(1, temperature=0.0, top_k=40, min_p=0.05, repeat_penalty=1.0)

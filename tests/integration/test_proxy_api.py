@@ -123,9 +123,67 @@ async def test_chat_best_of_17(tiny_export: Path, upstream: respx.MockRouter) ->
         assert all("cappy" not in s for s in sent)
         assert len({s.get("seed") for s in sent}) == len(sent)
         assert SECRET not in response.text
+        # The upstream takes llama.cpp's sampler extras: every call carried them.
+        assert all(s["min_p"] == 0.0 and s["repeat_penalty"] == 1.0 for s in sent)
+        assert {s["top_k"] for s in sent} == {0, 40}
     finally:
         await client.aclose()
         await manager.__aexit__(None, None, None)
+
+
+OFF = {"min_p": 0.0, "repeat_penalty": 1.0}
+PAPER_SENDS = {
+    "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": 0, **OFF},
+    "temperature_0.9": {"temperature": 0.9, "top_p": 1.0, "top_k": 0, **OFF},
+    "top_k_40": {"temperature": 1.0, "top_p": 1.0, "top_k": 40, **OFF},
+    "top_p_0.95": {"temperature": 1.0, "top_p": 0.95, "top_k": 0, **OFF},
+    "greedy": {"temperature": 0.0, "top_k": 0, **OFF},
+}
+
+
+async def test_info_says_what_the_proxy_sends(tiny_export: Path) -> None:
+    def refuse_unknown(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        unknown = sorted({"top_k", "min_p", "repeat_penalty"} & body.keys())
+        if unknown:  # OpenAI's answer to a field it does not know
+            message = f"Unrecognized request argument supplied: {unknown[0]}"
+            return httpx.Response(400, json={"error": {"message": message, "code": None}})
+        return _chat_reply(request)
+
+    with respx.mock(base_url=UPSTREAM) as router:
+        router.post("/chat/completions").mock(side_effect=refuse_unknown)
+        manager, client = await _app(tiny_export, upstream_n_support="no")
+        try:
+            before = (await client.get("/info")).json()["proxy"]
+            chat = {"model": "gpt-x", "messages": [{"role": "user", "content": "hi"}]}
+            first = await client.post("/v1/chat/completions", json=chat)
+            again = await client.post("/v1/chat/completions", json=chat)
+            after = (await client.get("/info")).json()["proxy"]
+            sent = [json.loads(c.request.content) for c in router.calls]
+        finally:
+            await client.aclose()
+            await manager.__aexit__(None, None, None)
+    assert first.status_code == 200 and again.status_code == 200
+    assert before["upstream"] == UPSTREAM and before["top_k_support"] == "auto"
+    assert before["sends"] == PAPER_SENDS and before["models"] == {}
+    model = after["models"]["gpt-x"]
+    assert (model["n"], model["top_k"], model["sampler_extras"]) == (False, False, False)
+    assert model["sends"]["sampling"] == {"temperature": 1.0, "top_p": 1.0}
+    assert model["sends"]["top_k_40"] == {"temperature": 1.0, "top_p": 1.0}
+    assert model["sends"]["greedy"] == {"temperature": 0.0}
+    # The second request went straight to what the upstream accepts: 17 calls, none refused.
+    assert len(sent) == 17 + 4 + 17 + 17
+    assert not any({"top_k", "min_p", "repeat_penalty"} & s.keys() for s in sent[-17:])
+
+
+async def test_info_without_an_upstream_has_no_proxy(tiny_export: Path) -> None:
+    settings = Settings(model=str(tiny_export), **EXACT)
+    async with LifespanManager(create_app(settings), startup_timeout=120) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://cappy") as client:
+            await wait_ready(client)
+            info = (await client.get("/info")).json()
+    assert info["proxy"] is None
 
 
 @pytest.mark.usefixtures("upstream")

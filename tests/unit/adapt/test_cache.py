@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from adapt.cache import SampleCache, SampleRecord, read_cache
+from adapt.cache import SampleCache, SampleRecord, read_cache, read_header
 from adapt.errors import AdaptError
 
 CONFIG = {"model": "m", "max_tokens": 8, "recipe": [{"name": "greedy", "count": 1}]}
@@ -108,5 +108,38 @@ def test_not_a_cache(tmp_path: Path) -> None:
     path.write_text('{"instruction": "q"}\n')
     with pytest.raises(AdaptError, match="not a sample cache"):
         SampleCache(path, CONFIG)
+    with pytest.raises(AdaptError, match="not a sample cache"):
+        read_header(path)
     with pytest.raises(AdaptError, match="no such sample cache"):
         read_cache(tmp_path / "missing.jsonl")
+
+
+def test_the_header_alone(tmp_path: Path) -> None:
+    path = tmp_path / "cache.jsonl"
+    assert read_header(path) is None  # no cache yet
+    path.write_bytes(b'{"type": "header", "form')  # a torn header: no cache yet either
+    assert read_header(path) is None
+    path.unlink()
+    with SampleCache(path, CONFIG) as cache:
+        assert read_header(path) == CONFIG
+        cache.append(_record(0))
+    assert read_header(path) == CONFIG
+
+
+def test_an_older_header_is_completed_before_the_comparison(tmp_path: Path) -> None:
+    path = tmp_path / "cache.jsonl"
+    with SampleCache(path, CONFIG) as cache:
+        cache.append(_record(0))
+    newer = {**CONFIG, "send_extras": False}
+
+    def complete(recorded: dict) -> dict:
+        return {"send_extras": False, **recorded}
+
+    with pytest.raises(AdaptError, match="send_extras: cache has null, asked false"):
+        SampleCache(path, newer)
+    with SampleCache(path, newer, complete=complete) as cache:
+        assert len(cache) == 1
+        cache.append(_record(1))
+    with pytest.raises(AdaptError, match="send_extras: cache has false, asked true"):
+        SampleCache(path, {**CONFIG, "send_extras": True}, complete=complete)
+    assert read_header(path) == CONFIG  # the file keeps the header it was written with

@@ -104,6 +104,25 @@ def test_run_writes_pairs_and_resumes_from_the_cache(tmp_path: Path) -> None:
     assert not set(again.calls) & set(fake.calls)
 
 
+def test_a_sampling_budget_samples_some_examples_and_pairs_all(tmp_path: Path) -> None:
+    """Ground truths and mismatches cost no call: every example gives them, while LLM samples
+    (the whole recipe by default) come from the first N examples of each task."""
+    train = write_examples(tmp_path / "train.jsonl", toy_examples(tasks=2, per_task=3))
+    options = DataOptions(
+        train=train, out=tmp_path / "out", upstream=BASE, sampled_examples_per_task=1,
+        progress=False,
+    )  # fmt: skip
+    assert options.samples_per_example == 17
+    fake = FakeUpstream()
+    result = run(options, transport=fake.transport())
+    assert len(fake.bodies) == 2 * 17
+    sampled = {p.id for p in result.pairs if p.source == "sample"}
+    assert sampled == {"task0-0", "task1-0"}
+    assert {p.id for p in result.pairs} == {f"task{t}-{i}" for t in range(2) for i in range(3)}
+    assert result.manifest["sampled_examples"] == 2
+    assert sum(p.source == "mismatch" for p in result.pairs) == 6
+
+
 def test_no_llm_needed_for_zero_samples(tmp_path: Path) -> None:
     train = write_examples(tmp_path / "train.jsonl", toy_examples(tasks=1, per_task=2))
     result = run(

@@ -1,18 +1,22 @@
 """`cappy eval` on a scripted upstream with log-probabilities and a tiny export: the report files,
-what each method picks, the oracle's ceiling, and re-evaluating from the cache alone."""
+what each method picks, the oracle's ceiling, the bootstrap and per-task comparisons, and
+re-evaluating from the cache alone, or from a cache made by hand."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from adapt.cache import SampleCache, SampleRecord
 from adapt.errors import AdaptError
-from adapt.evaluate import EvalOptions, run
-from adapt.selection import METHODS, OVERALL
-from tests.unit.adapt.fakes import BASE, FakeUpstream, toy_examples, write_examples
+from adapt.evaluate import EvalOptions, markdown, run
+from adapt.planning import SamplingConfig, plan
+from adapt.selection import COMPARISONS, METHODS, OVERALL
+from tests.unit.adapt.fakes import BASE, MODEL, WORDS, FakeUpstream, toy_examples, write_examples
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +47,17 @@ def test_report_files(first_run) -> None:
     markdown = result.markdown.read_text()
     assert "| **overall** | 6 |" in markdown and "| task0 | 3 |" in markdown
     assert "| Cappy |" in markdown and "| Self-scoring |" in markdown
+    assert "| Self-scoring (sum) |" in markdown
+    # What was sent: the fake accepts llama.cpp's sampler extras, so they go with every decoding.
+    assert "## Decodings" in markdown and "| decoding | count | parameters sent |" in markdown
+    sent = "temperature=1.0, top_p=1.0, top_k=40, min_p=0.0, repeat_penalty=1.0"
+    assert f"| top_k_40 | 4 | {sent} |" in markdown
+    assert "## Cappy against the other methods: paired bootstrap" in markdown
+    assert "10,000 paired resamples stratified by task" in markdown
+    assert "| Cappy - Self-scoring | all 17 |" in markdown
+    assert "| Cappy - Self-scoring (sum) | 4 |" in markdown
+    assert "## Cappy against the other methods, per task" in markdown
+    assert "### Cappy vs Greedy by task (by difference)" in markdown
     report = json.loads(result.json.read_text())
     assert report == json.loads(json.dumps(result.report))
     assert report["examples"] == 6 and report["tasks"] == ["task0", "task1"]
@@ -78,6 +93,7 @@ def test_each_pick_is_what_its_method_says(first_run) -> None:
         chosen, rouge, decodings = row["picks"], row["rouge"], row["decodings"]
         assert rouge[chosen["oracle"]] == max(rouge)
         assert row["mean_logprob"][chosen["self_scoring"]] == max(row["mean_logprob"])
+        assert row["sum_logprob"][chosen["self_scoring_sum"]] == max(row["sum_logprob"])
         assert row["cappy"][chosen["cappy"]] == max(row["cappy"])
         assert chosen["cappy"] == row["cappy"].index(max(row["cappy"]))  # ties: the first
         assert decodings[chosen["greedy"]] == "greedy"
@@ -87,6 +103,69 @@ def test_each_pick_is_what_its_method_says(first_run) -> None:
         assert chosen["cappy@4"] == four and chosen["cappy@1"] == nucleus[0]
         for method, index in chosen.items():
             assert row["picked_rouge"][method] == rouge[index]
+
+
+def test_bootstrap_intervals(first_run) -> None:
+    report = first_run[2].report
+    boot, methods = report["bootstrap"], report["methods"]
+    assert {k: boot[k] for k in ("paired", "stratified_by", "resamples", "seed", "level")} == {
+        "paired": True,
+        "stratified_by": "task",
+        "resamples": 10_000,
+        "seed": 0,
+        "level": 0.95,
+    }
+    assert set(boot["comparisons"]) == {
+        "cappy - self_scoring",
+        "cappy - greedy",
+        "cappy - self_scoring_sum",
+    }
+    for a, b in COMPARISONS:
+        interval = boot["comparisons"][f"{a} - {b}"]
+        observed = methods[a][OVERALL] - methods[b][OVERALL]
+        assert interval["difference"] == pytest.approx(observed)
+        assert interval["low"] <= interval["difference"] <= interval["high"]
+        assert 0 <= interval["share_above_zero"] <= 1
+        assert (interval["examples"], interval["tasks"]) == (6, 2)
+    assert set(boot["by_samples"]) == {"cappy - self_scoring", "cappy - self_scoring_sum"}
+    for name, by in boot["by_samples"].items():
+        # 1 sample: both pick the first nucleus sample; 17: the comparison on all samples.
+        assert (by["1"]["difference"], by["1"]["low"], by["1"]["high"]) == (0, 0, 0)
+        assert by["17"] == boot["comparisons"][name]
+
+
+def test_per_task_wins(first_run) -> None:
+    result = first_run[2]
+    report = result.report
+    wins, methods = report["per_task_wins"], report["methods"]
+    assert wins["tie_within"] == 0.005
+    for a, b in COMPARISONS:
+        outcome = wins["comparisons"][f"{a} - {b}"]
+        assert outcome["wins"] + outcome["losses"] + outcome["ties"] == 2
+        for task, difference in outcome["differences"].items():
+            expected = methods[a]["per_task"][task] - methods[b]["per_task"][task]
+            assert difference == pytest.approx(expected)
+    # The per-task tables run from Cappy's best difference to its worst.
+    section = result.markdown.read_text().split("### Cappy vs Greedy by task")[1].split("###")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| task")][1:]
+    shown = [float(line.rstrip(" |").rsplit("|", 1)[1]) for line in rows]
+    assert len(shown) == 2 and shown == sorted(shown, reverse=True)
+
+
+def test_decodings_as_sent_when_the_header_records_them(first_run) -> None:
+    report = copy.deepcopy(first_run[2].report)
+    report["sampling"]["sent"] = {
+        "sampling": {"temperature": 1.0, "top_p": 1.0},
+        "top_k_40": {"temperature": 1.0, "top_p": 1.0},  # an upstream without top_k
+        "greedy": {"temperature": 0},
+        "extra": {"n": 1},
+    }
+    text = markdown(report)
+    assert "| decoding | count | parameters sent |" in text
+    assert "| top_k_40 | 4 | temperature=1.0, top_p=1.0 |" in text
+    assert "| greedy | 1 | temperature=0 |" in text
+    assert "| temperature_0.9 | 4 | n/a |" in text  # not recorded as sent
+    assert "| extra |  | n=1 |" in text
 
 
 def _from_cache(options: EvalOptions, out: Path, **overrides: Any) -> EvalOptions:
@@ -121,3 +200,58 @@ def test_a_bad_scorer_fails_before_any_llm_call(test_file: Path, tmp_path: Path)
             transport=fake.transport(),
         )
     assert fake.bodies == []
+
+
+def test_a_hand_made_cache(scorer: Path, tmp_path: Path) -> None:
+    """Samples whose picks are known: per example, one long sample that is the reference (the best
+    mean log-probability), a one-word greedy sample (the best sum), the rest filler."""
+    rows = toy_examples(tasks=2, per_task=2, split="test")[1:]  # task0: 1 example, task1: 2
+    for row in rows:
+        row["targets"] = [" ".join(WORDS)]
+    data = write_examples(tmp_path / "test.jsonl", rows)
+    options = EvalOptions(
+        data=data,
+        out=tmp_path / "out",
+        samples=tmp_path / "samples.jsonl",
+        scorer=scorer,
+        split="test",
+        progress=False,
+    )
+    config = SamplingConfig(model=MODEL, logprobs=True)
+    with SampleCache(options.samples, config.header()) as cache:
+        for s in plan(options.select_examples(data), config):
+            text, logprobs = "zeta zeta", (-2.0, -2.0)
+            if (s.decoding.name, s.index) == ("top_k_40", 0):
+                text, logprobs = " ".join(WORDS), (-0.1,) * 5  # mean -0.1, sum -0.5
+            elif s.decoding.name == "greedy":
+                text, logprobs = WORDS[0], (-0.3,)  # mean -0.3, sum -0.3
+            cache.append(
+                SampleRecord(
+                    s.example.id, s.decoding.name, s.index, s.seed, text, logprobs=logprobs
+                )
+            )
+    result = run(options)
+    report, methods = result.report, result.report["methods"]
+    one_word = 100 * 2 * 0.2 / 1.2  # Rouge-L F of one word of five: precision 1, recall 0.2
+    assert methods["self_scoring"][OVERALL] == pytest.approx(100)
+    assert methods["self_scoring_sum"][OVERALL] == pytest.approx(one_word)
+    assert methods["greedy"][OVERALL] == pytest.approx(one_word)
+    assert methods["nucleus"][OVERALL] == 0 and methods["oracle"][OVERALL] == pytest.approx(100)
+    assert report["by_samples"]["self_scoring_sum"]["4"][OVERALL] == 0  # four nucleus fillers
+    for line in result.per_example.read_text().splitlines():
+        row = json.loads(line)
+        assert row["decodings"][row["picks"]["self_scoring_sum"]] == "greedy"
+        assert row["decodings"][row["picks"]["self_scoring"]] == "top_k_40"
+        assert row["sum_logprob"][row["picks"]["self_scoring_sum"]] == pytest.approx(-0.3)
+    # Against the known self-scorings: the bootstrap's observed differences and the wins.
+    cappy = methods["cappy"]
+    boot = report["bootstrap"]["comparisons"]
+    assert boot["cappy - self_scoring"]["difference"] == pytest.approx(cappy[OVERALL] - 100)
+    assert boot["cappy - self_scoring"]["share_above_zero"] == 0  # nothing beats the reference
+    assert boot["cappy - self_scoring_sum"]["difference"] == pytest.approx(
+        cappy[OVERALL] - one_word
+    )
+    wins = report["per_task_wins"]["comparisons"]["cappy - self_scoring"]
+    assert wins["wins"] == 0 and wins["losses"] + wins["ties"] == 2
+    text = result.markdown.read_text()
+    assert f"| **overall** | 3 | 0.00 | {one_word:.2f} | 100.00 | {one_word:.2f} |" in text

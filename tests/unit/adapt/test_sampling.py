@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,147 @@ def test_the_model_defaults_to_the_first_listed() -> None:
             )
 
     assert asyncio.run(resolve()) == (MODEL, "mine")
+
+
+# --- what is sent: the proxy's parameters, llama.cpp's sampler extras where accepted ------------
+SAMPLER_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")
+OFF = {"min_p": 0.0, "repeat_penalty": 1.0}  # with top_k 0: llama.cpp's samplers switched off
+EXTRAS_SENT = {
+    "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": 0, **OFF},
+    "temperature_0.9": {"temperature": 0.9, "top_p": 1.0, "top_k": 0, **OFF},
+    "top_k_40": {"temperature": 1.0, "top_p": 1.0, "top_k": 40, **OFF},
+    "top_p_0.95": {"temperature": 1.0, "top_p": 0.95, "top_k": 0, **OFF},
+    "greedy": {"temperature": 0.0, "top_k": 0, **OFF},
+}
+PLAIN_SENT = {
+    "sampling": {"temperature": 1.0, "top_p": 1.0},
+    "temperature_0.9": {"temperature": 0.9, "top_p": 1.0},
+    "top_k_40": {"temperature": 1.0, "top_p": 1.0},
+    "top_p_0.95": {"temperature": 1.0, "top_p": 0.95},
+    "greedy": {"temperature": 0.0},
+}
+
+
+def _gather(
+    fake: FakeUpstream, cache: Path, samples: int = 4, **options: object
+) -> tuple[planning.SamplingConfig, sampling.CollectStats]:
+    opts = sampling.SamplingOptions(upstream=BASE, max_tokens=8, progress=False, **options)  # type: ignore[arg-type]
+    gathering = sampling.gather(
+        opts, EXAMPLES, cache, fake.transport(), logprobs=False, samples_per_example=samples
+    )
+    config, _, stats = asyncio.run(gathering)
+    return config, stats
+
+
+def _sent(fake: FakeUpstream) -> dict[tuple[str, int], dict[str, object]]:
+    """Each call's sampling parameters, by (prompt, seed)."""
+    return {
+        (str(b["messages"][0]["content"]), int(b["seed"])): {
+            k: b[k] for k in SAMPLER_FIELDS if k in b
+        }
+        for b in fake.bodies
+    }
+
+
+def _header(cache: Path) -> dict[str, object]:
+    return json.loads(cache.read_text().splitlines()[0])["config"]
+
+
+def test_an_upstream_taking_the_extras_gets_them_on_every_call(tmp_path: Path) -> None:
+    fake = FakeUpstream()
+    cache = tmp_path / "cache.jsonl"
+    config, stats = _gather(fake, cache, samples=17)
+    assert config.send_top_k and config.send_extras
+    # Nothing asked twice, detection included: 5 examples x 17 samples.
+    assert len(fake.bodies) == 5 * 17 and set(fake.calls.values()) == {1}
+    assert (stats.fetched, stats.cached, stats.failed) == (85, 0, [])
+    planned = {
+        (s.example.instruction, s.seed): s.decoding.name for s in planning.plan(EXAMPLES, config)
+    }
+    for key, params in _sent(fake).items():
+        assert params == EXTRAS_SENT[planned[key]]
+    header = _header(cache)
+    assert header["send_extras"] is True and header["sent"] == EXTRAS_SENT
+
+
+def test_an_upstream_refusing_the_extras_is_detected_from_the_first_calls(tmp_path: Path) -> None:
+    # OpenAI-like: any sampler field it does not know is a 400 (here one naming nothing).
+    refusing = FakeUpstream(
+        fail=lambda body: 400 if {"top_k", "min_p", "repeat_penalty"} & body.keys() else None
+    )
+    cache = tmp_path / "cache.jsonl"
+    config, stats = _gather(refusing, cache)
+    assert not config.send_top_k and not config.send_extras
+    # Two calls were refused (the first with the extras, the first top-k 40 with top_k); each
+    # was asked again, and its answer kept.
+    assert len(refusing.bodies) == 20 + 2 and refusing.answered == 20
+    assert (stats.fetched, stats.cached, stats.failed) == (20, 0, [])
+    header = _header(cache)
+    assert header["send_top_k"] is False and header["sent"] == PLAIN_SENT
+    assert all(not {"top_k", "min_p", "repeat_penalty"} & b.keys() for b in refusing.bodies[3:])
+    # Resuming asks nothing, and the cache's settings stand.
+    idle = FakeUpstream()
+    again, stats = _gather(idle, cache)
+    assert idle.bodies == [] and stats.cached == 20 and again == config
+
+
+def test_answers_asked_otherwise_than_the_settled_config_are_asked_again(tmp_path: Path) -> None:
+    # The first call succeeds with the extras, the first top-k call only without them: that
+    # first answer was drawn otherwise than every other "sampling" sample and is not kept.
+    fake = FakeUpstream(
+        fail=lambda body: 400 if body.get("top_k") == 40 and "min_p" in body else None
+    )
+    cache = tmp_path / "cache.jsonl"
+    config, stats = _gather(fake, cache)
+    assert config.send_top_k and not config.send_extras
+    first = planning.plan(EXAMPLES, config)[0]
+    assert fake.calls[(first.example.instruction, first.seed)] == 2
+    assert (stats.fetched, stats.failed) == (20, [])
+    assert _header(cache)["sent"]["top_k_40"] == {"temperature": 1.0, "top_p": 1.0, "top_k": 40}
+
+
+def test_no_top_k_sends_neither_and_asks_nothing_first(tmp_path: Path) -> None:
+    fake = FakeUpstream()
+    config, _ = _gather(fake, tmp_path / "cache.jsonl", send_top_k=False)
+    assert not config.send_top_k and not config.send_extras
+    assert len(fake.bodies) == 20
+    assert all(not {"top_k", "min_p", "repeat_penalty"} & b.keys() for b in fake.bodies)
+
+
+def test_a_cache_from_before_the_extras_resumes_without_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = tmp_path / "cache.jsonl"
+    old = sampling_config(send_extras=False)
+    old_header = {k: v for k, v in old.header().items() if k not in ("send_extras", "sent")}
+    first = FakeUpstream(crash_after=7)
+    with pytest.raises(Crash):
+        asyncio.run(_collect(first, cache, old))
+    cache.write_text(
+        json.dumps(
+            {"type": "header", "format": "cappy-samples", "version": 1, "config": old_header}
+        )
+        + "\n"
+        + "".join(cache.read_text().splitlines(keepends=True)[1:])
+    )
+    fake = FakeUpstream()
+    with caplog.at_level(logging.WARNING):
+        config, stats = _gather(fake, cache)
+    assert "made before llama.cpp's sampler extras" in caplog.text
+    assert config.send_top_k and not config.send_extras
+    assert (stats.cached, stats.fetched) == (7, 13)
+    assert all("min_p" not in b and b.get("top_k") in (None, 40) for b in fake.bodies)
+    assert _header(cache) == old_header  # the file keeps its header
+    # A run that insists on neither top_k nor the extras is refused: the cache sent top_k.
+    with pytest.raises(AdaptError, match="send_top_k: cache has true, asked false"):
+        _gather(FakeUpstream(), cache, send_top_k=False)
+
+
+def test_detection_calls_count_as_failures(tmp_path: Path) -> None:
+    down = FakeUpstream(fail=lambda _body: 400)
+    with pytest.raises(AdaptError, match="3 upstream calls failed"):
+        _gather(down, tmp_path / "cache.jsonl", max_failures=2)
+    # Each sample asked with the extras, then without them; the top-k one then without top_k.
+    assert [b["seed"] for b in down.bodies].count(down.bodies[-1]["seed"]) == 3
+    assert len(down.bodies) == 2 + 2 + 3
+    assert not (tmp_path / "cache.jsonl").exists()

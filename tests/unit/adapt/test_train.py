@@ -127,7 +127,7 @@ def test_unchanged_under_torchrun(tiny_checkpoint: Path, pairs_file: Path, tmp_p
         "-m", "cappy", "adapt", "train",
         "--data", str(pairs_file), "--base", str(tiny_checkpoint), "--out", str(out),
         "--steps", "4", "--effective-batch", "16", "--micro-batch", "4", "--logging-steps", "1",
-        "--no-fp16", "--quiet",
+        "--no-fp16", "--quiet", "--eval-fraction", "0",
     ]  # fmt: skip
     done = subprocess.run(
         command,
@@ -154,12 +154,235 @@ def test_bf16_without_a_gpu_trains_on_the_cpu(tmp_path: Path) -> None:
     from adapt.train import _training_arguments
 
     options = _options(tmp_path / "pairs.jsonl", tmp_path / "base", tmp_path / "out", bf16=True)
-    args = _training_arguments(options, accumulation=2, scratch=tmp_path / "scratch")
+    args = _training_arguments(options, accumulation=2, metric=None)
     assert args.bf16 is True
     assert args.use_cpu is True
     plain = _training_arguments(
         _options(tmp_path / "pairs.jsonl", tmp_path / "base", tmp_path / "out"),
         accumulation=2,
-        scratch=tmp_path / "scratch",
+        metric=None,
     )
     assert plain.use_cpu is False
+
+
+# --- held out, stopped early, resumed -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def examples_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 examples in 2 tasks, each with its ground truth, a mismatch and three LLM samples
+    labelled 1.0 / 0.5 / 0.0: every held-out metric can be measured."""
+    rng = random.Random(1)
+    path = tmp_path_factory.mktemp("examples") / "pairs.jsonl"
+    rows = []
+    for i in range(40):
+        word, other = rng.sample(WORDS, 2)
+        common = {"instruction": f"say {word} {i}", "id": f"ex{i}", "task": f"task{i % 2}"}
+        rows += [
+            {**common, "response": word, "label": 1.0, "source": "ground_truth"},
+            {**common, "response": other, "label": 0.0, "source": "mismatch"},
+            {**common, "response": f"{word} {word}", "label": 1.0, "source": "sample"},
+            {**common, "response": f"{word} {other}", "label": 0.5, "source": "sample"},
+            {**common, "response": f"{other} {other}", "label": 0.0, "source": "sample"},
+        ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _held_out_scores(checkpoint: Path, data: Path, seed: int = 0) -> dict[str, float]:
+    """The held-out metrics of a saved checkpoint, recomputed here."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from adapt.data import read_pairs
+    from adapt.heldout import metrics, split_by_example
+
+    held = split_by_example(read_pairs(data), 0.1, seed).held_out
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    model = AutoModelForSequenceClassification.from_pretrained(str(checkpoint)).eval()
+    batch = tokenizer(
+        [p.instruction for p in held], [p.response for p in held], padding=True,
+        return_tensors="pt",
+    )  # fmt: skip
+    with torch.no_grad():
+        scores = model(**batch).logits[:, 0].tolist()
+    return metrics(held, scores)
+
+
+def test_held_out_evaluations_keep_the_best_checkpoint(
+    tiny_checkpoint: Path, examples_file: Path, tmp_path: Path
+) -> None:
+    options = _options(
+        examples_file, tiny_checkpoint, tmp_path / "out", eval_steps=3, early_stopping_patience=0
+    )
+    result = train(options)
+    record = json.loads((result.checkpoint / ADAPT_RECORD).read_text())
+    held = record["held_out"]
+    assert held["metric"] == "selection_rouge" and held["examples"] == 4 and held["pairs"] == 20
+    assert [e["step"] for e in held["evaluations"]] == [3, 6, 9, 12]
+    assert {"mse", "gt_accuracy", "selection_rouge"} <= set(held["evaluations"][0])
+    best = max(held["evaluations"], key=lambda e: e["selection_rouge"])
+    assert (
+        held["best"]["selection_rouge"] == best["selection_rouge"] == result.best["selection_rouge"]
+    )
+    # The checkpoint kept is the best one: its held-out metrics, recomputed, are the best's.
+    again = _held_out_scores(result.checkpoint, examples_file)
+    assert again["selection_rouge"] == pytest.approx(held["best"]["selection_rouge"])
+    assert again["mse"] == pytest.approx(held["best"]["mse"], rel=1e-3)
+    assert not held["stopped_early"] and record["steps"] == 12
+
+
+def test_training_stops_when_the_held_out_metric_stops_improving(
+    tiny_checkpoint: Path, examples_file: Path, tmp_path: Path
+) -> None:
+    """A learning rate of 0 never improves: patience 1 stops after the second evaluation."""
+    options = _options(
+        examples_file, tiny_checkpoint, tmp_path / "out", eval_steps=3,
+        early_stopping_patience=1, learning_rate=0.0,
+    )  # fmt: skip
+    record = json.loads((train(options).checkpoint / ADAPT_RECORD).read_text())
+    assert record["steps"] == 6 and record["held_out"]["stopped_early"] is True
+    assert [e["step"] for e in record["held_out"]["evaluations"]] == [3, 6]
+
+
+KILL_AT_STEP_6 = """
+import os, sys
+from pathlib import Path
+from transformers import TrainerCallback
+import adapt.trainer as trainer_module
+from adapt.train import TrainOptions, train
+
+class Die(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 6:
+            os._exit(9)  # as a crash or a kill -9: nothing saved on the way out
+
+init = trainer_module.CappyTrainer.__init__
+def with_death(self, *a, **k):
+    init(self, *a, **k)
+    self.add_callback(Die())
+trainer_module.CappyTrainer.__init__ = with_death
+data, base, out = sys.argv[1:4]
+train(TrainOptions(data=Path(data), base=base, out=Path(out), steps=12, eval_steps=4,
+                   learning_rate=1e-3, effective_batch=16, micro_batch=8, logging_steps=1,
+                   fp16=False, progress=False))
+"""
+
+
+def test_resume_continues_a_killed_run_from_its_last_checkpoint(
+    tiny_checkpoint: Path, examples_file: Path, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-c", KILL_AT_STEP_6, str(examples_file), str(tiny_checkpoint), str(out)],
+        cwd=Path(__file__).resolve().parents[3],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 9, done.stderr[-2000:]
+    scratch = tmp_path / "out.checkpoint.trainer"
+    assert sorted(p.name for p in scratch.glob("checkpoint-*")) == ["checkpoint-4"]
+    options = _options(examples_file, tiny_checkpoint, out, eval_steps=4)
+    with pytest.raises(AdaptError, match="interrupted run: pass --resume"):
+        train(options)
+    result = train(_options(examples_file, tiny_checkpoint, out, eval_steps=4, resume=True))
+    record = json.loads((result.checkpoint / ADAPT_RECORD).read_text())
+    assert record["resumed_from"].endswith("checkpoint-4") and record["steps"] == 12
+    assert [step for step, _ in record["losses"]] == list(range(1, 13))
+    assert not scratch.exists() and verify(out).ok
+
+
+def test_ctrl_c_saves_then_resume_finishes(
+    tiny_checkpoint: Path, examples_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    from adapt.train import TrainingInterrupted
+    from adapt.trainer import StopOnInterrupt
+
+    original = StopOnInterrupt.on_step_end
+
+    def press_ctrl_c_at_step_5(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step == 5 and not self.requested:
+            signal.raise_signal(signal.SIGINT)
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(StopOnInterrupt, "on_step_end", press_ctrl_c_at_step_5)
+    options = _options(examples_file, tiny_checkpoint, tmp_path / "out", eval_steps=4)
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 5 of 12.*--resume"):
+        train(options)
+    assert (tmp_path / "out.checkpoint.trainer" / "checkpoint-5").is_dir()
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(StopOnInterrupt, "on_step_end", original)
+    result = train(
+        _options(examples_file, tiny_checkpoint, tmp_path / "out", eval_steps=4, resume=True)
+    )
+    record = json.loads((result.checkpoint / ADAPT_RECORD).read_text())
+    assert record["resumed_from"].endswith("checkpoint-5") and record["steps"] == 12
+
+
+def test_the_head_learns_at_its_own_rate(tiny_checkpoint: Path, examples_file: Path) -> None:
+    from transformers import (
+        AutoModelForSequenceClassification,
+        BertConfig,
+        BertForSequenceClassification,
+    )
+
+    from adapt.train import _training_arguments
+    from adapt.trainer import CappyTrainer, head_parameter_names
+
+    roberta = AutoModelForSequenceClassification.from_pretrained(str(tiny_checkpoint))
+    assert head_parameter_names(roberta) == {
+        n for n, _ in roberta.named_parameters() if n.startswith("classifier.")
+    }
+    bert = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=8,
+            num_labels=1,
+        )
+    )
+    names = head_parameter_names(bert)
+    assert any(n.startswith("bert.pooler.") for n in names) and any(
+        n.startswith("classifier.") for n in names
+    )
+    assert not any(n.startswith("bert.encoder.") for n in names)
+    options = _options(examples_file, tiny_checkpoint, Path("unused"), head_learning_rate=5e-3)
+    trainer = CappyTrainer(
+        model=roberta, args=_training_arguments(options, 1, None), head_learning_rate=5e-3
+    )
+    groups = trainer.create_optimizer().param_groups
+    assert [g["lr"] for g in groups] == [1e-3, 5e-3]
+    assert sum(len(g["params"]) for g in groups) == len(list(roberta.parameters()))
+
+
+def test_listwise_term_ranks_each_examples_candidates(
+    tiny_checkpoint: Path, examples_file: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    from adapt.trainer import ExampleSampler, listnet
+
+    labels = torch.tensor([1.0, 0.5, 0.0, 1.0, 0.0])
+    groups = torch.tensor([0, 0, 0, 1, 1])
+    right = listnet(torch.tensor([2.0, 1.0, 0.0, 1.0, 0.0]), labels, groups)
+    wrong = listnet(torch.tensor([0.0, 1.0, 2.0, 0.0, 1.0]), labels, groups)
+    assert right < wrong
+    assert listnet(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.0]), torch.tensor([0, 1])) == 0
+    order = list(ExampleSampler([0, 1, 0, 2, 1, 2], seed=0))
+    assert sorted(order) == list(range(6))
+    assert [sorted(order[i : i + 2]) for i in (0, 2, 4)] in (
+        [[0, 2], [1, 4], [3, 5]], [[0, 2], [3, 5], [1, 4]], [[1, 4], [0, 2], [3, 5]],
+        [[1, 4], [3, 5], [0, 2]], [[3, 5], [0, 2], [1, 4]], [[3, 5], [1, 4], [0, 2]],
+    )  # fmt: skip
+    result = train(
+        _options(examples_file, tiny_checkpoint, tmp_path / "out", steps=4, listwise_weight=0.5)
+    )
+    assert len(result.losses) == 4

@@ -1,6 +1,6 @@
-"""Fan-out against a scripted upstream: `n` and `top_k` detection, seeds, what is forwarded,
-partial failures, timeouts and the request deadline, secrets, cancelling every call; the
-capabilities remembered per model."""
+"""Fan-out against a scripted upstream: `n`, `top_k` and sampler-extras detection, seeds, what is
+forwarded, partial failures, timeouts and the request deadline, secrets, cancelling every call;
+the capabilities remembered per model."""
 
 from __future__ import annotations
 
@@ -54,11 +54,11 @@ async def test_fanout_without_n_support_uses_single_calls(make_proxy):
         (b.get("temperature"), b.get("top_p"), b.get("top_k")) for b in upstream.bodies
     )
     assert params == {
-        (1.0, 1.0, None): 4,
-        (0.9, 1.0, None): 4,
+        (1.0, 1.0, 0): 4,
+        (0.9, 1.0, 0): 4,
         (1.0, 1.0, 40): 4,
-        (1.0, 0.95, None): 4,
-        (0.0, None, None): 1,
+        (1.0, 0.95, 0): 4,
+        (0.0, None, 0): 1,
     }
     assert decoding_counts(selection) == PAPER_COUNTS
 
@@ -163,18 +163,184 @@ async def test_client_params_pass_through_and_the_recipe_owns_sampling(make_prox
         stop=["\n"],
         stream=False,
         user="u1",
-        min_p=0.1,  # unknown to the schema: passed through
+        min_p=0.1,  # unknown to the schema, but the recipe's: replaced by the extras' 0.0
+        repeat_penalty=1.3,  # likewise
+        typical_p=0.9,  # unknown to the schema and to the recipe: passed through
         cappy={"return_candidates": True},
     )
     await select(proxy, request, options({"return_candidates": True}))
     for body in upstream.bodies:
-        assert body["max_tokens"] == 12 and body["stop"] == ["\n"] and body["min_p"] == 0.1
+        assert body["max_tokens"] == 12 and body["stop"] == ["\n"] and body["typical_p"] == 0.9
+        assert body["min_p"] == 0.0 and body["repeat_penalty"] == 1.0
         assert body["user"] == "u1" and body["model"] == "smol"
         assert body["messages"] == [{"role": "user", "content": "Name a color."}]
         assert not {"cappy", "stream", "stream_options"} & body.keys()
     assert {b["temperature"] for b in upstream.bodies} == {1.0, 0.9, 0.0}
     assert {b.get("top_p") for b in upstream.bodies} == {1.0, 0.95, None}
-    assert {b.get("top_k") for b in upstream.bodies} == {40, None}
+    assert {b.get("top_k") for b in upstream.bodies} == {40, 0}
+
+
+async def test_client_sampler_fields_are_not_forwarded_where_no_extras_are_sent(make_proxy):
+    upstream = FakeUpstream()
+    proxy = make_proxy(upstream, n_support="no", top_k_support="no")
+    await select(proxy, chat_request(min_p=0.1, repeat_penalty=1.3, top_k=3), options())
+    assert not any({"top_k", "min_p", "repeat_penalty"} & b.keys() for b in upstream.bodies)
+
+
+# --- llama.cpp's sampler extras -----------------------------------------------------------------
+EXTRAS = {"min_p": 0.0, "repeat_penalty": 1.0}
+PAPER_SENDS = {  # what the paper's decodings send to an upstream that accepts everything
+    "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": 0, **EXTRAS},
+    "temperature_0.9": {"temperature": 0.9, "top_p": 1.0, "top_k": 0, **EXTRAS},
+    "top_k_40": {"temperature": 1.0, "top_p": 1.0, "top_k": 40, **EXTRAS},
+    "top_p_0.95": {"temperature": 1.0, "top_p": 0.95, "top_k": 0, **EXTRAS},
+    "greedy": {"temperature": 0.0, "top_k": 0, **EXTRAS},
+}
+PLAIN_SENDS = {  # ... and to one that accepts neither top_k nor the extras (OpenAI)
+    "sampling": {"temperature": 1.0, "top_p": 1.0},
+    "temperature_0.9": {"temperature": 0.9, "top_p": 1.0},
+    "top_k_40": {"temperature": 1.0, "top_p": 1.0},
+    "top_p_0.95": {"temperature": 1.0, "top_p": 0.95},
+    "greedy": {"temperature": 0.0},
+}
+SAMPLER_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")
+
+
+def sent(bodies: list[dict]) -> Counter[str]:
+    """How many calls sent each set of sampling parameters."""
+    return Counter(
+        json.dumps({k: b[k] for k in SAMPLER_FIELDS if k in b}, sort_keys=True) for b in bodies
+    )
+
+
+def expected(sends: dict[str, dict], calls: dict[str, int] = PAPER_COUNTS) -> Counter[str]:
+    """`sent` of `calls[name]` calls of each decoding sending `sends[name]`."""
+    counts: Counter[str] = Counter()
+    for name, n in calls.items():
+        counts[json.dumps(sends[name], sort_keys=True)] += n
+    return counts
+
+
+def refusing(*names: str, message: str | None = None):
+    """An OpenAI-like upstream's answer to a call carrying any of `names`: a 400 naming the
+    first of them (or saying `message`)."""
+
+    def fail(body: dict, _index: int) -> httpx.Response | None:
+        carried = [n for n in names if n in body]
+        if not carried:
+            return None
+        text = message or f"Unrecognized request argument supplied: {carried[0]}"
+        error = {"message": text, "type": "invalid_request_error"}
+        return httpx.Response(400, json={"error": error})
+
+    return fail
+
+
+@pytest.mark.parametrize("n_support", ["no", "auto"])
+async def test_accepted_extras_go_with_every_call(make_proxy, n_support):
+    upstream = FakeUpstream(n_mode="ignore")  # llama-cpp-python
+    proxy = make_proxy(upstream, n_support=n_support)
+    selection = await select(proxy, chat_request(), options())
+    assert decoding_counts(selection) == PAPER_COUNTS and not selection.failures
+    # n ignored: 4 + 1 calls, then 12 top-ups; each decoding's calls send the same parameters.
+    assert sent(upstream.bodies) == expected(PAPER_SENDS)
+    caps = proxy.capabilities("smol")
+    assert caps.extras is True and caps.top_k is True and selection.substituted == []
+    upstream.bodies.clear()
+    await select(proxy, chat_request(), options())
+    assert sent(upstream.bodies) == expected(PAPER_SENDS)
+
+
+@pytest.mark.parametrize("n_support", ["no", "yes"])
+async def test_refused_extras_are_dropped_and_remembered(make_proxy, n_support):
+    # OpenAI: every sampler field it does not know is a 400 naming it.
+    upstream = FakeUpstream(fail=refusing("min_p", "repeat_penalty", "top_k"))
+    proxy = make_proxy(upstream, n_support=n_support)
+    calls = PAPER_COUNTS if n_support == "no" else dict.fromkeys(PAPER_COUNTS, 1)
+    selection = await select(proxy, chat_request(), options())
+    assert decoding_counts(selection) == PAPER_COUNTS and not selection.failures
+    assert selection.substituted == ["top_k_40"]
+    caps = proxy.capabilities("smol")
+    assert caps.extras is False and caps.top_k is False
+    # Every first call carried the extras and was asked again without them (the top-k
+    # decoding's then once more, without top_k).
+    first = upstream.bodies[: sum(calls.values())]
+    assert sent(first) == expected(PAPER_SENDS, calls)
+    assert len(upstream.bodies) == 2 * len(first) + calls["top_k_40"]
+    upstream.bodies.clear()
+    again = await select(proxy, chat_request(), options())
+    assert sent(upstream.bodies) == expected(PLAIN_SENDS, calls) and not again.failures
+
+
+async def test_an_unexplained_refusal_drops_the_extras_first(make_proxy):
+    # A 400 that names nothing: single calls are asked again without the extras, and only then
+    # (for the top-k decoding) without top_k.
+    upstream = FakeUpstream(fail=refusing("min_p", message="bad request"))
+    proxy = make_proxy(upstream, n_support="no")
+    selection = await select(proxy, chat_request(), options())
+    assert decoding_counts(selection) == PAPER_COUNTS and not selection.failures
+    caps = proxy.capabilities("smol")
+    assert caps.extras is False and caps.top_k is True and selection.substituted == []
+    assert len(upstream.bodies) == 17 + 17
+    upstream.bodies.clear()
+    await select(proxy, chat_request(), options())
+    assert [b.get("top_k") for b in upstream.bodies].count(40) == 4
+    assert not any("min_p" in b or b.get("top_k") == 0 for b in upstream.bodies)
+
+
+async def test_an_upstream_refusing_top_k_zero_keeps_top_k_40(make_proxy):
+    # vLLM before 0.8: "top_k must be -1 (disable), or at least 1, got 0."
+    def fail(body: dict, _index: int) -> httpx.Response | None:
+        if body.get("top_k") == 0:
+            message = "top_k must be -1 (disable), or at least 1, got 0."
+            return httpx.Response(400, json={"error": {"message": message}})
+        return None
+
+    upstream = FakeUpstream(fail=fail)
+    proxy = make_proxy(upstream, n_support="no")
+    selection = await select(proxy, chat_request(), options())
+    assert not selection.failures and selection.substituted == []
+    caps = proxy.capabilities("smol")
+    assert caps.extras is False and caps.top_k is True
+
+
+async def test_a_decoding_keeps_its_own_top_k(make_proxy):
+    upstream = FakeUpstream()
+    proxy = make_proxy(upstream, n_support="no")
+    recipe = [
+        {"name": "k5", "count": 2, "temperature": 0.7, "top_k": 5},
+        {"name": "k0", "count": 1, "temperature": 1.0, "top_k": 0},
+        {"name": "plain", "count": 1, "temperature": 1.0},
+    ]
+    await select(proxy, chat_request(), options({"recipe": recipe}))
+    sends = {
+        "k5": {"temperature": 0.7, "top_k": 5, **EXTRAS},
+        "k0": {"temperature": 1.0, "top_k": 0, **EXTRAS},
+        "plain": {"temperature": 1.0, "top_k": 0, **EXTRAS},
+    }
+    assert sent(upstream.bodies) == expected(sends, {"k5": 2, "k0": 1, "plain": 1})
+
+
+async def test_top_k_support_no_sends_no_extras(make_proxy):
+    upstream = FakeUpstream()
+    proxy = make_proxy(upstream, n_support="no", top_k_support="no")
+    await select(proxy, chat_request(), options())
+    assert sent(upstream.bodies) == expected(PLAIN_SENDS)
+    caps = proxy.capabilities("smol")
+    assert caps.extras is False and not caps.learn_extras
+
+
+async def test_describe_says_what_each_decoding_sends(make_proxy):
+    upstream = FakeUpstream(fail=refusing("min_p", "repeat_penalty", "top_k"))
+    proxy = make_proxy(upstream, n_support="no")
+    before = proxy.describe(Recipe.default())
+    assert before["sends"] == PAPER_SENDS and before["models"] == {}
+    assert before["recipe"] == Recipe.default().to_list()
+    await select(proxy, chat_request(), options())
+    after = proxy.describe(Recipe.default())
+    smol = after["models"]["smol"]
+    assert (smol["n"], smol["top_k"], smol["sampler_extras"]) == (False, False, False)
+    assert smol["sends"] == PLAIN_SENDS
 
 
 async def test_some_calls_failing_select_the_best_of_the_rest(make_proxy):
@@ -265,6 +431,7 @@ async def test_fanout_needs_only_the_client_and_the_capabilities():
         transport=httpx.MockTransport(upstream.handler),
     )
     caps = UpstreamCapabilities.configured("yes", "no")
+    assert caps.extras is False
     async with client:
         fanout = Fanout(client, caps, kind="text", body={"model": "m", "prompt": "p"}, seed=-2)
         planned = fanout.plan(Recipe.default().decodings)
@@ -291,3 +458,4 @@ def test_capabilities_are_kept_for_the_last_256_models():
     again = cache.get("m0")
     assert again is not first and again.n is None and again.top_k is False
     assert again.learn_n and not again.learn_top_k
+    assert again.extras is False and not again.learn_extras

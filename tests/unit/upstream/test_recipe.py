@@ -39,14 +39,6 @@ def test_default_recipe_is_the_papers_17_samples():
     assert by_name["greedy"].count == 1 and by_name["greedy"].is_greedy
 
 
-def test_sampling_params_omit_unset_and_can_drop_top_k():
-    top_k = Decoding("k", 2, temperature=1.0, top_p=1.0, top_k=40)
-    assert top_k.sampling_params() == {"temperature": 1.0, "top_p": 1.0, "top_k": 40}
-    assert top_k.sampling_params(send_top_k=False) == {"temperature": 1.0, "top_p": 1.0}
-    assert Decoding("greedy", 1, temperature=0.0).sampling_params() == {"temperature": 0.0}
-    assert Decoding("bare", 1).sampling_params() == {}
-
-
 def test_from_spec_parses_and_keeps_order():
     recipe = Recipe.from_spec(
         [
