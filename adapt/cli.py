@@ -253,6 +253,14 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="learning rate of the regression head (and BERT's pooler); default: --lr",
     )
     train.add_argument(
+        "--pooling",
+        choices=("cls", "mean"),
+        default=None,
+        help="mean: score from the mean of the last layer, for embedding-model bases whose "
+        "[CLS] was never trained (sentence-transformers); the export computes it too "
+        "(default: the base's, cls for most)",
+    )
+    train.add_argument(
         "--listwise",
         dest="listwise_weight",
         type=float,

@@ -15,8 +15,9 @@ What a run can be left to do (adapt.heldout, adapt.trainer):
   improved for `early_stopping_patience` evaluations, and the best checkpoint is the one kept;
 - `resume` continues an interrupted run (a crash, a kill, or Ctrl-C, which saves first) from its
   last checkpoint, kept in `OUT.checkpoint.trainer/` until the run ends;
-- the head may learn at its own rate (`head_learning_rate`), and a listwise term may rank each
-  example's candidates against their labels (`listwise_weight`).
+- the head may learn at its own rate (`head_learning_rate`), a listwise term may rank each
+  example's candidates against their labels (`listwise_weight`), and the score may come from the
+  mean of the last layer (`pooling="mean"`, model_export.pooling) for embedding-model bases.
 
 `--base` is a hub id (`btan2/cappy-large`), a local checkpoint, or an encoder with no regression
 head: a `num_labels=1` head is added (a classification head of another size is replaced, with a
@@ -45,6 +46,7 @@ from typing import Any
 from adapt import heldout
 from adapt.data import read_pairs
 from adapt.errors import AdaptError
+from model_export import pooling
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ class TrainOptions:
     resume: bool = False
     head_learning_rate: float | None = None
     listwise_weight: float = 0.0
+    pooling: str | None = None  # cls | mean; default: the base's (model_export.pooling)
     # export
     fp16: bool = True
     int8: bool = False
@@ -206,6 +209,17 @@ def _load_base(options: TrainOptions) -> tuple[Any, Any, str]:
         dtype=torch.float32,
         **kwargs,
     )
+    wanted = options.pooling or pooling.pooling_of(config)
+    if wanted == "mean":
+        try:
+            pooling.use_mean_pooling(model)
+        except ValueError as exc:
+            raise AdaptError(f"--pooling mean: {exc}") from None
+    elif pooling.pooling_of(config) == "mean":
+        raise AdaptError(
+            f"--base {options.base} scores from mean pooling (its config's "
+            f"{pooling.POOLING_KEY}); --pooling cls would train a head it does not use"
+        )
     return model, tokenizer, head
 
 
@@ -313,6 +327,8 @@ def _check(options: TrainOptions) -> None:
         raise AdaptError("--listwise must be >= 0")
     if options.head_learning_rate is not None and options.head_learning_rate <= 0:
         raise AdaptError("--head-lr must be > 0")
+    if options.pooling not in (None, *pooling.POOLINGS):
+        raise AdaptError(f"--pooling {options.pooling}: expected one of {pooling.POOLINGS}")
 
 
 def train(options: TrainOptions) -> TrainResult:

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from model_export.pooling import pooling_of
+
 # Families whose layers are BERT-shaped (attention.self.{query,key,value}, attention.output,
 # intermediate, output) with absolute positions, and whose head reads the first token.
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
@@ -27,7 +29,8 @@ def supports(model: Any) -> bool:
     config = model.config
     base = getattr(model, "base_model", None)
     return (
-        config.model_type in SUPPORTED_MODEL_TYPES
+        pooling_of(config) == "cls"  # a mean-pooled score reads every position
+        and config.model_type in SUPPORTED_MODEL_TYPES
         and getattr(config, "position_embedding_type", "absolute") == "absolute"
         and not getattr(config, "is_decoder", False)
         and base is not None

@@ -29,7 +29,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from model_export import first_token, onnx_export, openvino_int8, parity, source
+from model_export import first_token, onnx_export, openvino_int8, parity, pooling, source
 from model_export import manifest as mf
 from model_export.errors import ExportError
 from model_export.prober import Prober
@@ -111,6 +111,7 @@ def _architecture(model: Any) -> dict[str, Any]:
         "vocab_size": config.vocab_size,
         "max_position_embeddings": config.max_position_embeddings,
         "num_parameters": int(sum(p.numel() for p in model.parameters())),
+        "pooling": pooling.pooling_of(config),
     }
 
 

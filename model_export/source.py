@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from model_export import pooling
 from model_export.errors import ExportError
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,8 @@ def load(ref: SourceRef, *, local_only: bool = False) -> LoadedSource:
         raise ExportError(
             f"--model {ref.model}: has no fast tokenizer; the service needs tokenizer.json"
         )
+    if pooling.pooling_of(config) == "mean":
+        pooling.use_mean_pooling(model)
     model.eval()
     return LoadedSource(
         ref=ref, model=model, tokenizer=tokenizer, commit=getattr(config, "_commit_hash", None)

@@ -386,3 +386,21 @@ def test_listwise_term_ranks_each_examples_candidates(
         _options(examples_file, tiny_checkpoint, tmp_path / "out", steps=4, listwise_weight=0.5)
     )
     assert len(result.losses) == 4
+
+
+def test_mean_pooling_trains_exports_and_is_kept_from_the_base(
+    tiny_checkpoint: Path, examples_file: Path, tmp_path: Path
+) -> None:
+    from model_export.pooling import POOLING_KEY
+
+    options = _options(examples_file, tiny_checkpoint, tmp_path / "out", steps=2, pooling="mean")
+    result = train(options)
+    config = json.loads((result.checkpoint / "config.json").read_text())
+    assert config[POOLING_KEY] == "mean"
+    manifest = json.loads((tmp_path / "out" / "cappy_export.json").read_text())
+    assert manifest["architecture"]["pooling"] == "mean" and verify(tmp_path / "out").ok
+    # Fine-tuned again, the checkpoint keeps scoring from the mean; asking for cls is refused.
+    again = train(_options(examples_file, result.checkpoint, tmp_path / "again", steps=1))
+    assert json.loads((again.checkpoint / "config.json").read_text())[POOLING_KEY] == "mean"
+    with pytest.raises(AdaptError, match="--pooling cls would train a head it does not use"):
+        train(_options(examples_file, result.checkpoint, tmp_path / "cls", steps=1, pooling="cls"))
