@@ -275,3 +275,87 @@ def test_detection_calls_count_as_failures(tmp_path: Path) -> None:
     assert [b["seed"] for b in down.bodies].count(down.bodies[-1]["seed"]) == 3
     assert len(down.bodies) == 2 + 2 + 3
     assert not (tmp_path / "cache.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", ["adapt data", "eval"])
+def test_ctrl_c_stops_at_once_with_a_call_in_flight(command: str, tmp_path: Path) -> None:
+    """Ctrl-C while the upstream holds a call: the command exits 130 without waiting for the
+    answer (the upstream never gives it), and the cache holds every answer given before."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from adapt.cache import read_cache
+    from tests.support.servers import serving
+
+    answered = 0
+    held = threading.Event()
+    release = threading.Event()
+
+    class Upstream(BaseHTTPRequestHandler):
+        def log_message(self, *_: object) -> None:
+            pass
+
+        def _json(self, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802 - stdlib name
+            self._json({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+
+        def do_POST(self) -> None:  # noqa: N802 - stdlib name
+            nonlocal answered
+            self.rfile.read(int(self.headers["content-length"]))
+            if answered >= 2:  # the third call is held until the test ends
+                held.set()
+                release.wait(60)
+                return
+            answered += 1
+            message = {"role": "assistant", "content": f"answer {answered}"}
+            self._json({
+                "id": "x", "object": "chat.completion", "model": MODEL,
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+            })  # fmt: skip
+
+    data = tmp_path / "examples.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"id": f"e{i}", "task": "t", "instruction": f"q{i}", "targets": ["a"]})
+            + "\n"
+            for i in range(3)
+        )
+    )
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    with serving(server) as url:
+        out = tmp_path / "out"
+        if command == "adapt data":
+            args = ["adapt", "data", "--train", str(data), "--out", str(out)]
+        else:
+            args = ["eval", "--data", str(data), "--out", str(out)]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cappy", *args, "--upstream", f"{url}/v1", "--quiet"],
+            cwd=Path(__file__).resolve().parents[3],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert held.wait(120), "the third call never reached the upstream"
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=60)
+            still_held = not release.is_set()
+        finally:
+            release.set()
+            if process.poll() is None:
+                process.kill()
+    assert still_held and process.returncode == 130, err[-2000:]
+    assert "re-run the same command to resume" in err
+    _, records = read_cache(out / "samples.jsonl")
+    assert len(records) == 2
