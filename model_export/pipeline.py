@@ -29,6 +29,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from cappy import export_format as fmt
 from model_export import first_token, onnx_export, openvino_int8, parity, pooling, source
 from model_export import manifest as mf
 from model_export.errors import ExportError
@@ -54,7 +55,7 @@ class ExportOptions:
     # A JSONL file of candidate sets: also write the calibrated OpenVINO int8 model.
     int8_calibration: Path | None = None
     # "gate": ship only what passed its parity gate; "record": measure, record, gate nothing.
-    parity: str = mf.PARITY_GATE
+    parity: str = fmt.PARITY_GATE
 
 
 @dataclass
@@ -150,7 +151,7 @@ def _parity_record(result: parity.ParityResult, *, gated: bool) -> dict[str, Any
 
 def _ships(status: str, mode: str) -> tuple[bool, bool]:
     """(shipped, gated) for a reduced-precision ONNX variant of this parity status."""
-    if mode == mf.PARITY_RECORD:
+    if mode == fmt.PARITY_RECORD:
         return True, False
     if status == "passed":
         return True, True
@@ -169,7 +170,7 @@ def _fp32_graph(
         plain_result = prober.measure(plain, "fp32")
         # Record mode, and the plain graph fails too: the model's numerics, not the optimiser,
         # miss the gate; the optimised graph stays (it is what a benchmark should run).
-        if plain_result.status == "passed" or mode == mf.PARITY_GATE:
+        if plain_result.status == "passed" or mode == fmt.PARITY_GATE:
             logger.warning(
                 "optimised graph failed parity (%s); using the unoptimised graph", result.reason
             )
@@ -180,7 +181,7 @@ def _fp32_graph(
             )
             entry.pop("fused_operators", None)
             result = plain_result
-    if result.status != "passed" and mode == mf.PARITY_GATE:
+    if result.status != "passed" and mode == fmt.PARITY_GATE:
         status = "failed" if result.status == "failed" else "not measured"
         raise ExportError(
             f"fp32 parity {status} against PyTorch ({result.reason}); nothing written "
@@ -194,8 +195,8 @@ def export(options: ExportOptions) -> ExportResult:
     started = time.perf_counter()
     out = options.out
     mode = options.parity
-    if mode not in mf.PARITY_MODES:
-        raise ExportError(f"--parity {mode}: not one of {', '.join(mf.PARITY_MODES)}")
+    if mode not in fmt.PARITY_MODES:
+        raise ExportError(f"--parity {mode}: not one of {', '.join(fmt.PARITY_MODES)}")
     _check_out(out, options.force)
     calibration = None
     if options.int8_calibration is not None:
@@ -236,7 +237,7 @@ def export(options: ExportOptions) -> ExportResult:
             if options.fp16 or not shortcut:
                 onnx_export.export_fp32(model, tokenizer, inputs, raw)
         prober = Prober(model, tokenizer, max_length)
-        fp32_path = final / mf.VARIANT_FILES["fp32"]
+        fp32_path = final / fmt.VARIANT_FILES["fp32"]
         fp32_entry: dict[str, Any] = {
             "file": fp32_path.name,
             "dtype": "float32",
@@ -253,7 +254,7 @@ def export(options: ExportOptions) -> ExportResult:
         with steps.step("parity fp32"):
             fp32_parity = _fp32_graph(prober, fp32_path, cpu_raw, fp32_entry, mode)
         models = {"fp32": fp32_entry}
-        parity_records = {"fp32": _parity_record(fp32_parity, gated=mode == mf.PARITY_GATE)}
+        parity_records = {"fp32": _parity_record(fp32_parity, gated=mode == fmt.PARITY_GATE)}
         variants: list[tuple[str, str, Callable[[Path], dict[str, Any]]]] = []
         if options.fp16:
             variants.append(
@@ -264,7 +265,7 @@ def export(options: ExportOptions) -> ExportResult:
                 ("int8", "quantise int8", lambda p: onnx_export.quantize_int8(fp32_path, p))
             )
         for variant, step_name, build in variants:
-            path = final / mf.VARIANT_FILES[variant]
+            path = final / fmt.VARIANT_FILES[variant]
             with steps.step(step_name):
                 extra = build(path)
             with steps.step(f"parity {variant}"):
@@ -276,7 +277,7 @@ def export(options: ExportOptions) -> ExportResult:
                 logger.warning("%s parity failed (%s): not shipped", variant, result.reason)
                 path.unlink()
                 continue
-            if not gated and mode == mf.PARITY_GATE:
+            if not gated and mode == fmt.PARITY_GATE:
                 logger.warning(
                     "%s parity not measured (%s): shipped ungated; the service serves it only "
                     "when allowed to serve ungated variants",
@@ -290,7 +291,7 @@ def export(options: ExportOptions) -> ExportResult:
                 **extra,
             }
         if calibration is not None:
-            xml = final / mf.VARIANT_FILES[openvino_int8.VARIANT]
+            xml = final / fmt.VARIANT_FILES[openvino_int8.VARIANT]
             with steps.step("quantise int8 (OpenVINO)"):
                 items = openvino_int8.encode_items(
                     tokenizer, calibration.calibration, max_length, inputs
@@ -307,9 +308,9 @@ def export(options: ExportOptions) -> ExportResult:
                 )
             # Its own gate (an absolute bound: the service's re-scoring margin); in record mode
             # it ships whatever it measured, ungated.
-            record["gated"] = mode == mf.PARITY_GATE and record["status"] == "passed"
+            record["gated"] = mode == fmt.PARITY_GATE and record["status"] == "passed"
             parity_records[openvino_int8.VARIANT] = record
-            if record["status"] != "passed" and mode == mf.PARITY_GATE:
+            if record["status"] != "passed" and mode == fmt.PARITY_GATE:
                 # Failed, or not measured: either way the service would have no margin to trust.
                 logger.warning(
                     "OpenVINO int8 parity %s (%s): not shipped", record["status"], record["reason"]
@@ -329,8 +330,8 @@ def export(options: ExportOptions) -> ExportResult:
         with steps.step("save tokenizer + manifest"):
             tokenizer.save_pretrained(str(final))
             manifest = {
-                "format": mf.FORMAT,
-                "format_version": mf.FORMAT_VERSION,
+                "format": fmt.FORMAT,
+                "format_version": fmt.FORMAT_VERSION,
                 "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "source": {
                     "model": ref.model if ref.kind == "hub" else str(ref.path),
@@ -347,7 +348,7 @@ def export(options: ExportOptions) -> ExportResult:
                 "inputs": inputs,
                 "output": onnx_export.OUTPUT_NAME,
                 "pad_token_id": int(tokenizer.pad_token_id),
-                "score": mf.SCORE_SEMANTICS,
+                "score": fmt.SCORE_SEMANTICS,
                 "models": models,
                 "parity": {
                     "mode": mode,
@@ -357,7 +358,7 @@ def export(options: ExportOptions) -> ExportResult:
                     **parity_records,
                 },
                 "versions": _versions(),
-                "files": mf.hash_directory(final),
+                "files": fmt.hash_directory(final),
                 "export_seconds": round(time.perf_counter() - started, 2),
             }
             mf.write(final, manifest)

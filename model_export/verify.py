@@ -9,6 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from cappy import export_format as fmt
 from model_export import manifest as mf
 from model_export import openvino_int8, source
 from model_export.errors import ExportError
@@ -43,39 +44,39 @@ def verify(directory: Path, *, remeasure: bool = True, progress: bool = False) -
     variant that re-measures worse than recorded (failed where it was not) is."""
     report = VerifyReport(directory)
     manifest = mf.read(directory)
-    report.gated = mf.parity_mode(manifest) == mf.PARITY_GATE
-    report.lines.append(f"manifest: {mf.MANIFEST} format {manifest['format_version']}")
-    problems = mf.check_files(directory, manifest)
+    report.gated = manifest.parity_mode == fmt.PARITY_GATE
+    report.lines.append(f"manifest: {fmt.MANIFEST} format {manifest.format_version}")
+    problems = fmt.check_files(directory, manifest.files)
     report.problems += problems
     report.lines.append(
-        f"hashes: {len(manifest['files'])} files" + (" ok" if not problems else " FAILED")
+        f"hashes: {len(manifest.files)} files" + (" ok" if not problems else " FAILED")
     )
     if not report.gated:
         report.lines.append(f"parity: {NOT_GATED}")
     recorded: dict[str, str | None] = {}
-    for variant in manifest["models"]:
-        record = manifest["parity"].get(variant, {})
+    for variant in manifest.models:
+        record = manifest.parity.get(variant, {})
         status = recorded[variant] = record.get("status")
         if report.gated and (status == "failed" or (variant == "fp32" and status != "passed")):
             report.problems.append(f"parity {variant}: recorded status {status!r}")
         line = f"recorded parity {variant}: {_describe(record)}"
-        if report.gated and not mf.is_gated(manifest, variant):
+        if report.gated and manifest.verdict(variant) != "gated":
             line += "; not gated: served only when ungated variants are allowed"
         report.lines.append(line)
     if not remeasure or report.problems:
         return report
-    src = manifest["source"]
+    src = manifest.source
     try:
         ref = source.resolve(src["model"], src.get("commit") or src.get("revision"))
         loaded = source.load(ref, local_only=True)
     except ExportError as exc:
         report.lines.append(f"re-measure: skipped, source not reachable ({exc})")
         return report
-    prober = Prober(loaded.model, loaded.tokenizer, int(manifest["max_length"]))
+    prober = Prober(loaded.model, loaded.tokenizer, manifest.max_length)
     for variant, entry in tqdm(
-        list(manifest["models"].items()), desc="re-measure parity", disable=not progress
+        list(manifest.models.items()), desc="re-measure parity", disable=not progress
     ):
-        result = prober.measure(directory / entry["file"], variant)
+        result = prober.measure(directory / entry.file, variant)
         line = f"re-measured parity {variant}: {_describe(result.as_dict())}"
         if variant == openvino_int8.VARIANT and result.status != "not_measured":
             line += "; probe sets only (the held-out calibration sets are not kept in the export)"

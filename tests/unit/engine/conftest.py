@@ -6,7 +6,6 @@ torch and transformers are used here, in tests only; the service never imports t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cappy import export_format as fmt
 from service.engine.export_dir import ExportDir
 from service.engine.tokenize import PairTokenizer
 from service.engine.types import pad_batch
@@ -47,20 +47,12 @@ class TinyExport:
     input_names: tuple[str, ...]
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_manifest(directory: Path, **overrides: Any) -> dict[str, Any]:
-    """A manifest shaped like model_export's (format cappy-export v1) for `directory`."""
-    files = {
-        p.relative_to(directory).as_posix(): _sha256(p)
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != "cappy_export.json"
-    }
+    """A manifest shaped like model_export's for `directory` (the contract's own constants and
+    hashing, cappy.export_format)."""
     manifest: dict[str, Any] = {
-        "format": "cappy-export",
-        "format_version": 1,
+        "format": fmt.FORMAT,
+        "format_version": fmt.FORMAT_VERSION,
         "source": {"model": "tiny-roberta", "kind": "local", "revision": None},
         "architecture": {
             "model_type": "roberta",
@@ -73,13 +65,13 @@ def write_manifest(directory: Path, **overrides: Any) -> dict[str, Any]:
         "inputs": ["input_ids", "attention_mask"],
         "output": "logits",
         "pad_token_id": 1,
-        "score": {"output": "logits", "index": 0, "activation": "none"},
+        "score": fmt.SCORE_SEMANTICS,
         "models": {"fp32": {"file": "model.onnx", "dtype": "float32"}},
         "parity": {"fp32": {"status": "passed", "max_abs_diff": 1e-6, "argmax_agreement": 1.0}},
-        "files": files,
+        "files": fmt.hash_directory(directory),
     }
     manifest.update(overrides)
-    (directory / "cappy_export.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    (directory / fmt.MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return manifest
 
 

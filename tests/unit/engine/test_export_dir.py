@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from service.engine.export_dir import ExportDir, ExportDirError, sha256_file
+from cappy.export_format import sha256_file
+from service.engine.export_dir import ExportDir, ExportDirError
 from tests.unit.engine.conftest import TinyExport, write_manifest
 
 
@@ -21,7 +22,7 @@ def test_loads_a_valid_export(tiny_engine_export: TinyExport) -> None:
     assert export.parity("fp32") is not None
     assert export.has_variant("fp32") and not export.has_variant("fp16")
     # A manifest without parity.mode or records' "gated" (written before them) is a gated export.
-    assert export.gated and export.is_gated("fp32") and not export.allow_ungated
+    assert export.gated and export.manifest.verdict("fp32") == "gated" and not export.allow_ungated
 
 
 def test_extra_manifest_fields_are_kept(export_copy: Path) -> None:
@@ -122,7 +123,7 @@ def test_fp32_not_measured_is_served_only_when_allowed(
     )
     with caplog.at_level("WARNING", logger="service.engine.export_dir"):
         export = ExportDir.load(export_copy, allow_ungated=True)
-    assert export.has_variant("fp32") and not export.is_gated("fp32")
+    assert export.has_variant("fp32") and not export.manifest.verdict("fp32") == "gated"
     assert export.model_path("fp32").name == "model.onnx"
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1  # once per variant, not on every model_path
@@ -166,7 +167,7 @@ def test_a_record_mode_export_is_served_only_when_allowed(
     ):
         ExportDir.load(export_copy)
     export = ExportDir.load(export_copy, allow_ungated=True)
-    assert not export.gated and not export.is_gated("fp32")
+    assert not export.gated and not export.manifest.verdict("fp32") == "gated"
     # Recorded, not gated: even a variant whose figures fail is served when allowed.
     assert export.has_variant("fp16")
     assert export.model_path("fp16").name == "model.fp16.onnx"
@@ -188,7 +189,7 @@ def test_an_ungated_variant_is_not_usable_unless_allowed(export_copy: Path) -> N
         parity = {"fp32": {"status": "passed", "max_abs_diff": 1e-6}, "fp16": fp16}
         write_manifest(export_copy, models=models, parity=parity)
         export = ExportDir.load(export_copy)
-        assert export.gated and not export.is_gated("fp16")
+        assert export.gated and not export.manifest.verdict("fp16") == "gated"
         assert not export.has_variant("fp16")
         with pytest.raises(
             ExportDirError,
@@ -253,5 +254,5 @@ def test_reads_the_exporters_own_output(tiny_export: Path) -> None:
     assert export.gated
     assert export.model_path("fp32").is_file()
     for variant in ("fp32", "fp16", "int8"):
-        assert export.is_gated(variant) and export.has_variant(variant)
+        assert export.manifest.verdict(variant) == "gated" and export.has_variant(variant)
         assert export.model_path(variant).is_file()

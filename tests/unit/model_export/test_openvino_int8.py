@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from cappy import export_format as fmt
 from cappy.cli import main
 from model_export import manifest as mf
 from model_export import openvino_int8
@@ -166,11 +167,11 @@ def test_without_the_extra(
 
 
 def test_export_writes_the_int8_model_and_its_record(int8_export: Path) -> None:
-    manifest = json.loads((int8_export / mf.MANIFEST).read_text())
+    manifest = json.loads((int8_export / fmt.MANIFEST).read_text())
     assert (int8_export / "model.int8.xml").is_file() and (int8_export / "model.int8.bin").is_file()
     assert {"model.int8.xml", "model.int8.bin"} <= set(manifest["files"])
     entry = manifest["models"]["openvino-int8"]
-    assert entry["file"] == mf.VARIANT_FILES["openvino-int8"] == "model.int8.xml"
+    assert entry["file"] == fmt.VARIANT_FILES["openvino-int8"] == "model.int8.xml"
     assert entry["weights"] == "model.int8.bin"
     assert (entry["dtype"], entry["engine"], entry["io_dtype"]) == (
         "int8-static",
@@ -180,7 +181,7 @@ def test_export_writes_the_int8_model_and_its_record(int8_export: Path) -> None:
     # 48 sets: 5 held out, 43 to calibrate on.
     assert entry["calibration"] == {
         "file": "calibration.jsonl",
-        "sha256": mf.sha256_file(int8_export.parent / "calibration.jsonl"),
+        "sha256": fmt.sha256_file(int8_export.parent / "calibration.jsonl"),
         "sets": 43,
         "heldout_sets": 5,
     }
@@ -252,11 +253,12 @@ def test_verify_flags_weights_outside_the_hash_list(int8_export: Path, tmp_path:
 
     copy = tmp_path / "copy"
     shutil.copytree(int8_export, copy)
-    manifest = json.loads((copy / mf.MANIFEST).read_text())
+    manifest = json.loads((copy / fmt.MANIFEST).read_text())
     del manifest["files"]["model.int8.bin"]
     mf.write(copy, manifest)
-    report = verify(copy, remeasure=False)
-    assert "model openvino-int8: weights 'model.int8.bin' not in the hash list" in report.problems
+    # The contract (cappy.export_format) refuses it, for cappy verify as for the service.
+    with pytest.raises(ExportError, match="model openvino-int8 weights 'model.int8.bin' has no"):
+        verify(copy, remeasure=False)
 
 
 def test_a_failing_gate_ships_nothing_but_keeps_the_record(
@@ -278,7 +280,7 @@ def test_a_failing_gate_ships_nothing_but_keeps_the_record(
     assert summary["models"] == ["fp32"]
     assert summary["parity"]["openvino-int8"]["status"] == "failed"
     assert "quantise int8 (OpenVINO)" in captured.err
-    manifest = json.loads((out / mf.MANIFEST).read_text())
+    manifest = json.loads((out / fmt.MANIFEST).read_text())
     assert "openvino-int8" not in manifest["models"]
     record = manifest["parity"]["openvino-int8"]
     assert record["status"] == "failed" and record["reason"].startswith("max |diff|")

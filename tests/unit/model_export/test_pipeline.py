@@ -17,7 +17,7 @@ import torch
 from onnx import numpy_helper
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from model_export import manifest as mf
+from cappy import export_format as fmt
 from model_export import onnx_export
 from model_export.errors import ExportError
 from model_export.pipeline import ExportOptions, ExportResult, export
@@ -48,7 +48,7 @@ def _torch_scores(checkpoint: Path, max_length: int) -> np.ndarray:
 
 
 def _onnx_scores(export_dir: Path, file: str) -> np.ndarray:
-    manifest = json.loads((export_dir / mf.MANIFEST).read_text())
+    manifest = json.loads((export_dir / fmt.MANIFEST).read_text())
     batch = _encode(export_dir, manifest["max_length"], "np")
     session = ort.InferenceSession(str(export_dir / file), providers=["CPUExecutionProvider"])
     feeds = {name: batch[name].astype(np.int64) for name in manifest["inputs"]}
@@ -59,7 +59,7 @@ def _onnx_scores(export_dir: Path, file: str) -> np.ndarray:
 def test_export_matches_pytorch_and_verifies(name: str, request: pytest.FixtureRequest) -> None:
     export_dir: Path = request.getfixturevalue(f"{name}_export")
     checkpoint: Path = request.getfixturevalue(f"{name}_checkpoint")
-    manifest = json.loads((export_dir / mf.MANIFEST).read_text())
+    manifest = json.loads((export_dir / fmt.MANIFEST).read_text())
 
     assert manifest["max_length"] == 512
     assert manifest["opset"] == onnx_export.OPSET
@@ -100,14 +100,14 @@ def test_export_matches_pytorch_and_verifies(name: str, request: pytest.FixtureR
 
 
 def test_bert_export_takes_token_type_ids(minilm_export: Path) -> None:
-    manifest = json.loads((minilm_export / mf.MANIFEST).read_text())
+    manifest = json.loads((minilm_export / fmt.MANIFEST).read_text())
     assert manifest["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
     assert manifest["architecture"]["model_type"] == "bert"
     assert manifest["pad_token_id"] == 0
 
 
 def test_roberta_export_has_no_token_type_ids(tiny_export: Path) -> None:
-    manifest = json.loads((tiny_export / mf.MANIFEST).read_text())
+    manifest = json.loads((tiny_export / fmt.MANIFEST).read_text())
     assert manifest["inputs"] == ["input_ids", "attention_mask"]
     assert manifest["source"]["kind"] == "local"
 
@@ -324,7 +324,11 @@ def test_an_unmeasured_variant_ships_ungated_and_is_not_served_silently(
     assert line.endswith("not gated: served only when ungated variants are allowed")
 
     export_dir = ExportDir.load(out)
-    assert export_dir.gated and export_dir.is_gated("fp32") and not export_dir.is_gated("fp16")
+    assert (
+        export_dir.gated
+        and export_dir.manifest.verdict("fp32") == "gated"
+        and not export_dir.manifest.verdict("fp16") == "gated"
+    )
     assert not export_dir.has_variant("fp16")
     with pytest.raises(ExportDirError, match=r"not gated; refusing to serve it \(set CAPPY_ALLOW"):
         export_dir.model_path("fp16")

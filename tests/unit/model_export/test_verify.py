@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cappy import export_format as fmt
 from model_export import manifest as mf
 from model_export.errors import ExportError
 from model_export.verify import verify
@@ -39,7 +40,7 @@ def test_verify_detects_a_missing_file(tiny_copy: Path) -> None:
 
 
 def test_verify_refuses_recorded_parity_failure(tiny_copy: Path) -> None:
-    manifest = json.loads((tiny_copy / mf.MANIFEST).read_text())
+    manifest = json.loads((tiny_copy / fmt.MANIFEST).read_text())
     manifest["parity"]["fp32"]["status"] = "failed"
     mf.write(tiny_copy, manifest)
     report = verify(tiny_copy, remeasure=False)
@@ -47,13 +48,13 @@ def test_verify_refuses_recorded_parity_failure(tiny_copy: Path) -> None:
 
 
 def test_verify_refuses_a_directory_without_manifest(tiny_copy: Path) -> None:
-    (tiny_copy / mf.MANIFEST).unlink()
+    (tiny_copy / fmt.MANIFEST).unlink()
     with pytest.raises(ExportError, match="no cappy_export.json"):
         verify(tiny_copy)
 
 
 def test_verify_skips_remeasure_when_source_is_gone(tiny_copy: Path) -> None:
-    manifest = json.loads((tiny_copy / mf.MANIFEST).read_text())
+    manifest = json.loads((tiny_copy / fmt.MANIFEST).read_text())
     manifest["source"]["model"] = "/nonexistent/checkpoint"
     mf.write(tiny_copy, manifest)
     report = verify(tiny_copy)
@@ -62,14 +63,14 @@ def test_verify_skips_remeasure_when_source_is_gone(tiny_copy: Path) -> None:
 
 
 def test_an_old_manifest_without_mode_reads_as_gated(tiny_copy: Path) -> None:
-    manifest = json.loads((tiny_copy / mf.MANIFEST).read_text())
+    manifest = json.loads((tiny_copy / fmt.MANIFEST).read_text())
     del manifest["parity"]["mode"]
     for variant in manifest["models"]:
         manifest["parity"][variant].pop("gated")
     mf.write(tiny_copy, manifest)
     report = verify(tiny_copy, remeasure=False)
     assert report.ok and report.gated
-    assert mf.is_gated(mf.read(tiny_copy), "fp32")
+    assert mf.read(tiny_copy).verdict("fp32") == "gated"
 
 
 def test_verify_refuses_a_missing_directory(tmp_path: Path) -> None:
