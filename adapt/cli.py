@@ -67,12 +67,11 @@ def _upstream_flags(parser: argparse.ArgumentParser, *, required_for: str) -> No
         "never pass a key on the command line",
     )
     parser.add_argument(
-        "--max-tokens", type=int, default=64, help="new tokens per sample (default: 64)"
+        "--max-tokens", type=int, help="new tokens per sample (default: %(default)s)"
     )
     parser.add_argument(
         "--endpoint",
         choices=("chat", "completions"),
-        default="chat",
         help="chat: the instruction as one user message (default); completions: as the prompt",
     )
     parser.add_argument(
@@ -86,17 +85,21 @@ def _upstream_flags(parser: argparse.ArgumentParser, *, required_for: str) -> No
     parser.add_argument(
         "--concurrency",
         type=int,
-        default=1,
-        help="upstream calls in flight (default: 1; llama.cpp's server runs one at a time)",
+        help="upstream calls in flight (default: %(default)s; llama.cpp's server runs one at a "
+        "time)",
     )
     parser.add_argument(
-        "--timeout", type=float, default=120.0, help="seconds per call, retries included"
+        "--timeout",
+        dest="timeout_s",
+        type=float,
+        metavar="SECONDS",
+        help="seconds per call, retries included (default: %(default)s)",
     )
     parser.add_argument(
         "--max-failures",
         type=int,
-        default=50,
-        help="stop after this many failed calls (default: 50); failed samples are asked again "
+        help="stop after this many failed calls (default: %(default)s); failed samples are asked "
+        "again "
         "on the next run",
     )
 
@@ -130,10 +133,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument(
         "--samples-per-example",
         type=int,
-        default=17,
         metavar="N",
         help="LLM samples per example, 0-17, taken round-robin over the paper's recipe "
-        "(default: 17, the whole recipe; 0: no LLM, ground truth and mismatches only)",
+        "(default: %(default)s, the whole recipe; 0: no LLM, ground truth and mismatches only)",
     )
     data.add_argument(
         "--sampled-examples-per-task",
@@ -147,7 +149,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument(
         "--no-mismatch", dest="mismatch", action="store_false", help="no mismatched pairs"
     )
-    data.add_argument("--seed", type=int, default=0, help="seeds, mismatches, shuffle (default 0)")
+    data.add_argument("--seed", type=int, help="seeds, mismatches, shuffle (default %(default)s)")
     data.add_argument(
         "--cache",
         type=Path,
@@ -156,6 +158,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     _upstream_flags(data, required_for="required unless --samples-per-example 0")
     data.add_argument("--quiet", action="store_true", help="no progress bars")
+    _defaults_from(data, "adapt.data", "DataOptions")
     data.set_defaults(handler=_data)
 
     train = steps.add_parser(
@@ -182,29 +185,29 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="where the fine-tuned checkpoint goes (default: OUT.checkpoint)",
     )
     train.add_argument("--revision", default=None, help="hub revision of --base")
-    train.add_argument("--steps", type=int, default=400, help="optimiser steps (default: 400)")
+    train.add_argument("--steps", type=int, help="optimiser steps (default: %(default)s)")
     train.add_argument(
-        "--lr", dest="learning_rate", type=float, default=2e-5, help="peak lr (default: 2e-5)"
+        "--lr", dest="learning_rate", type=float, help="peak lr (default: %(default)s)"
     )
     train.add_argument(
-        "--warmup-ratio", type=float, default=0.1, help="linear warm-up share (default: 0.1)"
+        "--warmup-ratio", type=float, help="linear warm-up share (default: %(default)s)"
     )
     train.add_argument(
         "--effective-batch",
         type=int,
-        default=256,
-        help="pairs per optimiser step: micro-batch x accumulation x processes (default: 256)",
+        help="pairs per optimiser step: micro-batch x accumulation x processes "
+        "(default: %(default)s)",
     )
     train.add_argument(
-        "--micro-batch", type=int, default=16, help="pairs per forward pass (default: 16)"
+        "--micro-batch", type=int, help="pairs per forward pass (default: %(default)s)"
     )
-    train.add_argument("--max-length", type=int, default=512, help="tokens per pair (default: 512)")
-    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW (default: 0)")
+    train.add_argument("--max-length", type=int, help="tokens per pair (default: %(default)s)")
+    train.add_argument("--weight-decay", type=float, help="AdamW (default: %(default)s)")
+    train.add_argument("--optim", help="Trainer optimiser name (default: %(default)s)")
+    train.add_argument("--seed", type=int, help="training seed (default: %(default)s)")
     train.add_argument(
-        "--optim", default="adamw_torch", help="Trainer optimiser name (default: adamw_torch)"
+        "--logging-steps", type=int, help="loss logged every N steps (default: %(default)s)"
     )
-    train.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
-    train.add_argument("--logging-steps", type=int, default=10, help="loss logged every N steps")
     train.add_argument(
         "--bf16",
         action="store_true",
@@ -219,9 +222,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--eval-fraction",
         type=float,
-        default=0.1,
         help="share of each task's examples held out, all of an example's pairs together, and "
-        "evaluated (default: 0.1; 0: none, no early stop)",
+        "evaluated (default: %(default)s; 0: none, no early stop)",
     )
     train.add_argument(
         "--eval-steps",
@@ -234,11 +236,10 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--early-stopping-patience",
         type=int,
-        default=5,
         metavar="N",
         help="stop after N evaluations without a better held-out selection Rouge-L (or ground "
-        "truth above mismatch, without samples); the best checkpoint is kept (default: 5; 0: "
-        "train every step, still keeping the best)",
+        "truth above mismatch, without samples); the best checkpoint is kept (default: "
+        "%(default)s; 0: train every step, still keeping the best)",
     )
     train.add_argument(
         "--resume",
@@ -264,13 +265,13 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "--listwise",
         dest="listwise_weight",
         type=float,
-        default=0.0,
         metavar="WEIGHT",
         help="add WEIGHT x a listwise loss ranking each example's candidates against their "
-        "labels (batches then hold whole examples; default: 0, MSE alone)",
+        "labels (batches then hold whole examples; default: %(default)s, MSE alone)",
     )
     train.add_argument("--int8", action="store_true", help="export model.int8.onnx as well")
     add_export_flags(train, force_help="replace OUT and the checkpoint if they exist")
+    _defaults_from(train, "adapt.train", "TrainOptions")
     train.set_defaults(handler=_train)
 
     evaluate = subparsers.add_parser(
@@ -297,24 +298,38 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     _examples_flags(evaluate)
     evaluate.add_argument(
-        "--seed", type=int, default=0, help="call seeds and the random pick (default 0)"
+        "--seed", type=int, help="call seeds and the random pick (default %(default)s)"
     )
     _upstream_flags(evaluate, required_for="without it, every sample must be in the cache")
     evaluate.add_argument(
         "--engine",
         choices=("onnxruntime", "openvino", "auto"),
-        default="onnxruntime",
-        help="scorer engine (default: onnxruntime fp32, the exact scores)",
+        help="scorer engine (default: %(default)s, fp32: the exact scores)",
     )
     evaluate.add_argument(
-        "--precision", default="fp32", help="scorer precision (default: fp32; auto, bf16, int8)"
+        "--precision", help="scorer precision (default: %(default)s; auto, bf16, int8)"
     )
     evaluate.add_argument("--threads", type=int, default=None, help="scorer threads")
     evaluate.add_argument(
         "--allow-ungated", action="store_true", help="accept an export made with --parity record"
     )
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    _defaults_from(evaluate, "adapt.evaluate", "EvalOptions")
     evaluate.set_defaults(handler=_eval)
+
+
+def _defaults_from(parser: argparse.ArgumentParser, module: str, name: str) -> None:
+    """Each flag of `parser` whose destination is a field of the options dataclass takes that
+    field's default: the default is stated once, in the dataclass."""
+    import importlib
+
+    cls = getattr(importlib.import_module(module), name)
+    fields = {
+        f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+    }
+    parser.set_defaults(
+        **{a.dest: fields[a.dest] for a in parser._actions if a.dest in fields}  # noqa: SLF001
+    )
 
 
 def _options(cls: type[_Options], args: argparse.Namespace, **derived: Any) -> _Options:
@@ -333,7 +348,6 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
     comes from the environment only, never from a flag."""
     return {
         "api_key": os.environ.get(args.api_key_env) or None,
-        "timeout_s": args.timeout,
         "progress": not args.quiet,
     }
 
