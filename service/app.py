@@ -7,13 +7,14 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from functools import partial
 from importlib import metadata
 from pathlib import Path
 
 from fastapi import Depends, FastAPI
+from starlette.routing import BaseRoute
 
 from service.deps import ProxyState, require_api_key
 from service.engine.batcher import BatcherConfig
@@ -123,6 +124,12 @@ async def reload_from_settings(runtime: ScoringRuntime) -> None:
         logger.info("SIGHUP: serving %s", answer["model"])
 
 
+def _paths(routes: Iterable[BaseRoute]) -> set[str]:
+    """The paths of `routes` (routers are included without a prefix: their paths are the
+    app's)."""
+    return {path for route in routes if isinstance(path := getattr(route, "path", None), str)}
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app for `settings.model`: an export directory, or a checkpoint or hub id that is
     exported (once, into `settings.cache_dir`) in the background while /health already answers
@@ -165,19 +172,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.state.proxy = upstream
     register_exception_handlers(app)
+    protected = (health.info_router, scoring.router, proxy.router, admin.router)
     app.include_router(health.router)
-    app.include_router(health.info_router, dependencies=[Depends(require_api_key)])
-    app.include_router(scoring.router, dependencies=[Depends(require_api_key)])
-    app.include_router(proxy.router, dependencies=[Depends(require_api_key)])
-    app.include_router(admin.router, dependencies=[Depends(require_api_key)])
+    for router in protected:
+        app.include_router(router, dependencies=[Depends(require_api_key)])
     # The public routes are those of health.router plus FastAPI's OpenAPI pages; every other
     # path wants the key when keys are set (checked before the body is read).
     docs = (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
-    public = {str(getattr(route, "path", "")) for route in health.router.routes}
-    public |= {url for url in docs if url}
+    public = _paths(health.router.routes) | {url for url in docs if url}
+    # Every route the app has (read from the routers: newer FastAPI lists an included router
+    # as one entry of app.routes) is its own `route` label of the metrics; any other path is
+    # "other".
+    routes = public.union(_paths(app.routes), *(_paths(router.routes) for router in protected))
     # Added innermost first: metrics, shutdown, API key, body limit, then the routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_list(), public_paths=public)
     app.add_middleware(ShutdownMiddleware)
-    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(MetricsMiddleware, routes=routes)
     return app

@@ -86,10 +86,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     # A checkpoint or hub id is exported in the background once the port is open (/ready says
-    # "exporting"); see service.app.create_app.
-    settings = settings.model_copy(
-        update={"model_name": settings.model_name or _display_name(settings.model)}
-    )
+    # "exporting"); see service.app.create_app. The name the API reports follows the served
+    # export, across reloads (service.model_source.display_name).
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
@@ -113,11 +111,6 @@ def _serve(args: argparse.Namespace) -> int:
     if not server.started:
         return 3  # uvicorn's own code for a server that could not start (port taken...)
     return 0
-
-
-def _display_name(model: str) -> str:
-    """`btan2/cappy-large` -> `cappy-large`; a path -> its last component."""
-    return model.rstrip("/").split("/")[-1] or model
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,24 +22,6 @@ from service.errors import ApiError, error_response
 
 logger = logging.getLogger(__name__)
 
-_KNOWN_ROUTES = frozenset(
-    {
-        "/score",
-        "/select",
-        "/v1/rerank",
-        "/v2/rerank",
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/models",
-        "/health",
-        "/ready",
-        "/info",
-        "/metrics",
-        "/docs",
-        "/openapi.json",
-    }
-)
-
 
 async def _answer(error: ApiError, scope: Scope, receive: Receive, send: Send) -> None:
     await error_response(error)(scope, receive, send)
@@ -182,7 +164,7 @@ class ShutdownMiddleware(_HttpMiddleware):
             logger.warning(
                 "%s %s cut short by the server's shutdown: answered 503",
                 scope.get("method", ""),
-                _route(scope),
+                _route(scope) or "(no route)",
             )
             error = ApiError(
                 503,
@@ -195,7 +177,16 @@ class ShutdownMiddleware(_HttpMiddleware):
 
 
 class MetricsMiddleware(_HttpMiddleware):
-    """Observes `cappy_request_duration_seconds{route, status}` for every HTTP request."""
+    """Observes `cappy_request_duration_seconds{route, status}` for every HTTP request.
+
+    `routes` are the app's route paths (collected by `create_app`): each is its own label, and
+    every other path is "other", so that the label's values stay bounded whatever paths clients
+    send.
+    """
+
+    def __init__(self, app: ASGIApp, routes: Collection[str]) -> None:
+        super().__init__(app)
+        self.routes = frozenset(routes)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -210,13 +201,19 @@ class MetricsMiddleware(_HttpMiddleware):
             await self.app(scope, receive, capture)
         finally:
             metrics.REQUEST_DURATION.labels(
-                route=_route(scope), status=str(status["code"])
+                route=self._label(scope), status=str(status["code"])
             ).observe(time.perf_counter() - started)
 
+    def _label(self, scope: Scope) -> str:
+        """The matched route's path, else the request's path when it is one of the app's routes
+        (answered before routing: a 401 from the API-key check, a 413 from the body limit),
+        else "other"."""
+        path = _route(scope) or scope.get("path", "")
+        return path if path in self.routes else "other"
 
-def _route(scope: Scope) -> str:
-    """The route template when matched, else the path if it is one of ours, else "other"
-    (unbounded label values would blow up the metric's cardinality)."""
-    route = scope.get("route")
-    path = getattr(route, "path", None) or scope.get("path", "")
-    return path if path in _KNOWN_ROUTES else "other"
+
+def _route(scope: Scope) -> str | None:
+    """The path template of the route the request matched; None before routing or without a
+    match."""
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) else None

@@ -1,6 +1,7 @@
 """`--model` for serving: an export directory is used as is; a local checkpoint or a hub id is
 exported once (by `cappy export` in a subprocess: the service never imports torch) into the
-cache directory and reused on the next start."""
+cache directory and reused on the next start. Also the name the API reports for the export
+being served (`display_name`)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cappy.export_format import MANIFEST
+
+if TYPE_CHECKING:
+    from service.engine.export_dir import ExportDir
+    from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +49,29 @@ def _fingerprint(model: str) -> str:
 def cache_path(model: str, cache_dir: Path) -> Path:
     name = re.sub(r"[^A-Za-z0-9._-]+", "--", model.strip("/~.")).strip("-") or "model"
     return cache_dir / f"{name[-80:]}-{_fingerprint(model)}"
+
+
+def display_name(settings: Settings, export: ExportDir | None) -> str:
+    """The name the API reports for the scorer: `CAPPY_MODEL_NAME` when set, else the name of
+    the export being served, which changes with a reload.
+
+    That is the export directory's name, except for an export this service made in its cache
+    from a checkpoint or hub id (named `<model>-<fingerprint>`): it is named after that
+    checkpoint or hub id, as the operator named it (`btan2/cappy-large` -> `cappy-large`).
+    Before a model is loaded: the last component of `CAPPY_MODEL`.
+    """
+    if settings.model_name:
+        return settings.model_name
+    if export is None:
+        return _last_component(settings.model)
+    if export.path.parent == settings.cache_dir.resolve():
+        return _last_component(str(export.manifest.source.get("model") or settings.model))
+    return export.path.name or _last_component(settings.model)
+
+
+def _last_component(model: str) -> str:
+    """`btan2/cappy-large` -> `cappy-large`; a path -> its last component."""
+    return model.rstrip("/").split("/")[-1] or model
 
 
 # A Hugging Face hub id: "name" or "owner/name".

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from types import NoneType
+from typing import Any, Literal, get_args
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.engine.types import Device, Engine, Precision
+
+# What an operator writes to unset a setting (any case); see Settings._empty_or_unset.
+_UNSET_WORDS = frozenset({"null", "none"})
 
 
 class Settings(BaseSettings):
@@ -29,7 +34,9 @@ class Settings(BaseSettings):
         description="Where exports of checkpoints and hub ids are kept between starts.",
     )
     model_name: str | None = Field(
-        None, description="Name the API reports for the scorer (default: the model's name)."
+        None,
+        description="Name the API reports for the scorer (default: the served export's name, "
+        "which follows a reload).",
     )
     device: Device = Field("auto", description="auto: CUDA when ONNX Runtime sees a GPU, else CPU.")
     engine: Engine = Field(
@@ -215,6 +222,29 @@ class Settings(BaseSettings):
         description="SSE keep-alive comment interval while samples are gathered; a stream's status "
         "line waits this long for the outcome.",
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_or_unset(cls, value: Any, info: ValidationInfo) -> Any:
+        """An empty value (`CAPPY_X=`, what compose and Kubernetes pass for `X: ""`) means the
+        setting's default; `null` or `none` (any case) means unset, for a setting that has an
+        unset mode (its type allows None), and is refused with a reason for one that has not."""
+        if not isinstance(value, str) or info.field_name is None:
+            return value
+        field = cls.model_fields[info.field_name]
+        text = value.strip()
+        if not text:
+            return field.default
+        if text.lower() in _UNSET_WORDS:
+            if NoneType in get_args(field.annotation):
+                return None
+            raise PydanticCustomError(
+                "no_unset_mode",
+                "'{value}' means unset, and this setting cannot be unset; leave it empty for "
+                "its default, {default}",
+                {"value": value, "default": str(field.default)},
+            )
+        return value
 
     @field_validator("cache_dir", mode="after")
     @classmethod

@@ -6,6 +6,8 @@ service has no keys (CAPPY_API_KEYS unset): a model switch is not for anonymous 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 from pathlib import Path
 from typing import Any
@@ -47,11 +49,11 @@ async def reload_model(runtime: ScoringRuntime, directory: str) -> dict[str, Any
         raise ApiError(409, f"{exc}.", code="reload_refused") from exc
     except Exception as exc:  # any reason the directory cannot be loaded: the old one serves on
         logger.warning("reload to %s refused", directory, exc_info=exc)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if not isinstance(exc, ExportDirError | ScorerError):
-            reason = f"{type(exc).__name__}: {reason}"
         raise ApiError(
-            400, f"{reason}; still serving {previous}.", param="model", code="bad_model"
+            400,
+            f"{_refusal(exc, directory)}; still serving the current model.",
+            param="model",
+            code="bad_model",
         ) from exc
     assert runtime.export is not None
     return {
@@ -78,3 +80,36 @@ async def reload(body: ReloadRequest, runtime: RuntimeDep, settings: SettingsDep
     if not runtime.ready:
         raise ApiError(503, "The scorer is not serving yet.", type="server_error", code="not_ready")
     return await reload_model(runtime, body.model)
+
+
+# Longest path an answer repeats whole; a longer one is cut (a client may send 4 KiB of it).
+_SHOWN_CHARS = 80
+
+
+def _shown(directory: str) -> str:
+    """The path as the client sent it, cut short past `_SHOWN_CHARS`."""
+    if len(directory) <= _SHOWN_CHARS:
+        return directory
+    return f"{directory[: _SHOWN_CHARS // 2]}... ({len(directory)} characters)"
+
+
+def _refusal(exc: Exception, directory: str) -> str:
+    """Why `directory` cannot be served, for the client: in the service's words, naming the
+    directory as the client sent it, with no exception class and no other server path (the
+    details go to the log)."""
+    shown = _shown(directory)
+    if isinstance(exc, ExportDirError | ScorerError):
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "cannot be served"
+        # These name the directory as the engine resolved it (absolute, links followed).
+        with contextlib.suppress(OSError, RuntimeError):
+            reason = reason.replace(str(Path(directory).expanduser().resolve()), shown)
+        return reason if reason.startswith(shown) else f"{shown}: {reason}"
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENAMETOOLONG:
+            return f"{shown}: the path is too long for the server's file system"
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return f"{shown}: no such export directory"
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return f"{shown}: the server is not allowed to read it"
+        return f"{shown}: the server cannot read it"
+    return f"{shown}: its model cannot be loaded (the server's log says why)"

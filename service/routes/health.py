@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import metrics
 from service.deps import OptionalProxyDep, ProxyState, RuntimeDep, SettingsDep
-from service.routes.scoring import model_name
+from service.model_source import display_name
 from service.schemas.common import error_responses
 
 # Public: no API key, ever (service.app collects these paths for the API-key middleware).
@@ -83,7 +83,7 @@ async def info(
     manifest = export.manifest if export is not None else None
     described = runtime.describe()
     return {
-        "model": model_name(runtime, settings),
+        "model": display_name(settings, runtime.export),
         "ready": runtime.ready,
         "source": manifest.source if manifest else None,
         "architecture": manifest.architecture if manifest else None,

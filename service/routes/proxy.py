@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from service.cancellation import ClientDisconnected, cancel_on_disconnect
 from service.deps import OptionalProxyDep, ProxyDep, ProxyState, ReadyRuntimeDep, SettingsDep
 from service.errors import client_closed, envelope_for
-from service.routes.scoring import model_name
+from service.model_source import display_name
 from service.schemas.common import error_responses
 from service.schemas.openai import (
     ChatCompletionRequest,
@@ -148,7 +148,7 @@ async def list_models(
         models = [m for m in upstream.get("data", []) if isinstance(m, dict)]
     models.append(
         {
-            "id": model_name(runtime, settings),
+            "id": display_name(settings, runtime.export),
             "object": "model",
             "created": 0,
             "owned_by": "cappy-serve",

@@ -17,6 +17,7 @@ from service.deps import ReadyRuntimeDep, SettingsDep
 from service.engine.batcher import ScoredPair
 from service.engine.runtime import ScoringRuntime
 from service.errors import ApiError, client_closed
+from service.model_source import display_name
 from service.schemas.common import Usage, error_responses
 from service.schemas.scoring import (
     ApiVersion,
@@ -42,15 +43,6 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["scoring"])
 _ERRORS = error_responses(400, 401, 413, 429, 500, 503, 504)
-
-
-def model_name(runtime: ScoringRuntime, settings: Settings) -> str:
-    if settings.model_name:
-        return settings.model_name
-    if runtime.export is not None:
-        source = str(runtime.export.manifest.source.get("model") or "cappy")
-        return source.rstrip("/").split("/")[-1]
-    return "cappy"
 
 
 def _check_count(count: int, param: str, settings: Settings) -> None:
@@ -122,7 +114,7 @@ async def score(
         request, response, settings, lambda deadline: runtime.score(pairs, deadline=deadline)
     )
     return ScoreResponse(
-        model=model_name(runtime, settings),
+        model=display_name(settings, runtime.export),
         data=[
             PairScore(index=i, score=r.score, truncated=r.truncated) for i, r in enumerate(results)
         ],
@@ -153,7 +145,7 @@ async def select(
     best = order[0]
     top = order[: body.top_n] if body.top_n else order
     return SelectResponse(
-        model=model_name(runtime, settings),
+        model=display_name(settings, runtime.export),
         index=best,
         candidate=body.candidates[best],
         score=results[best].score,
@@ -207,7 +199,7 @@ async def rerank(
     top = order[: body.top_n] if body.top_n else order
     return RerankResponse(
         id=str(uuid.uuid4()),
-        model=model_name(runtime, settings),
+        model=display_name(settings, runtime.export),
         results=[
             RerankResult(
                 index=i,

@@ -19,6 +19,18 @@ ScorerName = Annotated[str | None, Field(description="Ignored if it names the se
 """A request's `model`: accepted for client compatibility, never a choice of scorer."""
 
 
+def _whole_number(value: Any) -> Any:
+    """383.0 -> 383: JSON Schema's integer is any number without a fractional part, and
+    clients (Cohere's own API takes `top_n: 383.0`) send them so; 383.5 stays a float, and is
+    refused as not an integer."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# The constraint before the validator: the schema then says `minimum`, not a bare `ge`.
+PositiveInteger = Annotated[int, Field(strict=True, ge=1), BeforeValidator(_whole_number)]
+"""At least 1, an integer as JSON Schema means it: 3 or 3.0, never 3.5, "3" or true."""
+
+
 def _strict(example: dict[str, Any]) -> ConfigDict:
     """A request's config: unknown fields refused; `example` shown in the API docs."""
     return ConfigDict(extra="forbid", json_schema_extra={"examples": [example]})
@@ -76,10 +88,8 @@ class SelectRequest(RequestModel):
     candidates: list[str] = Field(
         min_length=1, description="Candidate responses; a candidate may be empty."
     )
-    top_n: int | None = Field(
+    top_n: PositiveInteger | None = Field(
         None,
-        ge=1,
-        strict=True,
         description="Length of the returned ranking (default: all candidates); an integer.",
     )
     model: ScorerName = None
@@ -126,8 +136,8 @@ class _RerankRequest(RequestModel):
 
 
 TopN = Annotated[
-    int | None,
-    Field(ge=1, strict=True, description="How many results (default: all); an integer."),
+    PositiveInteger | None,
+    Field(description="How many results (default: all); an integer."),
 ]
 
 
@@ -187,10 +197,8 @@ class V2RerankRequest(_RerankRequest):
         min_length=1, description="Documents (Cappy's responses); a document may be empty."
     )
     top_n: TopN = None
-    max_tokens_per_doc: int | None = Field(
+    max_tokens_per_doc: PositiveInteger | None = Field(
         None,
-        ge=1,
-        strict=True,
         description="Cut each document to about this many tokens before scoring (default: "
         "no cut beyond the model's max length, where every pair is truncated anyway).",
     )

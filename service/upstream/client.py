@@ -60,8 +60,9 @@ class UpstreamConfig:
         timeout_s: deadline of one call, all attempts and back-off sleeps included.
         connect_timeout_s: TCP/TLS connect timeout of one attempt.
         max_in_flight: global cap on upstream calls in flight (all requests together).
-        max_connections: httpx pool size.
-        max_keepalive_connections: idle connections kept open.
+        max_connections: httpx pool size; None: `max_in_flight`, so that the cap, not the
+            pool, decides how many calls run at once (every call holds a connection).
+        max_keepalive_connections: idle connections kept open; None: `max_in_flight`.
         max_attempts: attempts per call (1 = no retries).
         backoff_base_s: first back-off step; doubles per attempt, with jitter.
         backoff_max_s: cap of one back-off step.
@@ -74,8 +75,8 @@ class UpstreamConfig:
     timeout_s: float = 60.0
     connect_timeout_s: float = 5.0
     max_in_flight: int = 64
-    max_connections: int = 100
-    max_keepalive_connections: int = 32
+    max_connections: int | None = None
+    max_keepalive_connections: int | None = None
     max_attempts: int = 3
     backoff_base_s: float = 0.25
     backoff_max_s: float = 8.0
@@ -135,6 +136,7 @@ class UpstreamClient:
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._semaphore = asyncio.Semaphore(config.max_in_flight)
+        pool, keepalive = config.max_connections, config.max_keepalive_connections
         self._http = httpx.AsyncClient(
             base_url=config.base_url,
             transport=transport,
@@ -142,8 +144,8 @@ class UpstreamClient:
                 config.timeout_s, connect=config.connect_timeout_s, pool=config.timeout_s
             ),
             limits=httpx.Limits(
-                max_connections=config.max_connections,
-                max_keepalive_connections=config.max_keepalive_connections,
+                max_connections=config.max_in_flight if pool is None else pool,
+                max_keepalive_connections=config.max_in_flight if keepalive is None else keepalive,
             ),
             headers={"user-agent": "cappy-serve"},
             follow_redirects=False,

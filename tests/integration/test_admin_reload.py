@@ -13,6 +13,7 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
+from service import metrics
 from service.app import create_app, reload_from_settings
 from service.settings import Settings
 from tests.integration.conftest import running_app
@@ -104,3 +105,73 @@ async def test_sighup_rereads_cappy_model(
         monkeypatch.setenv("CAPPY_MODEL", str(second_export / "missing"))
         await reload_from_settings(runtime)  # refused, logged: the model keeps serving
         assert runtime.export.path == second_export.resolve() and runtime.ready
+
+
+def sample(name: str, **labels: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def reported_names(client: httpx.AsyncClient) -> list[str]:
+    """The scorer's name as /select, /score, /v1/rerank, /v1/models and /info report it."""
+    select = {"instruction": "q", "candidates": ["a", "b"]}
+    score = {"pairs": [{"instruction": "q", "response": "a"}]}
+    rerank = {"query": "q", "documents": ["a"]}
+    return [
+        (await client.post("/select", json=select, headers=KEY)).json()["model"],
+        (await client.post("/score", json=score, headers=KEY)).json()["model"],
+        (await client.post("/v1/rerank", json=rerank, headers=KEY)).json()["model"],
+        (await client.get("/v1/models", headers=KEY)).json()["data"][-1]["id"],
+        (await client.get("/info", headers=KEY)).json()["model"],
+    ]
+
+
+async def test_the_reported_name_follows_a_reload(tiny_export: Path, tmp_path: Path) -> None:
+    """Every answer after a reload names the new export (it named the old one: the name was
+    fixed at start); CAPPY_MODEL_NAME still wins. The reload is a route of its own in
+    /metrics."""
+    first, second = tmp_path / "cappy-first", tmp_path / "cappy-second"
+    shutil.copytree(tiny_export, first)
+    shutil.copytree(tiny_export, second)  # the same checkpoint: only the directory differs
+    before = sample("cappy_request_duration_seconds_count", route="/admin/reload", status="200")
+    async with running_app(first, api_keys="admin-key") as client:
+        assert await reported_names(client) == ["cappy-first"] * 5
+        answer = await client.post("/admin/reload", json={"model": str(second)}, headers=KEY)
+        assert answer.status_code == 200, answer.text
+        assert await reported_names(client) == ["cappy-second"] * 5
+        exposition = (await client.get("/metrics")).text
+    assert 'cappy_request_duration_seconds_count{route="/admin/reload",status="200"}' in exposition
+    after = sample("cappy_request_duration_seconds_count", route="/admin/reload", status="200")
+    assert after == before + 1
+    async with running_app(first, api_keys="admin-key", model_name="house-scorer") as client:
+        answer = await client.post("/admin/reload", json={"model": str(second)}, headers=KEY)
+        assert answer.status_code == 200, answer.text
+        assert await reported_names(client) == ["house-scorer"] * 5
+
+
+# (path sent, what the refusal says)
+BAD_PATHS = [
+    ("/" + "0" * 4999, "at most 4096 characters"),  # 5,000 characters: refused as sent
+    ("/tmp/" + "0" * 300, "too long"),  # fits the limit, not the file system (Errno 36)
+    ("/exports/does-not-exist", "/exports/does-not-exist: no such export directory"),
+    ("not/here/relative", "not/here/relative: no such export directory"),
+]
+
+
+async def test_a_bad_path_is_refused_in_the_products_words(tiny_export: Path) -> None:
+    """What is wrong, naming the path as sent (cut short when long), never an exception class
+    or another server path (it said `OSError: [Errno 36] File name too long: '/…/000…'`)."""
+    async with running_app(tiny_export, api_keys="admin-key") as client:
+        answers = [
+            await client.post("/admin/reload", json={"model": model}, headers=KEY)
+            for model, _ in BAD_PATHS
+        ]
+        info = (await client.get("/info", headers=KEY)).json()
+    for answer, (_, says) in zip(answers, BAD_PATHS, strict=True):
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        message = error["message"]
+        assert says in message and error["param"] == "model", message
+        assert len(message) < 200 and "0" * 100 not in message  # a long path is not echoed
+        for internal in ("Error", "Errno", "Exception", str(tiny_export), str(Path.cwd())):
+            assert internal not in message, message
+    assert info["ready"] is True and info["source"]["model"] == tiny_export_source(tiny_export)

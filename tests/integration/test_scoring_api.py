@@ -13,7 +13,12 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from service.schemas.common import ErrorResponse
-from service.schemas.scoring import RerankResponse, ScoreResponse, SelectResponse
+from service.schemas.scoring import (
+    RerankResponse,
+    ScoreResponse,
+    SelectResponse,
+    V2RerankResponse,
+)
 from tests.integration.conftest import GatedScorer, loaded, running_app, wait_ready
 
 EXACT = {"engine": "onnxruntime", "precision": "fp32"}  # the fp32 graph: equal to PyTorch
@@ -93,6 +98,39 @@ async def test_select_and_rerank_rank_by_score(tiny_export: Path, tiny_checkpoin
     ]
     assert rerank.usage.total_tokens == select.usage.total_tokens
     assert "document" not in plain.json()["results"][0]
+
+
+async def test_an_integral_top_n_is_an_integer(tiny_export: Path) -> None:
+    """`top_n: 2.0` is an integer by JSON Schema, and Cohere's API takes it; 2.5 is not."""
+    docs = CANDIDATES[:4]
+    bodies = {
+        "/select": {"instruction": INSTRUCTION, "candidates": docs},
+        "/v1/rerank": {"query": INSTRUCTION, "documents": docs},
+        "/v2/rerank": {"model": "rerank-v3.5", "query": INSTRUCTION, "documents": docs},
+    }
+    async with running_app(tiny_export) as client:
+        whole = {
+            path: await client.post(path, json=b | {"top_n": 2.0}) for path, b in bodies.items()
+        }
+        exact = {path: await client.post(path, json=b | {"top_n": 2}) for path, b in bodies.items()}
+        half = {
+            path: await client.post(path, json=b | {"top_n": 2.5}) for path, b in bodies.items()
+        }
+        cut = await client.post(
+            "/v2/rerank", json=bodies["/v2/rerank"] | {"max_tokens_per_doc": 8.0}
+        )
+    select = SelectResponse.model_validate(whole["/select"].json())
+    assert select.ranking == SelectResponse.model_validate(exact["/select"].json()).ranking
+    assert len(select.ranking) == 2
+    assert RerankResponse.model_validate(whole["/v1/rerank"].json()).results == (
+        RerankResponse.model_validate(exact["/v1/rerank"].json()).results
+    )
+    v2 = V2RerankResponse.model_validate(whole["/v2/rerank"].json())
+    assert v2.results == V2RerankResponse.model_validate(exact["/v2/rerank"].json()).results
+    assert len(v2.results) == 2
+    assert cut.status_code == 200, cut.text
+    for path, answer in half.items():
+        assert assert_error(answer, 400)["param"] == "top_n", path
 
 
 async def test_ties_go_to_the_lower_index(tiny_export: Path) -> None:

@@ -6,11 +6,20 @@ import fcntl
 import logging
 import threading
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from service import model_source
-from service.model_source import ModelSourceError, check_model_source, is_export_dir
+from service.model_source import (
+    ModelSourceError,
+    cache_path,
+    check_model_source,
+    display_name,
+    is_export_dir,
+)
+from service.settings import Settings
 
 
 @pytest.mark.parametrize("model", ["btan2/cappy-large", "roberta-large", "org/name.v2_x-1"])
@@ -83,3 +92,28 @@ def test_a_replica_waits_for_anothers_export_and_uses_it(tmp_path: Path) -> None
         (target / "cappy_export.json").write_text("{}")
     waiting.join(30)
     assert found == [target]
+
+
+def _served(path: Path, source: str) -> Any:
+    """What display_name reads of a served export: its directory and its manifest's source."""
+    return SimpleNamespace(path=path, manifest=SimpleNamespace(source={"model": source}))
+
+
+def test_the_display_name_is_the_served_exports(tmp_path: Path) -> None:
+    tmp_path = tmp_path.resolve()  # served exports' paths are resolved
+    settings = Settings(model=str(tmp_path / "exports" / "cappy-v1"), cache_dir=tmp_path / "cache")
+    assert display_name(settings, None) == "cappy-v1"  # before the model is loaded
+    # An export directory: its own name (two exports of one checkpoint differ by it).
+    v2 = _served(tmp_path / "exports" / "cappy-v2", "btan2/cappy-large")
+    assert display_name(settings, v2) == "cappy-v2"
+    # One this service exported into its cache: named after what was exported.
+    cached = _served(cache_path("btan2/cappy-large", settings.cache_dir), "btan2/cappy-large")
+    assert display_name(settings, cached) == "cappy-large"
+    checkpoint = str(tmp_path / "checkpoints" / "my-scorer")
+    cached = _served(cache_path(checkpoint, settings.cache_dir), checkpoint)
+    assert display_name(settings, cached) == "my-scorer"
+    # CAPPY_MODEL_NAME wins whatever is served.
+    named = settings.model_copy(update={"model_name": "house-scorer"})
+    assert display_name(named, v2) == display_name(named, None) == "house-scorer"
+    hub = Settings(model="btan2/cappy-large", cache_dir=tmp_path / "cache")
+    assert display_name(hub, None) == "cappy-large"

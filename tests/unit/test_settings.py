@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
+from types import NoneType, SimpleNamespace
+from typing import get_args
 
 import pytest
 from pydantic import ValidationError
@@ -90,3 +91,53 @@ async def test_the_chat_instruction_budget_is_a_setting(monkeypatch: pytest.Monk
     finally:
         await default.client.aclose()
         await budgeted.client.aclose()
+
+
+def _clear_cappy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in Settings.model_fields:
+        monkeypatch.delenv(f"CAPPY_{name.upper()}", raising=False)
+
+
+def _allows_none(name: str) -> bool:
+    return NoneType in get_args(Settings.model_fields[name].annotation)
+
+
+@pytest.mark.parametrize("name", list(Settings.model_fields))
+def test_an_empty_variable_means_the_default(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`VAR: ""` in compose or Kubernetes reaches the service as `CAPPY_VAR=`: the default
+    (None for a setting whose default is unset), never an error."""
+    _clear_cappy_environment(monkeypatch)
+    monkeypatch.setenv(f"CAPPY_{name.upper()}", "")
+    default = Settings.model_fields[name].default
+    assert getattr(Settings(), name) == default
+    monkeypatch.setenv(f"CAPPY_{name.upper()}", "  ")
+    assert getattr(Settings(), name) == default
+
+
+@pytest.mark.parametrize("word", ["null", "None", "NULL", " none "])
+@pytest.mark.parametrize("name", list(Settings.model_fields))
+def test_null_unsets_what_can_be_unset(
+    name: str, word: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _clear_cappy_environment(monkeypatch)
+    monkeypatch.setenv(f"CAPPY_{name.upper()}", word)
+    if _allows_none(name):
+        assert getattr(Settings(), name) is None
+        return
+    with pytest.raises(ValidationError) as raised:
+        Settings()
+    error = raised.value.errors()[0]
+    assert error["loc"] == (name,)
+    assert "cannot be unset" in error["msg"]
+    assert str(Settings.model_fields[name].default) in error["msg"]  # says what empty gives
+
+
+def test_the_queue_wait_can_be_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The documented "unset: the token cap alone" mode; empty keeps the 10 s default."""
+    _clear_cappy_environment(monkeypatch)
+    monkeypatch.setenv("CAPPY_MAX_QUEUE_WAIT_S", "null")
+    assert Settings().max_queue_wait_s is None
+    monkeypatch.setenv("CAPPY_MAX_QUEUE_WAIT_S", "")
+    assert Settings().max_queue_wait_s == 10.0
+    monkeypatch.setenv("CAPPY_MAX_QUEUE_WAIT_S", "2.5")
+    assert Settings().max_queue_wait_s == 2.5

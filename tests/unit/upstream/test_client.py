@@ -8,6 +8,8 @@ import email.utils
 import json
 import logging
 import time
+from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
@@ -346,3 +348,29 @@ async def test_lone_surrogates_in_samples_are_repaired_and_counted(mock):
     assert sample("cappy_upstream_samples_repaired_total", reason="lone_surrogate") == before + 2
     # What the proxy answers with must now be writable as UTF-8 JSON.
     json.dumps(payload, ensure_ascii=False).encode("utf-8")
+
+
+@pytest.mark.parametrize("max_in_flight", [1, 64, 150, 4096])
+async def test_the_connection_pool_follows_the_in_flight_setting(
+    max_in_flight: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CAPPY_UPSTREAM_MAX_IN_FLIGHT goes up to 4096: a pool fixed at 100 connections would
+    queue every call past the 100th on the pool instead of letting the setting decide."""
+    from service.app import proxy_state
+    from service.settings import Settings
+
+    pools: list[httpx.Limits] = []
+
+    class RecordingClient(httpx.AsyncClient):
+        def __init__(self, *args: Any, limits: httpx.Limits, **kwargs: Any) -> None:
+            pools.append(limits)
+            super().__init__(*args, limits=limits, **kwargs)
+
+    monkeypatch.setattr(httpx, "AsyncClient", RecordingClient)
+    settings = Settings(upstream_base_url=BASE, upstream_max_in_flight=max_in_flight)
+    proxy = proxy_state(settings, SimpleNamespace(rank=None))
+    assert proxy is not None
+    await proxy.client.aclose()
+    assert len(pools) == 1
+    assert pools[0].max_connections == max_in_flight
+    assert pools[0].max_keepalive_connections == max_in_flight
