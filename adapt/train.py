@@ -394,6 +394,7 @@ def train(options: TrainOptions) -> TrainResult:
         callbacks=callbacks,
         listwise_weight=options.listwise_weight,
         head_learning_rate=options.head_learning_rate,
+        sort_within_steps=not options.group_by_length,
     )
     resumed = _last_checkpoint(options.scratch_dir) if options.resume else None
     if options.resume and resumed is None:

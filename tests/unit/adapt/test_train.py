@@ -404,3 +404,19 @@ def test_mean_pooling_trains_exports_and_is_kept_from_the_base(
     assert json.loads((again.checkpoint / "config.json").read_text())[POOLING_KEY] == "mean"
     with pytest.raises(AdaptError, match="--pooling cls would train a head it does not use"):
         train(_options(examples_file, result.checkpoint, tmp_path / "cls", steps=1, pooling="cls"))
+
+
+def test_each_steps_random_pairs_are_sorted_by_length_before_micro_batches() -> None:
+    """The pairs of one optimiser step are a random draw, cut into micro-batches by length."""
+    from adapt.trainer import StepSortedSampler
+
+    lengths = [random.Random(i).randint(5, 500) for i in range(100)]
+    sampler = StepSortedSampler(lengths, step=32, seed=0)
+    first, second = list(sampler), list(sampler)
+    assert sorted(first) == sorted(second) == list(range(100))
+    assert first != second  # a new order each epoch
+    for order in (first, second):
+        windows = [order[i : i + 32] for i in range(0, 100, 32)]
+        assert all([lengths[j] for j in w] == sorted(lengths[j] for j in w) for w in windows)
+    # Not sorted across steps: each step is its own random draw.
+    assert [lengths[j] for j in first] != sorted(lengths)
