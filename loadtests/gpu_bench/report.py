@@ -3,22 +3,15 @@ row per phase) and the one-line summary of a phase in the progress log."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from loadtests.device_run import cell, machine_lines, save_report, table_row
 
 
 def write(out: Path, report: dict[str, Any]) -> None:
     """`report` as out/gpu_bench.json (replaced whole, never half-written) and out/gpu_bench.md."""
-    path = out / "gpu_bench.json"
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    partial.replace(path)
-    (out / "gpu_bench.md").write_text(markdown(report), encoding="utf-8")
-
-
-def _cell(value: Any, fmt: str = "{}") -> str:
-    return "" if value is None else fmt.format(value)
+    save_report(out, "gpu_bench", report, markdown(report))
 
 
 def summary_line(record: dict[str, Any]) -> str:
@@ -29,9 +22,9 @@ def summary_line(record: dict[str, Any]) -> str:
     latency = record.get("latency_ms") or {}
     return (
         f"{record['pairs']} pairs in {record['seconds']:.1f} s = {record['pairs_per_s']} pairs/s"
-        f"; p50/p99 {_cell(latency.get('p50'))}/{_cell(latency.get('p99'))} ms"
-        f"; GPU {_cell(gpu, '{}%') or 'n/a'}; FLOP-limit {_cell(record.get('flop_fraction'))}"
-        f"; argmax {_cell(agreement) or 'n/a'}"
+        f"; p50/p99 {cell(latency.get('p50'))}/{cell(latency.get('p99'))} ms"
+        f"; GPU {cell(gpu, '{}%') or 'n/a'}; FLOP-limit {cell(record.get('flop_fraction'))}"
+        f"; argmax {cell(agreement) or 'n/a'}"
     )
 
 
@@ -51,8 +44,7 @@ def markdown(report: dict[str, Any]) -> str:
         "# gpu_bench" + (" (dry run)" if report["dry_run"] else ""),
         "",
         f"- started {report['started_at']}, wall {report.get('wall_s')} s",
-        f"- GPU: {device}; CPU {env.get('cpu')} x{env.get('cores')}; python {env.get('python')}",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v is not None),
+        *machine_lines(env, device),
         f"- model: {model.get('family')} {model.get('size')} ({model.get('layers')} layers, "
         f"hidden {model.get('hidden')}, {model.get('encoder_parameters')} encoder parameters), "
         f"tokenizer {model.get('tokenizer')}, initializer_range {model.get('initializer_range')}",
@@ -73,23 +65,21 @@ def markdown(report: dict[str, Any]) -> str:
         if p.get("errors"):
             note = f"errors {p['errors']} {note}"
         lines.append(
-            "| "
-            + " | ".join(
+            table_row(
                 [
                     p["name"],
                     str(p["status"]),
-                    _cell(p.get("requests")),
-                    _cell(p.get("pairs")),
-                    _cell(p.get("seconds", p.get("seconds_total"))),
-                    _cell(p.get("pairs_per_s")),
-                    _cell(latency.get("p50")),
-                    _cell(latency.get("p99")),
-                    _cell((p.get("gpu") or {}).get("util_mean")),
-                    _cell(p.get("flop_fraction")),
+                    cell(p.get("requests")),
+                    cell(p.get("pairs")),
+                    cell(p.get("seconds", p.get("seconds_total"))),
+                    cell(p.get("pairs_per_s")),
+                    cell(latency.get("p50")),
+                    cell(latency.get("p99")),
+                    cell((p.get("gpu") or {}).get("util_mean")),
+                    cell(p.get("flop_fraction")),
                     f"{agreement} ({argmax.get('compared')})" if agreement is not None else "",
                     note.replace("|", "/").replace("\n", " ")[:200],
                 ]
             )
-            + " |"
         )
     return "\n".join(lines) + "\n"
