@@ -4,6 +4,10 @@ async batcher (batcher.py) asks it before queueing and tells it each batch's tim
 
 - The pace: real tokens per busy second of the whole model (every stream, re-scoring turns
   included), averaged over recent batches. Queued tokens at that pace give the expected wait.
+  It counts only once it has measured enough work (`MIN_PACE_BATCHES` batches holding at least
+  a full batch's budget of tokens): one small first batch, slowed by the first run of a shape
+  or by the tokenization of the requests beside it, would otherwise refuse a fresh server's
+  first burst. Until then only the token cap and the oldest pair's age refuse.
 - A request is refused at once with `Overloaded` and a Retry-After of when the queue will have
   drained enough for it, when the queue is full (`max_queue_tokens`), when its expected wait is
   over `max_queue_wait_s` (or its oldest pair has already waited that long: the check on a pace
@@ -18,6 +22,7 @@ readily as small ones.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from service import metrics
 from service.engine.errors import DeadlineExceeded, Overloaded, RequestTooLarge
@@ -25,6 +30,10 @@ from service.engine.queue import PairQueue
 
 # Weight of the newest batch in the pace averages behind admission and Retry-After.
 _THROUGHPUT_ALPHA = 0.2
+# Batches a pace must have measured before it refuses work (with at least `min_tokens` in them):
+# the first batches of a fresh server are small and slow (a shape's first run, tokenization of
+# the requests beside them), and one of them alone once set a pace that refused a fresh burst.
+MIN_PACE_BATCHES = 4
 _RETRY_AFTER_MIN_S = 0.1
 _RETRY_AFTER_MAX_S = 60.0
 _RETRY_AFTER_UNKNOWN_S = 1.0
@@ -34,11 +43,21 @@ class Pace:
     """The pace of the whole model: real tokens and busy seconds, each averaged over recent
     batches. A batch's busy seconds run from the last completion (or its own start, after an
     idle spell) to its own completion, so batches that overlap on several streams are not
-    counted twice."""
+    counted twice.
 
-    def __init__(self) -> None:
+    Until it has measured `min_batches` batches holding at least `min_tokens` real tokens the
+    pace is unknown (None): the work so far is summed, and its average then seeds the moving
+    averages, so no single early batch sets the pace.
+    """
+
+    def __init__(self, min_tokens: int = 1, min_batches: int = MIN_PACE_BATCHES) -> None:
+        self.min_tokens = min_tokens
+        self.min_batches = min_batches
+        # Sums of the work measured so far until the pace is known; per-batch averages after.
         self._tokens = 0.0
         self._seconds = 0.0
+        self._batches = 0
+        self._known = False
         self._mark: float | None = None
 
     def idle(self) -> None:
@@ -50,16 +69,26 @@ class Pace:
         mark = self._mark
         busy = max(0.0, finished - (started if mark is None else max(mark, started)))
         self._mark = finished if mark is None else max(mark, finished)
-        if self._seconds <= 0:  # the first batch sets the pace
-            self._tokens, self._seconds = float(tokens), busy
+        if not self._known:
+            self._tokens += tokens
+            self._seconds += busy
+            self._batches += 1
+            if (
+                self._batches >= self.min_batches
+                and self._tokens >= self.min_tokens
+                and self._seconds > 0
+            ):
+                self._known = True
+                self._tokens /= self._batches
+                self._seconds /= self._batches
             return
         alpha = _THROUGHPUT_ALPHA
         self._tokens += alpha * (tokens - self._tokens)
         self._seconds += alpha * (busy - self._seconds)
 
     def tokens_per_second(self) -> float | None:
-        """None before the first batch has run."""
-        if self._seconds <= 0:
+        """None until enough work has been measured."""
+        if not self._known or self._seconds <= 0:
             return None
         return self._tokens / self._seconds
 
@@ -70,6 +99,9 @@ class Admission:
     Args:
         queue: the queue admitted requests join (read here, never changed).
         max_queue_tokens, max_queue_wait_s, default_timeout_s: as in `BatcherConfig`.
+        min_pace_tokens: real tokens the pace must have measured before it refuses work (the
+            batcher passes its batch budget).
+        clock: the monotonic clock of arrivals and deadlines (the batcher's).
 
     Attributes:
         pace: the model's pace; the batcher reports each batch to it.
@@ -82,16 +114,19 @@ class Admission:
         max_queue_tokens: int,
         max_queue_wait_s: float | None,
         default_timeout_s: float | None,
+        min_pace_tokens: int = 1,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._queue = queue
+        self._clock = clock
         self.max_queue_tokens = max_queue_tokens
         self.max_queue_wait_s = max_queue_wait_s
         self.default_timeout_s = default_timeout_s
-        self.pace = Pace()
+        self.pace = Pace(min_tokens=min_pace_tokens)
 
     def expected_wait(self, tokens: int | None = None) -> float | None:
         """Seconds the model needs for `tokens` (default: the queued tokens) at its recent pace
-        with every stream busy; None before the first batch has run."""
+        with every stream busy; None while the pace is unknown (too little work measured)."""
         rate = self.pace.tokens_per_second()
         if not rate:
             return None
@@ -100,7 +135,7 @@ class Admission:
     def deadline(self, deadline: float | None) -> float | None:
         """The request's deadline (now + `default_timeout_s` when it brings none); raises
         DeadlineExceeded when it has passed."""
-        now = time.monotonic()
+        now = self._clock()
         if deadline is None and self.default_timeout_s is not None:
             deadline = now + self.default_timeout_s
         if deadline is not None and deadline <= now:
@@ -128,7 +163,7 @@ class Admission:
         if tokens > self.max_queue_tokens:
             metrics.REQUESTS_REJECTED.labels(reason="too_large").inc()
             raise RequestTooLarge(tokens, self.max_queue_tokens)
-        now = time.monotonic()
+        now = self._clock()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded()
         remaining = None if deadline is None else deadline - now
@@ -153,30 +188,33 @@ class Admission:
     def retry_after(self, tokens: int, remaining: float | None = None) -> float | None:
         """None when a request of `tokens` tokens (with `remaining` seconds to its deadline) may
         be queued now; else the seconds until the queue will have drained enough for it, by the
-        model's recent pace (`_RETRY_AFTER_UNKNOWN_S` before any batch ran)."""
+        model's recent pace (at least `_RETRY_AFTER_UNKNOWN_S` while the pace is unknown)."""
         queued = self._queue.tokens
         # Any request brings at least one token: a full queue refuses before tokenizing.
         over_cap = queued + max(tokens, 1) - self.max_queue_tokens
         wait = self.expected_wait()
-        if wait is None:
-            return _RETRY_AFTER_UNKNOWN_S if over_cap > 0 else None
         # Each is the queue time that has to pass before the request would be admitted.
         excess = [0.0]
         if over_cap > 0:
-            excess.append(self.expected_wait(over_cap) or 0.0)
+            excess.append(max(_RETRY_AFTER_MIN_S, self.expected_wait(over_cap) or 0.0))
         if self.max_queue_wait_s is not None:
-            excess.append(wait - self.max_queue_wait_s)
-            # The estimate's check: the oldest queued pair has waited longer than the limit (the
-            # pace fell, e.g. a busy host), so the queue drains slower than it says.
-            oldest = self._queue.oldest(time.monotonic())
+            if wait is not None:
+                excess.append(wait - self.max_queue_wait_s)
+            # The estimate's check, and the only wait rule before the pace is known: the oldest
+            # queued pair has waited longer than the limit (the pace fell, e.g. a busy host, or
+            # was never measured), so the queue drains slower than it says. A measured age.
+            now = self._clock()
+            oldest = self._queue.oldest(now)
             if oldest is not None:
-                excess.append(time.monotonic() - oldest.arrival - self.max_queue_wait_s)
-        if remaining is not None:
+                excess.append(now - oldest.arrival - self.max_queue_wait_s)
+        if remaining is not None and wait is not None:
             # Behind this queue it would miss its deadline: refused now, not a 504 later.
             excess.append(wait + (self.expected_wait(tokens) or 0.0) - remaining)
         needed = max(excess)
         if needed <= 0:
             return None
+        if wait is None:  # no pace to say when the queue drains
+            needed = max(needed, _RETRY_AFTER_UNKNOWN_S)
         return min(_RETRY_AFTER_MAX_S, max(_RETRY_AFTER_MIN_S, needed))
 
     @staticmethod

@@ -87,7 +87,9 @@ class BatcherConfig:
             and for a request that could not be answered before its deadline behind the queue,
             `Overloaded` at once with a Retry-After of when the queue will have drained enough.
             Admission looks at the queue before the request, not at its size, so large requests
-            are admitted as readily as small ones. None: the token cap alone.
+            are admitted as readily as small ones. The pace counts once `MIN_PACE_BATCHES`
+            batches holding a full batch budget of tokens have run (admission.py); until then
+            only the oldest queued pair's age applies. None: the token cap alone.
         default_timeout_s: deadline of a request that brings none; None for no deadline.
         padding_tolerance: an item joins a batch only if the padding it adds is at most this many
             tokens per token of its own (1.0: a pair never costs more than about twice its
@@ -240,6 +242,8 @@ class DynamicBatcher:
         encode: tokenizes a request's pairs (instruction first); called in a thread.
         config: batching and admission limits.
         max_length: the model's longest input (tokens): `pad_to_multiple` never pads past it.
+        clock: the monotonic clock of arrivals, deadlines and batch timings (the pace); tests
+            inject one, so that a pace is set by the test and not by the host's load.
     """
 
     def __init__(
@@ -248,8 +252,11 @@ class DynamicBatcher:
         encode: Encoder,
         config: BatcherConfig | None = None,
         max_length: int | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._scorer = scorer
+        self._clock = clock
         self._encode = encode
         self._config = for_device(config or BatcherConfig(), getattr(scorer, "device", "cpu"))
         assert self._config.max_batch_tokens is not None and self._config.max_batch_size is not None
@@ -272,6 +279,9 @@ class DynamicBatcher:
             max_queue_tokens=self._config.max_queue_tokens,
             max_queue_wait_s=self._config.max_queue_wait_s,
             default_timeout_s=self._config.default_timeout_s,
+            # A pace counts once it has measured at least a full batch's worth of tokens.
+            min_pace_tokens=self.max_batch_tokens,
+            clock=clock,
         )
         self._requests: set[_Request] = set()
         self._task: asyncio.Task[None] | None = None
@@ -316,7 +326,7 @@ class DynamicBatcher:
 
     def expected_wait(self, tokens: int | None = None) -> float | None:
         """Seconds the model needs for `tokens` (default: the queued tokens) at its recent pace
-        with every stream busy; None before the first batch has run."""
+        with every stream busy; None while too little work has run to know the pace."""
         return self._admission.expected_wait(tokens)
 
     def stats(self) -> BatcherStats:
@@ -406,8 +416,8 @@ class DynamicBatcher:
 
         Args:
             pairs: the pairs to score; any number up to what `max_queue_tokens` holds.
-            deadline: absolute `time.monotonic()` by which the answer is needed; None means now
-                plus `default_timeout_s`.
+            deadline: absolute time on the batcher's clock (`time.monotonic()` unless one was
+                injected) by which the answer is needed; None means now plus `default_timeout_s`.
 
         Returns:
             One result per pair, in the order of `pairs`.
@@ -460,7 +470,7 @@ class DynamicBatcher:
         self._set_queue_gauges()
         self._notify()
         try:
-            async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
+            async with asyncio.timeout(None if deadline is None else deadline - self._clock()):
                 return await request.future
         except TimeoutError:
             self._abandon(request, "deadline")
@@ -536,7 +546,7 @@ class DynamicBatcher:
             if len(in_flight) > workers:
                 await self._wait(in_flight, None)
                 continue
-            now = time.monotonic()
+            now = self._clock()
             full = (
                 self._queue.pairs >= self.max_batch_size
                 or self._queue.tokens >= self.max_batch_tokens
@@ -608,9 +618,9 @@ class DynamicBatcher:
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, float, float]:
         """Runs in a worker thread."""
-        started = time.monotonic()
+        started = self._clock()
         scores = self._scorer.infer(feeds)
-        return scores, started, time.monotonic()
+        return scores, started, self._clock()
 
     def _complete(self, batch: _Batch) -> None:
         """Hands a finished batch's scores to their requests (on the event loop)."""

@@ -1,5 +1,7 @@
 """`cappy adapt data|train` and `cappy eval` as a user runs them: summaries, one-line errors, and a
-real `kill -9` in the middle of sampling followed by a re-run that resumes from the cache."""
+real `kill -9` in the middle of sampling followed by a re-run that resumes from the cache. The
+kill comes at an event, not at a time: the upstream answers a set number of calls and holds the
+rest, and the child is killed once its cache holds those answers."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,11 +67,38 @@ def test_one_line_errors(
     assert message in _error_line(capsys.readouterr().err)
 
 
+class HoldingUpstream(FakeUpstream):
+    """Answers the first `answer_first` completion calls, then holds every later one until
+    `stop_holding()`: a run against it cannot finish, however fast or slow the host. A held call
+    is never recorded, and is answered 503 once released (its caller is gone by then)."""
+
+    def __init__(self, answer_first: int) -> None:
+        super().__init__()
+        self.answer_first: int | None = answer_first
+        self._released = threading.Event()
+        self._seen = 0
+
+    def respond(self, path: str, body: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
+        if body is not None and self.answer_first is not None:
+            with self.lock:
+                self._seen += 1
+                held = self._seen > self.answer_first
+            if held:
+                assert self._released.wait(300), "the test never released the held calls"
+                return 503, {"error": {"message": "held, then dropped", "type": "server_error"}}
+        return super().respond(path, body)
+
+    def stop_holding(self) -> None:
+        self.answer_first = None
+        self._released.set()
+
+
 def test_killed_mid_run_then_resumed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     train = write_examples(tmp_path / "train.jsonl", toy_examples(tasks=2, per_task=3))
     out = tmp_path / "data"
     cache = out / "samples.jsonl"
-    fake = FakeUpstream(delay_s=0.05)
+    answered = 12  # of the 36 calls planned
+    fake = HoldingUpstream(answer_first=answered)
     with fake.serve() as url:
         argv = ["adapt", "data", "--train", str(train), "--out", str(out), "--upstream", url]
         argv += ["--samples-per-example", "6", "--quiet"]
@@ -78,21 +109,22 @@ def test_killed_mid_run_then_resumed(tmp_path: Path, capsys: pytest.CaptureFixtu
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + 60
-        while not (cache.is_file() and len(cache.read_bytes().splitlines()) > 10):
+        # The event: the header and one line per answer, each flushed before the next call is
+        # taken as done. The bound is only for a child that never gets there.
+        deadline = time.monotonic() + 300
+        while not (cache.is_file() and len(cache.read_bytes().splitlines()) >= 1 + answered):
             assert child.poll() is None, child.stderr.read() if child.stderr else ""
-            assert time.monotonic() < deadline, "the child wrote no samples"
+            assert time.monotonic() < deadline, "the child never wrote its answers"
             time.sleep(0.02)
         child.send_signal(signal.SIGKILL)
-        child.wait(timeout=10)
-        killed_after = len(fake.bodies)
-        assert killed_after < 36, "the run finished before it was killed"
+        child.wait(timeout=60)
+        assert len(fake.bodies) == answered  # mid-run: the rest were held, never answered
+        fake.stop_holding()
         assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["samples"]["planned"] == 36
-    assert summary["samples"]["from_cache"] >= 10
+    assert summary["samples"]["from_cache"] == answered
     calls = fake.calls
     assert len(calls) == 36 and summary["pairs"] > 0
-    # Only the call in flight when the process died can have been asked twice.
-    assert sum(n - 1 for n in calls.values()) <= 1
+    assert sum(n - 1 for n in calls.values()) == 0  # no answered call was asked twice
     assert len(cache.read_text().splitlines()) == 37

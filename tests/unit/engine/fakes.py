@@ -1,8 +1,11 @@
-"""A fake model and fake tokenizer for driving DynamicBatcher (test_batcher.py, test_admission.py).
+"""A fake model, fake tokenizer and fake clock for driving DynamicBatcher (test_batcher.py,
+test_admission.py).
 
 The fake tokenizer turns each word into one token (digits keep their value, other words become
 1), so a pair's length and its score (the sum of its ids) are known in advance, and a marker
-number in a response shows whether that pair ever reached the model.
+number in a response shows whether that pair ever reached the model. The fake clock moves only
+when a test (or a `PacedScorer`) moves it, so a pace, a wait or an age is the test's, whatever the
+host's load.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from service.engine.batcher import BatcherConfig, DynamicBatcher, ScoredPair
+from service.engine.admission import MIN_PACE_BATCHES
+from service.engine.batcher import BatcherConfig, DynamicBatcher, Encoder, ScoredPair
 from service.engine.types import EncodedPair
 from service.metrics import REGISTRY
 
@@ -86,9 +90,46 @@ class FakeScorer:
         return sum(int((row == marker).any()) for batch in self.batches for row in batch)
 
 
+class FakeClock:
+    """A monotonic clock for the batcher (`clock=`) that moves only by `advance` (from any
+    thread). The batcher's fill wait (`max_wait_ms`) then ends only when the clock is advanced
+    past it: use `max_wait_ms=0` unless a test means to hold a batch open."""
+
+    def __init__(self, start: float = 1_000.0) -> None:
+        self.now = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+
+
+class PacedScorer(FakeScorer):
+    """A model of known pace: each batch moves `clock` by `seconds_per_token` per real token
+    (before waiting at the gate), so its busy time, and the pace, are exact."""
+
+    def __init__(self, clock: FakeClock, seconds_per_token: float) -> None:
+        super().__init__()
+        self.clock = clock
+        self.seconds_per_token = seconds_per_token
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        self.clock.advance(self.seconds_per_token * int(feeds["attention_mask"].sum()))
+        return super().infer(feeds)
+
+
 @contextlib.asynccontextmanager
-async def running(scorer: FakeScorer, **config: Any) -> AsyncIterator[DynamicBatcher]:
-    batcher = DynamicBatcher(scorer, encode, BatcherConfig(**config))
+async def running(
+    scorer: FakeScorer,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    encoder: Encoder = encode,
+    **config: Any,
+) -> AsyncIterator[DynamicBatcher]:
+    batcher = DynamicBatcher(scorer, encoder, BatcherConfig(**config), clock=clock)
     await batcher.start()
     try:
         yield batcher
@@ -97,11 +138,29 @@ async def running(scorer: FakeScorer, **config: Any) -> AsyncIterator[DynamicBat
         await batcher.stop(drain=False)
 
 
-async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+async def eventually(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Waits for `condition`, an event of the test's making; the timeout only bounds a test
+    whose event never comes (a defect), it is not a measure of speed."""
     end = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < end, "condition not reached in time"
+        assert time.monotonic() < end, "condition not reached"
         await asyncio.sleep(0.001)
+
+
+async def measure_pace(batcher: DynamicBatcher) -> float:
+    """Runs, one batch at a time, the work the batcher needs before its pace counts
+    (`MIN_PACE_BATCHES` batches holding its batch budget of tokens); returns the pace."""
+    length = 64
+    fits = min(batcher.max_batch_tokens, batcher.config.max_queue_tokens) // length
+    rows = max(1, min(batcher.max_batch_size, fits))
+    batches = max(MIN_PACE_BATCHES, -(-batcher.max_batch_tokens // (rows * length)))
+    for _ in range(batches):
+        if batcher.stats().tokens_per_second is not None:
+            break  # known already (work that ran before)
+        await batcher.score([pair(length)] * rows)
+    pace = batcher.stats().tokens_per_second
+    assert pace is not None
+    return pace
 
 
 async def hold_model(batcher: DynamicBatcher, scorer: FakeScorer) -> asyncio.Task[Any]:

@@ -1,24 +1,35 @@
-"""Admission to the batcher's queue (service/engine/admission.py): the pace estimate, the
-expected-wait and token caps, the oldest pair's age, refusing a request that would miss its
-deadline, and Retry-After. Driven through DynamicBatcher with the fakes of test_batcher.py, and
-the pace on its own.
+"""Admission to the batcher's queue (service/engine/admission.py): the pace estimate and when it
+counts, the expected-wait and token caps, the oldest pair's age, refusing a request that would
+miss its deadline, and Retry-After. Driven through DynamicBatcher with the fakes of fakes.py, and
+the pace and admission on their own.
+
+Time is a `FakeClock` that only the tests and the `PacedScorer` move: every pace, wait, age and
+Retry-After below is exact, however busy the host. "Refused at once" is shown by counted events:
+the refusal comes while the model is held, so it cannot have waited for it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Mapping
+import threading
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pytest
 
-from service.engine.admission import Pace
+from service.engine.admission import MIN_PACE_BATCHES, Admission, Pace
 from service.engine.errors import Overloaded, RequestTooLarge
+from service.engine.queue import PairQueue, QueuedRequest
+from service.engine.types import EncodedPair
 from tests.unit.engine.fakes import (
+    FakeClock,
     FakeScorer,
+    PacedScorer,
     encode,
+    eventually,
+    expected_score,
     hold_model,
+    measure_pace,
     metric,
     pair,
     queue_request,
@@ -26,102 +37,118 @@ from tests.unit.engine.fakes import (
 )
 
 
-class PacedScorer(FakeScorer):
-    """Takes `seconds_per_token` per real token of a batch: a model of known pace."""
-
-    def __init__(self, seconds_per_token: float) -> None:
-        super().__init__()
-        self.seconds_per_token = seconds_per_token
-
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-        time.sleep(self.seconds_per_token * int(feeds["attention_mask"].sum()))
-        return super().infer(feeds)
-
-
 async def test_admission_is_bounded_by_the_expected_wait_not_by_request_size() -> None:
-    scorer = PacedScorer(seconds_per_token=0.001)  # at most 1,000 tokens/s
-    limit = 0.2
-    async with running(scorer, max_wait_ms=0, max_queue_wait_s=limit) as batcher:
+    clock = FakeClock()
+    # 10 tokens/s: a queue of a few short pairs is seconds of work, and never a full batch,
+    # which the batcher would take off the queue behind the held one.
+    scorer = PacedScorer(clock, seconds_per_token=0.1)
+    limit = 10.0
+    async with running(scorer, clock=clock, max_wait_ms=0, max_queue_wait_s=limit) as batcher:
         assert batcher.expected_wait() is None  # no pace known yet: the token cap alone
-        await batcher.score([pair(10)] * 10)
-        pace = batcher.stats().tokens_per_second
-        assert pace is not None and 300 < pace <= 1000
+        pace = await measure_pace(batcher)
+        assert pace == pytest.approx(10.0)
         first = await hold_model(batcher, scorer)
-        admitted = await queue_request(batcher, [pair(10)] * int(0.15 * pace / 10))
+        admitted = await queue_request(batcher, [pair(15)] * 5)
         wait = batcher.expected_wait()
-        assert wait is not None and 0.1 < wait < limit and not batcher.is_overloaded()
-        more = await queue_request(batcher, [pair(10)] * int(0.1 * pace / 10))
+        assert wait == pytest.approx(7.5) and not batcher.is_overloaded()
+        more = await queue_request(batcher, [pair(10)] * 5)
         wait = batcher.expected_wait()
-        assert wait is not None and wait > limit and batcher.is_overloaded()
-        started = time.monotonic()
+        assert wait is not None and wait == pytest.approx(12.5) and batcher.is_overloaded()
+        queued, batches = batcher.queue_tokens, len(scorer.batches)
         with pytest.raises(Overloaded) as refused:
             await batcher.score([pair(10)])  # small, but behind too long a queue
-        assert time.monotonic() - started < 0.1
+        # At once: the model is still held, nothing was queued or run.
+        assert (batcher.queue_tokens, len(scorer.batches)) == (queued, batches)
         # Honest: how long until the queue is back under the limit.
-        assert refused.value.retry_after == pytest.approx(wait - limit, abs=0.1)
+        assert refused.value.retry_after == pytest.approx(wait - limit)
         scorer.release()
         await asyncio.gather(first, admitted, more)
 
         # An empty queue admits a request whose own scoring takes longer than the wait limit:
         # size alone never refuses (large requests are not starved).
         big = [pair(50)] * int(2 * limit * pace / 50)
-        assert batcher.expected_wait(sum(len(encode([p])[0].input_ids) for p in big)) > limit
+        own = batcher.expected_wait(sum(len(encode([p])[0].input_ids) for p in big))
+        assert own is not None and own > limit
         assert len(await batcher.score(big)) == len(big)
 
 
 async def test_a_queue_older_than_the_wait_limit_refuses_whatever_the_estimate() -> None:
     """When the model slows down (a busy host), the pace lags: the age of the oldest queued
     pair is the check on the estimate."""
-    scorer = PacedScorer(seconds_per_token=0.0001)  # a fast pace first
-    async with running(scorer, max_wait_ms=0, max_queue_wait_s=0.2) as batcher:
-        await batcher.score([pair(10)] * 10)
+    clock = FakeClock()
+    scorer = PacedScorer(clock, seconds_per_token=0.0001)  # a fast pace first
+    limit = 10.0
+    async with running(scorer, clock=clock, max_wait_ms=0, max_queue_wait_s=limit) as batcher:
+        await measure_pace(batcher)
         first = await hold_model(batcher, scorer)  # then the model stalls
         queued = await queue_request(batcher, [pair(10)])
         wait = batcher.expected_wait()
-        assert wait is not None and wait < 0.05  # the estimate still says "no wait"
+        assert wait is not None and wait < 0.01  # the estimate still says "no wait"
         assert not batcher.is_overloaded()
-        await asyncio.sleep(0.3)  # ... but that pair has now waited past the limit
+        clock.advance(limit + 1.5)  # ... but that pair has now waited past the limit
         assert batcher.is_overloaded()
         with pytest.raises(Overloaded) as refused:
             await batcher.score([pair(10)])
-        assert refused.value.retry_after >= 0.1
+        assert refused.value.retry_after == pytest.approx(1.5)
         scorer.release()
         await asyncio.gather(first, queued)
         assert not batcher.is_overloaded()
 
 
-async def test_a_request_that_would_miss_its_deadline_behind_the_queue_is_refused_at_once() -> None:
-    scorer = PacedScorer(seconds_per_token=0.001)
-    async with running(scorer, max_wait_ms=0, max_queue_wait_s=10.0) as batcher:
-        await batcher.score([pair(10)] * 10)
-        pace = batcher.stats().tokens_per_second
-        assert pace is not None
+async def test_before_the_pace_is_known_only_the_cap_and_the_oldest_age_refuse() -> None:
+    clock = FakeClock()
+    scorer = PacedScorer(clock, seconds_per_token=1.0)  # a very slow first batch
+    limit = 10.0
+    async with running(
+        scorer, clock=clock, max_wait_ms=0, max_queue_wait_s=limit, max_queue_tokens=1_000
+    ) as batcher:
+        await batcher.score([pair(10)])  # 10 s for 10 tokens: not a pace to refuse by
         first = await hold_model(batcher, scorer)
-        queued = await queue_request(batcher, [pair(10)] * int(0.3 * pace / 10))
+        queued = await queue_request(batcher, [pair(100)] * 9)  # 900 tokens: "900 s" at 1/s
+        assert batcher.expected_wait() is None and not batcher.is_overloaded()
+        with pytest.raises(Overloaded) as full:
+            await batcher.score([pair(101)])  # past the memory cap
+        assert full.value.retry_after == pytest.approx(1.0)  # no pace to say when
+        clock.advance(limit + 0.5)  # the oldest queued pair has waited past the limit
+        with pytest.raises(Overloaded) as old:
+            await batcher.score([pair(10)])
+        assert old.value.retry_after == pytest.approx(1.0)
+        scorer.release()
+        await asyncio.gather(first, queued)
+
+
+async def test_a_request_that_would_miss_its_deadline_behind_the_queue_is_refused_at_once() -> None:
+    clock = FakeClock()
+    scorer = PacedScorer(clock, seconds_per_token=0.1)  # 10 tokens/s
+    async with running(scorer, clock=clock, max_wait_ms=0, max_queue_wait_s=10.0) as batcher:
+        pace = await measure_pace(batcher)
+        first = await hold_model(batcher, scorer)
+        queued = await queue_request(batcher, [pair(10)] * 3)
         wait = batcher.expected_wait()
-        assert wait is not None and wait > 0.25
+        assert wait is not None and wait == pytest.approx(3.0)
         with pytest.raises(Overloaded) as refused:
-            await batcher.score([pair(10)], deadline=time.monotonic() + 0.1)
-        assert refused.value.retry_after == pytest.approx(wait - 0.1, abs=0.1)
+            await batcher.score([pair(5)], deadline=clock() + 1.0)
+        # The queue's wait plus its own 5 tokens, past its 1 s.
+        assert refused.value.retry_after == pytest.approx(wait + 5 / pace - 1.0)
         # The same request with room for the queue is admitted.
-        patient = await queue_request(batcher, [pair(10)], deadline=time.monotonic() + 30)
+        patient = await queue_request(batcher, [pair(10)], deadline=clock() + 30)
         scorer.release()
         await asyncio.gather(first, queued, patient)
 
 
 async def test_overload_is_refused_at_once_with_retry_after() -> None:
+    clock = FakeClock()
     scorer = FakeScorer()
     rejected = metric("cappy_requests_rejected_total", reason="overloaded")
-    async with running(scorer, max_queue_tokens=60) as batcher:
+    async with running(scorer, clock=clock, max_wait_ms=0, max_queue_tokens=60) as batcher:
         first = await hold_model(batcher, scorer)  # running, so no longer queued
         queued = await queue_request(batcher, [pair(10)] * 5)
         assert batcher.queue_tokens == 50 and not batcher.is_overloaded()
 
-        started = time.monotonic()
         with pytest.raises(Overloaded) as refused:
             await batcher.score([pair(10)] * 2)
-        assert time.monotonic() - started < 0.5
         assert refused.value.retry_after > 0
+        assert batcher.queue_tokens == 50 and len(scorer.batches) == 1  # at once: model held
 
         # Never fits, however empty the queue: not worth a retry, so not Overloaded.
         with pytest.raises(RequestTooLarge) as too_large:
@@ -140,59 +167,197 @@ async def test_overload_is_refused_at_once_with_retry_after() -> None:
     assert metric("cappy_requests_rejected_total", reason="overloaded") == rejected + 2
 
 
-async def test_retry_after_follows_measured_throughput() -> None:
-    scorer = FakeScorer()
-    async with running(scorer, max_queue_tokens=100) as batcher:
-        await batcher.score([pair(50)] * 2)  # measures a throughput
+@pytest.mark.parametrize("seconds_per_token", [0.01, 0.02])
+async def test_retry_after_follows_measured_throughput(seconds_per_token: float) -> None:
+    clock = FakeClock()
+    scorer = PacedScorer(clock, seconds_per_token=seconds_per_token)
+    async with running(
+        scorer, clock=clock, max_wait_ms=0, max_queue_tokens=200, max_batch_tokens=256
+    ) as batcher:
+        pace = await measure_pace(batcher)
+        assert pace == pytest.approx(1 / seconds_per_token)
         first = await hold_model(batcher, scorer)
-        await queue_request(batcher, [pair(50)] * 2)
+        await queue_request(batcher, [pair(50)] * 3)
         with pytest.raises(Overloaded) as refused:
-            await batcher.score([pair(50)])
-        assert 0 < refused.value.retry_after <= 60
+            await batcher.score([pair(100)])
+        # 50 tokens over the cap: the time the model needs to make room for them.
+        assert refused.value.retry_after == pytest.approx(50 / pace)
         scorer.release()
         await first
 
 
 async def test_a_request_that_alone_outlasts_its_deadline_is_too_large() -> None:
-    scorer = PacedScorer(seconds_per_token=0.001)
-    async with running(scorer, max_wait_ms=0) as batcher:
-        await batcher.score([pair(10)] * 10)
-        pace = batcher.stats().tokens_per_second
-        assert pace is not None
-        tokens = int(2 * pace)  # about two seconds of model time
-        started = time.monotonic()
+    clock = FakeClock()
+    scorer = PacedScorer(clock, seconds_per_token=0.001)
+    async with running(scorer, clock=clock, max_wait_ms=0) as batcher:
+        pace = await measure_pace(batcher)
+        ran = len(scorer.batches)
+        tokens = int(2 * pace)  # two seconds of model time
         with pytest.raises(RequestTooLarge, match="more than its 1 s deadline") as refused:
-            await batcher.score([pair(50)] * (tokens // 50), deadline=started + 1.0)
-        assert time.monotonic() - started < 0.5  # refused at once, nothing scored
+            await batcher.score([pair(50)] * (tokens // 50), deadline=clock() + 1.0)
         assert 0 < refused.value.limit < refused.value.tokens
-        assert len(scorer.batches) == 1  # only the pace-setting batch ever ran
+        assert len(scorer.batches) == ran  # refused at once: nothing of it scored
 
 
-# --- the pace on its own -------------------------------------------------------------------------
+# --- a fresh batcher ----------------------------------------------------------------------------
 
 
-def test_the_first_batch_sets_the_pace_and_later_ones_move_it_by_a_fifth() -> None:
-    pace = Pace()
+class FirstRunSlowScorer(PacedScorer):
+    """Its first batch takes `first_s` (a shape's first run, on cores busy tokenizing the
+    requests beside it); every later one `seconds_per_token` a token."""
+
+    def __init__(self, clock: FakeClock, first_s: float) -> None:
+        super().__init__(clock, seconds_per_token=0.0001)
+        self.first_s = first_s
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        if not self.batches:
+            self.clock.advance(self.first_s)
+        return super().infer(feeds)
+
+
+async def test_a_fresh_batcher_admits_a_burst_of_16_whatever_its_first_batch_took() -> None:
+    """The field report: 16 concurrent requests to a server just turned ready got 6 x 429
+    ("retry in 9 s"). One request's pairs made the first batch, alone and slow, while the
+    others were still being tokenized; that batch's pace alone said the queue behind it would
+    take minutes. The burst here arrives in that order, by events: the first request's batch
+    completes before the other 15 finish tokenizing, and the model holds the next batch while
+    they queue."""
+    clock = FakeClock()
+    scorer = FirstRunSlowScorer(clock, first_s=5.0)  # 80 tokens in 5 s: "16 tokens/s"
+    tokenized = threading.Event()
+    calls = 0
+    lock = threading.Lock()
+
+    def encoder(pairs: Sequence[tuple[str, str]]) -> list[EncodedPair]:
+        nonlocal calls
+        with lock:
+            calls += 1
+            first = calls == 1
+        if not first:  # the other 15 finish tokenizing after the first batch
+            assert tokenized.wait(60), "the test never let the burst through"
+        return encode(pairs)
+
+    requests = [[pair(10, marker=100 + r)] * 8 for r in range(16)]
+    async with running(scorer, clock=clock, encoder=encoder, max_wait_ms=0) as batcher:
+        tasks = [asyncio.create_task(batcher.score(pairs)) for pairs in requests]
+        await eventually(lambda: batcher.stats().batches_run == 1)
+        scorer.hold()
+        tokenized.set()
+        # Each of the 15 is now admitted (pending) or refused (done).
+        await eventually(
+            lambda: sum(t.done() for t in tasks) + batcher.stats().pending_requests == 16
+        )
+        refused = [t.exception() for t in tasks if t.done() and t.exception() is not None]
+        assert refused == []
+        assert batcher.expected_wait() is None  # one batch is not a pace to refuse by
+        scorer.release()
+        results = await asyncio.gather(*tasks)
+    assert [[s.score for s in r] for r in results] == [
+        [expected_score(p) for p in pairs] for pairs in requests
+    ]
+
+
+# --- the pace and admission on their own --------------------------------------------------------
+
+
+def test_the_pace_is_unknown_until_enough_work_then_moves_by_a_fifth() -> None:
+    pace = Pace(min_tokens=1_000, min_batches=4)
     assert pace.tokens_per_second() is None
-    pace.track(100, started=0.0, finished=1.0)
-    assert pace.tokens_per_second() == pytest.approx(100.0)
-    pace.track(300, started=1.0, finished=2.0)  # 300 tokens in 1 s
-    assert pace.tokens_per_second() == pytest.approx((100 + 0.2 * 200) / 1.0)
+    t = 0.0
+    for tokens in (10, 400, 390):  # three batches: too few
+        pace.track(tokens, started=t, finished=t + 1.0)
+        t += 1.0
+        assert pace.tokens_per_second() is None
+    pace.track(200, started=t, finished=t + 1.0)  # the fourth brings it to 1,000 tokens
+    assert pace.tokens_per_second() == pytest.approx(1_000 / 4.0)  # all of it, averaged
+    pace.track(500, started=t + 1.0, finished=t + 2.0)
+    assert pace.tokens_per_second() == pytest.approx(250 + 0.2 * (500 - 250))
+
+
+def test_the_pace_waits_for_enough_tokens_however_many_batches() -> None:
+    pace = Pace(min_tokens=1_000, min_batches=2)
+    for i in range(9):  # 900 tokens in 9 batches
+        pace.track(100, started=float(i), finished=i + 0.5)
+        assert pace.tokens_per_second() is None
+    pace.track(100, started=9.0, finished=9.5)
+    assert pace.tokens_per_second() == pytest.approx(200.0)
 
 
 def test_overlapping_batches_count_their_busy_time_once() -> None:
     """Two streams: a batch that ran beside another is busy only from the last completion."""
-    pace = Pace()
+    pace = Pace(min_batches=1)
     pace.track(100, started=0.0, finished=1.0)
     pace.track(100, started=0.5, finished=1.5)  # busy 1.0 -> 1.5 only
     assert pace.tokens_per_second() == pytest.approx(100 / (1.0 + 0.2 * (0.5 - 1.0)))
 
 
 def test_an_idle_gap_is_not_counted_as_busy() -> None:
-    pace = Pace()
+    pace = Pace(min_batches=1)
     pace.track(100, started=0.0, finished=1.0)
     pace.idle()
     pace.track(100, started=5.0, finished=6.0)  # busy 5.0 -> 6.0, not 1.0 -> 6.0
     assert pace.tokens_per_second() == pytest.approx(100.0)
     pace.track(100, started=5.0, finished=7.0)  # no idle(): from the last completion, 6.0
     assert pace.tokens_per_second() == pytest.approx(100.0)
+
+
+def _expire(request: QueuedRequest) -> None:
+    request.done = True
+
+
+def _admission(clock: FakeClock, min_pace_tokens: int) -> tuple[Admission, PairQueue]:
+    queue = PairQueue(
+        max_batch_tokens=min_pace_tokens,
+        max_batch_size=64,
+        padding_tolerance=0.1,
+        pad_to_multiple=8,
+        max_length=512,
+        cross_request=True,
+        expire=_expire,
+    )
+    admission = Admission(
+        queue,
+        max_queue_tokens=400_000,
+        max_queue_wait_s=10.0,
+        default_timeout_s=60.0,
+        min_pace_tokens=min_pace_tokens,
+        clock=clock,
+    )
+    return admission, queue
+
+
+def _admit(admission: Admission, queue: PairQueue, pairs: int, length: int) -> None:
+    encoded = encode([pair(length)] * pairs)
+    tokens = pairs * length
+    deadline = admission.deadline(None)
+    queue.add(QueuedRequest(encoded, tokens, deadline), admission.admit(tokens, deadline))
+
+
+def test_admission_refuses_by_the_expected_wait_only_on_a_measured_pace() -> None:
+    """Synthetic batch timings: one small, slow first batch (16 tokens in 2 s) must not make a
+    deep queue refuse; once a batch budget of work over `MIN_PACE_BATCHES` batches has run,
+    the same queue does."""
+    clock = FakeClock()
+    admission, queue = _admission(clock, min_pace_tokens=8192)
+    admission.pace.track(16, started=clock(), finished=clock() + 2.0)  # "8 tokens/s"
+    clock.advance(2.0)
+    for _ in range(15):
+        _admit(admission, queue, pairs=8, length=64)  # 7,680 tokens: "16 minutes" at 8/s
+    assert admission.expected_wait() is None and admission.retry_after(0) is None
+
+    # Real work: full batches of 2,800 tokens, 1 s each; the sum passes 8,192 at the fourth.
+    for batch in range(1, MIN_PACE_BATCHES):
+        admission.pace.idle()
+        admission.pace.track(2_800, started=clock(), finished=clock() + 1.0)
+        clock.advance(1.0)
+        assert (admission.pace.tokens_per_second() is None) == (batch < MIN_PACE_BATCHES - 1)
+    runs = MIN_PACE_BATCHES - 1
+    pace = (16 + runs * 2_800) / (2.0 + runs * 1.0)
+    assert admission.pace.tokens_per_second() == pytest.approx(pace)
+    assert admission.expected_wait() == pytest.approx(queue.tokens / pace)
+    _admit(admission, queue, pairs=160, length=64)  # the queue ahead is under 10 s: admitted
+    assert queue.tokens / pace > 10.0
+    with pytest.raises(Overloaded) as refused:
+        _admit(admission, queue, pairs=1, length=64)
+    assert refused.value.retry_after == pytest.approx(queue.tokens / pace - 10.0)

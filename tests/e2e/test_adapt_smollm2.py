@@ -1,7 +1,8 @@
 """The whole adaptation loop against the real upstream: llama-cpp-python's server running
 SmolLM2-135M-Instruct (the e2e suite's fixture), on a handful of BIG-bench examples, with the tiny
 RoBERTa as the base: `adapt data` -> `adapt train` -> `eval`, then `eval` again from the cache
-alone. Skipped where llama_cpp is not installed, like the other e2e tests."""
+alone. Skipped where llama_cpp is not installed, like the other e2e tests; the server is the
+session fixture of tests/e2e/conftest.py."""
 
 from __future__ import annotations
 
@@ -15,17 +16,16 @@ from adapt.data import run as adapt_data
 from adapt.evaluate import METHODS, OVERALL, EvalOptions
 from adapt.evaluate import run as evaluate
 from adapt.train import TrainOptions, train
-from tests.e2e.conftest import llama_server  # noqa: F401 - the session fixture, reused
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-BIGBENCH = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "bigbench_dev.jsonl"
+BIGBENCH = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "bigbench_dev.jsonl"
 TASK = "qa_wikidata"  # the shortest prompts of the set: quick calls
 MAX_TOKENS = 8
 
 
 def test_adapt_then_evaluate_with_smollm2(
-    llama_server: str,  # noqa: F811
+    llama_server: str,
     tiny_checkpoint: Path,
     tmp_path: Path,
 ) -> None:
