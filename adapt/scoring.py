@@ -12,10 +12,13 @@ import numpy as np
 from tqdm import tqdm
 
 from adapt.errors import AdaptError
+from service import defaults
+from service.defaults import DEVICE_BATCH_LIMITS
+from service.engine.cascade import budgeted_chunks
 from service.engine.export_dir import ExportDir, ExportDirError
 from service.engine.scorer import load_scorer
 from service.engine.tokenize import PairTokenizer
-from service.engine.types import pad_batch
+from service.engine.types import pad_batch, padded_width
 
 
 class ExportScorer:
@@ -57,32 +60,33 @@ class ExportScorer:
         self,
         pairs: Sequence[tuple[str, str]],
         *,
-        batch_tokens: int = 8192,
+        batch_tokens: int = DEVICE_BATCH_LIMITS["cpu"][0],
         progress: bool = False,
     ) -> np.ndarray:
         """One raw Cappy score per pair, in order.
 
-        Pairs are sorted by length and batched under `batch_tokens` padded tokens, so that
-        short pairs do not pay for long ones' padding.
+        Pairs are sorted by length and cut into batches as the service's engine cuts them (its
+        budgeted chunks: `batch_tokens` padded tokens, the CPU's row limit, widths in the
+        service's steps), so that short pairs do not pay for long ones' padding.
         """
         encoded = self.tokenizer.encode(list(pairs))
         order = sorted(range(len(encoded)), key=lambda i: encoded[i].length)
+        chunks = budgeted_chunks(
+            [encoded[i] for i in order],
+            batch_tokens,
+            DEVICE_BATCH_LIMITS["cpu"][1],
+            defaults.PAD_TO_MULTIPLE,
+            self.export.max_length,
+        )
         scores = np.zeros(len(encoded), dtype=np.float64)
         bar = tqdm(total=len(encoded), unit="pair", desc="Cappy scores", disable=not progress)
         start = 0
-        while start < len(order):
-            end = start + 1
-            # Sorted ascending: the last row of a batch is its longest.
-            while (
-                end < len(order) and encoded[order[end]].length * (end - start + 1) <= batch_tokens
-            ):
-                end += 1
-            rows = order[start:end]
-            feeds = pad_batch(
-                [encoded[i] for i in rows], self.scorer.pad_token_id, self.export.input_names
-            )
+        for chunk in chunks:
+            rows = order[start : start + len(chunk)]
+            width = padded_width(chunk[-1].length, defaults.PAD_TO_MULTIPLE, self.export.max_length)
+            feeds = pad_batch(chunk, self.scorer.pad_token_id, self.export.input_names, width)
             scores[rows] = np.asarray(self.scorer.infer(feeds), dtype=np.float64).reshape(-1)
             bar.update(len(rows))
-            start = end
+            start += len(chunk)
         bar.close()
         return scores

@@ -27,8 +27,11 @@ from typing import Any
 import numpy as np
 
 from loadtests.workload import batches_by_length
+from service import defaults
 from service.engine import cascade
+from service.engine.batcher import BatcherConfig, for_device
 from service.engine.export_dir import ExportDir
+from service.engine.onnx_runtime import cuda_available
 from service.engine.scorer import (
     OnnxScorer,
     OpenVinoScorer,
@@ -37,7 +40,6 @@ from service.engine.scorer import (
 )
 from service.engine.tokenize import PairTokenizer
 from service.engine.types import EncodedPair, Scorer, pad_batch, padded_width
-from service.settings import Settings
 
 
 def build_scorer(args: argparse.Namespace, export: ExportDir, pad_token_id: int) -> Scorer:
@@ -197,12 +199,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--limit", type=int, default=None, help="first N requests only")
-    parser.add_argument("--max-batch-tokens", type=int, default=8192)
-    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=None,
+        help="padded tokens per batch (default: the service's for the device)",
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="pairs per batch (default: the service's for the device)",
+    )
     parser.add_argument(
         "--max-rescored",
         type=int,
-        default=Settings.model_fields["max_rescored"].default,
+        default=defaults.MAX_RESCORED,
         help="most near-tied leaders of a request re-scored per stage (the service's default)",
     )
     parser.add_argument("--threads", type=int, default=None)
@@ -250,6 +262,14 @@ def main(argv: list[str] | None = None) -> int:
         help="load graphs that did not pass a parity gate (an export made with --parity record)",
     )
     args = parser.parse_args(argv)
+    # The service's batch limits for the device, where not given: a CPU budget with a CPU row
+    # limit, a GPU's with a GPU's.
+    device = args.device if args.device != "auto" else ("cuda" if cuda_available() else "cpu")
+    limits = for_device(
+        BatcherConfig(max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size),
+        device,
+    )
+    args.max_batch_tokens, args.max_batch_size = limits.max_batch_tokens, limits.max_batch_size
 
     export = ExportDir.load(
         args.export, verify_hashes=not args.no_verify, allow_ungated=args.allow_ungated

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtests.workload import DEFAULT_REQUESTS, batches_by_length, load_workload
+from service.defaults import DEVICE_BATCH_LIMITS
 
 
 def _reference_checkpoint(export: Path | None) -> Path | None:
@@ -134,7 +135,12 @@ def write_reference(argv: Sequence[str]) -> int:
         default=None,
         help="truncation length (default: the export's, else 512)",
     )
-    parser.add_argument("--max-batch-tokens", type=int, default=8192)
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=DEVICE_BATCH_LIMITS["cpu"][0],
+        help="padded tokens per batch (default: the service's on the CPU, %(default)s)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
 

@@ -12,8 +12,13 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_va
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service import defaults
 from service.engine.types import Device, Engine, Precision
 
+_CPU_LIMITS, _CUDA_LIMITS = (
+    defaults.DEVICE_BATCH_LIMITS["cpu"],
+    defaults.DEVICE_BATCH_LIMITS["cuda"],
+)
 # What an operator writes to unset a setting (any case); see Settings._empty_or_unset.
 _UNSET_WORDS = frozenset({"null", "none"})
 
@@ -72,7 +77,7 @@ class Settings(BaseSettings):
         "`parity_gated` says which was served.",
     )
     max_rescored: int = Field(
-        16,
+        defaults.MAX_RESCORED,
         ge=1,
         le=1024,
         description="Most near-tied leaders of one ranking request that a more precise stage "
@@ -90,23 +95,29 @@ class Settings(BaseSettings):
         None,
         ge=64,
         le=1_048_576,
-        description="Padded tokens per batch (rows x longest row). unset: 8192 on CPU, 32768 "
-        "on CUDA.",
+        description="Padded tokens per batch (rows x longest row). unset: "
+        f"{_CPU_LIMITS[0]} on CPU, {_CUDA_LIMITS[0]} on CUDA.",
     )
     max_batch_size: int | None = Field(
-        None, ge=1, le=4096, description="Pairs per batch. unset: 64 on CPU, 256 on CUDA."
+        None,
+        ge=1,
+        le=4096,
+        description=f"Pairs per batch. unset: {_CPU_LIMITS[1]} on CPU, {_CUDA_LIMITS[1]} on CUDA.",
     )
     max_wait_ms: float = Field(
-        2.0, ge=0, le=1000, description="How long a batch may wait to fill while the model idles."
+        defaults.MAX_WAIT_MS,
+        ge=0,
+        le=1000,
+        description="How long a batch may wait to fill while the model idles.",
     )
     max_queue_tokens: int = Field(
-        400_000,
+        defaults.MAX_QUEUE_TOKENS,
         ge=512,
         description="Tokens the queue may hold (a memory cap); beyond it requests get 429 with "
         "Retry-After.",
     )
     max_queue_wait_s: float | None = Field(
-        10.0,
+        defaults.MAX_QUEUE_WAIT_S,
         gt=0,
         le=3600,
         description="Longest expected queue wait (queued tokens at the model's recent pace) at "
@@ -121,7 +132,7 @@ class Settings(BaseSettings):
         "0.1 on CPU (padding is wasted compute there), unlimited on GPU.",
     )
     pad_to_multiple: int = Field(
-        8,
+        defaults.PAD_TO_MULTIPLE,
         ge=1,
         le=512,
         description="Batch widths are padded up to a multiple of this (1: to the longest pair): "
@@ -133,7 +144,10 @@ class Settings(BaseSettings):
         "request's pairs (the per-request baseline of the benchmarks).",
     )
     request_timeout_s: float = Field(
-        60.0, gt=0, le=3600, description="Deadline of a scoring request, queueing included."
+        defaults.REQUEST_TIMEOUT_S,
+        gt=0,
+        le=3600,
+        description="Deadline of a scoring request, queueing included.",
     )
 
     # --- request limits --------------------------------------------------------------------------
@@ -180,15 +194,21 @@ class Settings(BaseSettings):
         "(only when CAPPY_API_KEYS is unset: the bearer then is the upstream key).",
     )
     upstream_api_key_header: str = Field(
-        "authorization", description="Header for the upstream key (Azure: api-key)."
+        defaults.UPSTREAM_API_KEY_HEADER,
+        description="Header for the upstream key (Azure: api-key).",
     )
     upstream_timeout_s: float = Field(
-        60.0, gt=0, description="One upstream call, retries included."
+        defaults.UPSTREAM_TIMEOUT_S, gt=0, description="One upstream call, retries included."
     )
     upstream_max_in_flight: int = Field(
-        64, ge=1, le=4096, description="Global cap on upstream calls in flight."
+        defaults.UPSTREAM_MAX_IN_FLIGHT,
+        ge=1,
+        le=4096,
+        description="Global cap on upstream calls in flight.",
     )
-    upstream_max_attempts: int = Field(3, ge=1, le=10, description="Attempts per upstream call.")
+    upstream_max_attempts: int = Field(
+        defaults.UPSTREAM_MAX_ATTEMPTS, ge=1, le=10, description="Attempts per upstream call."
+    )
     upstream_n_support: Literal["auto", "yes", "no"] = Field(
         "auto", description="Does the upstream honour n > 1 (auto: detect, top up if short)."
     )
@@ -201,23 +221,25 @@ class Settings(BaseSettings):
         '[{"name": "temp_0.9", "count": 4, "temperature": 0.9}]; unset: the paper\'s 17.',
     )
     proxy_max_samples: int = Field(
-        64, ge=1, le=256, description="Most samples one request may ask."
+        defaults.PROXY_MAX_SAMPLES, ge=1, le=256, description="Most samples one request may ask."
     )
     proxy_min_candidates: int = Field(
-        1, ge=1, description="Fewest samples that must arrive to answer (else 502/504)."
+        defaults.PROXY_MIN_CANDIDATES,
+        ge=1,
+        description="Fewest samples that must arrive to answer (else 502/504).",
     )
     proxy_timeout_s: float = Field(
-        120.0, gt=0, description="Deadline for gathering one request's samples."
+        defaults.PROXY_TIMEOUT_S, gt=0, description="Deadline for gathering one request's samples."
     )
     proxy_instruction_max_chars: int = Field(
-        2000,
+        defaults.PROXY_INSTRUCTION_MAX_CHARS,
         ge=1,
         description="Most characters of the instruction a chat conversation is rendered into for "
         "Cappy: over it, the turns before the last user turn are dropped, oldest first (then "
         "the system message); the last user turn and what follows it are always kept.",
     )
     proxy_stream_keepalive_s: float = Field(
-        10.0,
+        defaults.PROXY_STREAM_KEEPALIVE_S,
         gt=0,
         description="SSE keep-alive comment interval while samples are gathered; a stream's status "
         "line waits this long for the outcome.",

@@ -16,6 +16,7 @@ from loadtests.gpu_bench.runner import BUDGETS, GpuBench
 from loadtests.gpu_bench.workers.main import worker_main
 from loadtests.gpu_bench.workers.standin import SHAPES
 from loadtests.workload import DEFAULT_REQUESTS
+from service.defaults import DEVICE_BATCH_LIMITS
 
 # The phase kinds, then the phase names, that --skip takes (and serve-cN).
 SKIPPABLE = frozenset(
@@ -120,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine-batch-tokens",
         type=int,
         default=None,
-        help="engine_bench --max-batch-tokens (default: the service's, 32768 on CUDA and 8192 on "
-        "CPU, with its 256 / 64 rows and widths in steps of 8)",
+        help="engine_bench --max-batch-tokens (default: the service's, "
+        f"{DEVICE_BATCH_LIMITS['cuda'][0]} on CUDA and {DEVICE_BATCH_LIMITS['cpu'][0]} on CPU, "
+        f"with its {DEVICE_BATCH_LIMITS['cuda'][1]} / {DEVICE_BATCH_LIMITS['cpu'][1]} rows and "
+        "widths in steps of 8)",
     )
     RUN_DEFAULTS.add(
         parser, "--peer-limit", "bulk peers on the first N requests, 0 = all", type=int

@@ -33,7 +33,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from service import metrics
+from service import defaults, metrics
+from service.defaults import DEVICE_BATCH_LIMITS
 from service.engine.admission import Admission
 from service.engine.errors import DeadlineExceeded, EngineError, EngineStopped, InferenceFailed
 from service.engine.queue import Item, PairQueue, QueuedRequest
@@ -52,7 +53,6 @@ CPU_PADDING_TOLERANCE = 0.1
 # fill its multiprocessors (a 64 x 128 batch of Cappy-large is ~6 TFLOP: ~8 ms on an H200, where
 # launch and copy overheads are ~1 ms), so it gets four times the budget and rows; the GPU bench
 # (loadtests/gpu_bench.py) reports the figures these give.
-DEVICE_BATCH_LIMITS = {"cpu": (8192, 64), "cuda": (32768, 256)}
 
 
 # Batchers between start() and stop(), for the process-wide queue gauges.
@@ -108,19 +108,17 @@ class BatcherConfig:
             too. 1 pads to the longest row only.
     """
 
-    # The defaults are the service's (service/settings.py), so that a batcher built without a
-    # config behaves as the served one.
+    # The service's defaults (service/defaults.py, which Settings reads), so that a batcher built
+    # without a config behaves as the served one.
     max_batch_tokens: int | None = None
     max_batch_size: int | None = None
-    max_wait_ms: float = 2.0
-    max_queue_tokens: int = 400_000
-    # 10 s: a 2-core CPU at concurrency 32 on the benchmark's mix (up to 64 candidates a
-    # request) keeps its queue 4-8 s deep without being overloaded.
-    max_queue_wait_s: float | None = 10.0
-    default_timeout_s: float | None = 60.0
+    max_wait_ms: float = defaults.MAX_WAIT_MS
+    max_queue_tokens: int = defaults.MAX_QUEUE_TOKENS
+    max_queue_wait_s: float | None = defaults.MAX_QUEUE_WAIT_S
+    default_timeout_s: float | None = defaults.REQUEST_TIMEOUT_S
     padding_tolerance: float | None = None
     cross_request: bool = True
-    pad_to_multiple: int = 8
+    pad_to_multiple: int = defaults.PAD_TO_MULTIPLE
 
     def __post_init__(self) -> None:
         if self.max_batch_tokens is not None and self.max_batch_tokens < 1:

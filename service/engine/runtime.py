@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from service import defaults
 from service.engine import cascade
 from service.engine.batcher import BatcherConfig, DynamicBatcher, ScoredPair
 from service.engine.errors import EngineError, EngineStopped
@@ -59,7 +60,7 @@ class RuntimeConfig:
     trt_cache: Path | None = None
     # Most near-tied leaders of one request a later ranking stage re-scores: bounds the work
     # (and memory) any one request can buy, whatever its candidates.
-    max_rescored: int = 16
+    max_rescored: int = defaults.MAX_RESCORED
     # Serve graphs that did not pass a parity gate (an export made with --parity record).
     allow_ungated: bool = False
     batcher: BatcherConfig = field(default_factory=BatcherConfig)

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from service import metrics
+from service import defaults, metrics
 from service.schemas.openai import ChatCompletionRequest, CompletionRequest, CompletionUsage
 from service.upstream.client import UpstreamClient
 from service.upstream.errors import InvalidProxyRequest, NotEnoughCandidates, SampleFailure
@@ -93,8 +93,8 @@ class ProxyConfig:
 
     n_support: Support = "auto"
     top_k_support: Support = "auto"
-    timeout_s: float = 120.0
-    instruction_max_chars: int | None = 2000
+    timeout_s: float = defaults.PROXY_TIMEOUT_S
+    instruction_max_chars: int | None = defaults.PROXY_INSTRUCTION_MAX_CHARS
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from service import metrics
+from service import defaults, metrics
 from service.upstream.errors import FailureKind, UpstreamError
 from service.upstream.responses import (
     CHAT_PATH,
@@ -71,13 +71,13 @@ class UpstreamConfig:
 
     base_url: str
     api_key: str | None = field(default=None, repr=False)
-    api_key_header: str = "authorization"
-    timeout_s: float = 60.0
+    api_key_header: str = defaults.UPSTREAM_API_KEY_HEADER
+    timeout_s: float = defaults.UPSTREAM_TIMEOUT_S
     connect_timeout_s: float = 5.0
-    max_in_flight: int = 64
+    max_in_flight: int = defaults.UPSTREAM_MAX_IN_FLIGHT
     max_connections: int | None = None
     max_keepalive_connections: int | None = None
-    max_attempts: int = 3
+    max_attempts: int = defaults.UPSTREAM_MAX_ATTEMPTS
     backoff_base_s: float = 0.25
     backoff_max_s: float = 8.0
     retry_after_max_s: float = 30.0

@@ -51,10 +51,10 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from service import defaults
 from service.schemas.cappy import CappyDecodingSpec, CappyRecipe, CappyRequest
 from service.upstream.errors import RecipeError
 
-DEFAULT_MAX_SAMPLES = 64
 _RECIPE: TypeAdapter[list[CappyDecodingSpec]] = TypeAdapter(CappyRecipe)
 # The errors that keep pydantic's wording, worded to follow a parameter path.
 _WORDS = {"missing": "must be given", "extra_forbidden": "is an unknown field"}
@@ -124,7 +124,11 @@ class Recipe:
 
     @classmethod
     def from_spec(
-        cls, spec: object, *, max_samples: int = DEFAULT_MAX_SAMPLES, where: str = "cappy.recipe"
+        cls,
+        spec: object,
+        *,
+        max_samples: int = defaults.PROXY_MAX_SAMPLES,
+        where: str = "cappy.recipe",
     ) -> Recipe:
         """Validates a recipe given as a list of decoding objects.
 
@@ -204,8 +208,8 @@ def resolve_options(
     cappy: CappyRequest | Mapping[str, Any] | None,
     *,
     default_recipe: Recipe,
-    default_min_candidates: int = 1,
-    max_samples: int = DEFAULT_MAX_SAMPLES,
+    default_min_candidates: int = defaults.PROXY_MIN_CANDIDATES,
+    max_samples: int = defaults.PROXY_MAX_SAMPLES,
 ) -> ProxyOptions:
     """Applies a request's `cappy` object over the configured defaults.
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from service import defaults
 from service.upstream.answer import stream_chunks
 from service.upstream.best_of_n import Selection
 from service.upstream.errors import ProxyError
@@ -57,7 +58,7 @@ async def sse_stream(
     *,
     error_envelope: ErrorEnvelope,
     include_usage: bool = False,
-    keepalive_s: float = 10.0,
+    keepalive_s: float = defaults.PROXY_STREAM_KEEPALIVE_S,
     keepalive_at_once: bool = False,
 ) -> AsyncIterator[str]:
     """The whole SSE body of a streaming proxy response, ready for a streaming response.

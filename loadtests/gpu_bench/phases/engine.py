@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from loadtests.gpu_bench.processes import run_json, worker_env
+from service.defaults import DEVICE_BATCH_LIMITS
 
 if TYPE_CHECKING:
     from loadtests.gpu_bench.runner import GpuBench
@@ -33,7 +34,7 @@ def run_engine(bench: GpuBench, budget: float, record: dict[str, Any]) -> None:
         "--precision",
         "fp16" if cuda else "fp32",
         "--max-batch-tokens",
-        str(bench.args.engine_batch_tokens or (32768 if cuda else 8192)),
+        str(bench.args.engine_batch_tokens or DEVICE_BATCH_LIMITS["cuda" if cuda else "cpu"][0]),
         "--max-batch-size",
         str(256 if cuda else 64),
         "--seq-multiple",
