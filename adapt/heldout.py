@@ -9,7 +9,9 @@ or more), drawn with a seed.
 What an evaluation reports, on the held-out pairs' scores:
 - `mse`: the regression loss against the labels;
 - `gt_accuracy`: how often an example's ground truth scores above its mismatch (each ground-truth
-  pair against the example's mismatch, averaged per example, then over examples); chance is 0.5;
+  pair against the example's mismatch, averaged per example, then over examples); a tie counts
+  half, so a scorer that cannot tell them apart scores 0.5, chance (bf16 evaluation rounds close
+  scores to equal ones);
 - `selection_rouge`: for each example with two or more LLM samples, the Rouge-L label of the
   sample that scores highest (ties: the first), averaged per task and then over tasks, as the
   headline of `cappy eval` is; what the early stop watches when samples exist.
@@ -102,7 +104,9 @@ def metrics(pairs: Sequence[Pair], scores: Sequence[float]) -> dict[str, float]:
         truths = [s for p, s in scored if p.source == "ground_truth"]
         wrong = [s for p, s in scored if p.source == "mismatch"]
         if truths and wrong:
-            accuracies.append(statistics.fmean(t > w for t in truths for w in wrong))
+            accuracies.append(
+                statistics.fmean((t > w) + 0.5 * (t == w) for t in truths for w in wrong)
+            )
         samples = [(p, s) for p, s in scored if p.source == "sample"]
         if len(samples) >= 2:
             best = argmax_first([s for _, s in samples])

@@ -64,3 +64,5 @@ def test_metrics_on_hand_made_scores() -> None:
     assert found["mse"] == pytest.approx(sum(squares) / 12)
     with pytest.raises(ValueError):
         metrics(pairs, scores[:-1])
+    # A scorer that cannot tell them apart (every score equal) is at chance.
+    assert metrics(pairs, [0.5] * len(pairs))["gt_accuracy"] == 0.5
