@@ -29,15 +29,11 @@ import numpy as np
 from loadtests.workload import batches_by_length
 from service import defaults
 from service.engine import cascade
-from service.engine.batcher import BatcherConfig, for_device
+from service.engine.batching_config import BatcherConfig, for_device
 from service.engine.export_dir import ExportDir
-from service.engine.onnx_runtime import cuda_available
-from service.engine.scorer import (
-    OnnxScorer,
-    OpenVinoScorer,
-    RefiningScorer,
-    load_scorer,
-)
+from service.engine.onnx_runtime import OnnxScorer, cuda_available
+from service.engine.openvino_backend import OpenVinoScorer
+from service.engine.scorer import RefiningScorer, load_scorer
 from service.engine.tokenize import PairTokenizer
 from service.engine.types import EncodedPair, Scorer, pad_batch, padded_width
 
@@ -115,7 +111,7 @@ def run_batches(
         width = padded_width(max(row.length for row in rows), multiple)
         feeds.append(pad_batch(rows, pad_token_id, scorer.input_names, width))
     pad_s = time.perf_counter() - t0
-    workers = max(1, int(getattr(scorer, "parallelism", 1)))
+    workers = max(1, scorer.parallelism)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for batch, values in zip(batches, pool.map(scorer.infer, feeds), strict=True):
@@ -124,16 +120,16 @@ def run_batches(
 
 
 def rescore(
-    scorer: RefiningScorer, encoded: list[EncodedPair], scores: np.ndarray, args: argparse.Namespace
+    scorer: Scorer, encoded: list[EncodedPair], scores: np.ndarray, args: argparse.Namespace
 ) -> np.ndarray:
-    """One request's scores after the service's cascade: the same leaders (cascade.leaders, at
-    most the service's 16) re-scored by each later stage in the same budget-sized batches
-    (cascade.budgeted_chunks); synchronous, without the batchers."""
+    """One request's scores after the service's cascade: the same leaders (cascade.leaders: the
+    near-ties, when at most the service's 16) re-scored by each later stage in the same
+    budget-sized batches (cascade.budgeted_chunks); synchronous, without the batchers."""
     out = np.array(scores, dtype=np.float32, copy=True)
     rows = np.arange(len(out))
-    stage: Scorer = scorer
-    while isinstance(stage, RefiningScorer) and rows.size > 1:
-        chosen = cascade.leaders(stage, out[rows], args.max_rescored)
+    stage = scorer
+    while (step := stage.refinement()) is not None and rows.size > 1:
+        chosen = cascade.leaders(step, out[rows], args.max_rescored)
         if not chosen.size:
             break
         rows = rows[chosen]
@@ -153,8 +149,8 @@ def rescore(
             )
             for chunk in chunks
         ]
-        out[rows] = np.concatenate([stage.exact.infer(feeds) for feeds in fed])
-        stage = stage.exact
+        out[rows] = np.concatenate([step.exact.infer(feeds) for feeds in fed])
+        stage = step.exact
     return out
 
 
@@ -310,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     assert best is not None
     scores, infer_s, pad_s = best
     refine_s, refined_pairs = 0.0, 0
-    if isinstance(scorer, RefiningScorer):
+    if (refinement := scorer.refinement()) is not None:
         cpu0 = time.process_time()
         t0 = time.perf_counter()
         parts = request_spans(requests)
@@ -330,22 +326,22 @@ def main(argv: list[str] | None = None) -> int:
     real_tokens = sum(e.length for e in encoded)
     padded_tokens = sum(len(b) * max(encoded[i].length for i in b) for b in batches)
     figures: dict[str, Any] = {
-        "engine": getattr(scorer, "name", args.engine),
-        "precision": getattr(scorer, "precision", args.precision),
+        "engine": scorer.name,
+        "precision": scorer.precision,
         "requests": len(requests),
         "pairs": len(pairs),
         "batches": len(batches),
         "max_batch_tokens": args.max_batch_tokens,
         "threads": args.threads,
         "hint": args.hint if args.engine == "openvino" else None,
-        "streams": getattr(getattr(scorer, "fast", scorer), "streams", None),
+        "streams": (scorer.describe() or {}).get("streams"),
         "split_streams": args.split_streams,
         "seq_multiple": args.seq_multiple,
         "model_file": Path(args.model_file).name if args.model_file else None,
         "seconds": round(infer_s, 3),
         "refine_s": round(refine_s, 3),
         "refined_pairs": refined_pairs,
-        "margin": getattr(scorer, "margin", None),
+        "margin": refinement.margin if refinement is not None else None,
         "pairs_per_s": round(len(pairs) / infer_s, 1),
         "e2e_pairs_per_s": round(len(pairs) / (infer_s + pad_s + tokenize_s), 1),
         # CPU seconds of the whole process while scoring (all threads): less sensitive than wall

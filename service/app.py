@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI
 from starlette.routing import BaseRoute
 
 from service.deps import ProxyState, require_api_key
-from service.engine.batcher import BatcherConfig
+from service.engine.batching_config import BatcherConfig
 from service.engine.runtime import RuntimeConfig, ScoringRuntime
 from service.errors import ApiError, register_exception_handlers
 from service.middleware import (

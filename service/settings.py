@@ -81,7 +81,8 @@ class Settings(BaseSettings):
         ge=1,
         le=1024,
         description="Most near-tied leaders of one ranking request that a more precise stage "
-        "re-scores (identical candidates count once): bounds the work one request can buy.",
+        "re-scores, all of them or none, so that a ranking compares one precision (candidates "
+        "with identical tokens count once): bounds the work one request can buy.",
     )
     tensorrt: bool = Field(
         False,

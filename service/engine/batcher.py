@@ -23,19 +23,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
-from service import defaults, metrics
-from service.defaults import DEVICE_BATCH_LIMITS
+from service import metrics
 from service.engine.admission import Admission
+
+# The configuration lives in batching_config.py; named here too for the importers that take it
+# from the batcher (the app, the defaults test).
+from service.engine.batching_config import BatcherConfig, for_device, padding_tolerance_for
 from service.engine.errors import DeadlineExceeded, EngineError, EngineStopped, InferenceFailed
 from service.engine.queue import Item, PairQueue, QueuedRequest
 from service.engine.types import EncodedPair, Scorer, pad_batch
@@ -44,16 +46,6 @@ logger = logging.getLogger(__name__)
 
 Encoder = Callable[[Sequence[tuple[str, str]]], list[EncodedPair]]
 _T = TypeVar("_T")
-
-# Padding tolerance on CPU when none is configured: measured best on the MiniLM benchmark
-# (0.1 against 0.25 and 0.5, at concurrency 32 and at concurrency 1).
-CPU_PADDING_TOLERANCE = 0.1
-# Batch limits (padded tokens, rows) when none are configured. On CPU a padded token costs as much
-# as a real one and rows beyond a few dozen gain nothing. A GPU needs far more work per launch to
-# fill its multiprocessors (a 64 x 128 batch of Cappy-large is ~6 TFLOP: ~8 ms on an H200, where
-# launch and copy overheads are ~1 ms), so it gets four times the budget and rows; the GPU bench
-# (loadtests/gpu_bench.py) reports the figures these give.
-
 
 # Batchers between start() and stop(), for the process-wide queue gauges.
 _RUNNING: weakref.WeakSet[DynamicBatcher] = weakref.WeakSet()
@@ -70,76 +62,6 @@ metrics.QUEUE_EXPECTED_WAIT.set_function(_queue_expected_wait)
 
 
 @dataclass(frozen=True, slots=True)
-class BatcherConfig:
-    """Batching and admission limits.
-
-    Attributes:
-        max_batch_tokens: padded tokens per batch (rows x longest row). A single pair longer than
-            this still runs, alone. None picks by the scorer's device (`DEVICE_BATCH_LIMITS`).
-        max_batch_size: rows per batch; None picks by the scorer's device.
-        max_wait_ms: how long the oldest queued pair may wait for its batch to fill while the
-            model is idle. No wait when a full batch is queued or the model is busy.
-        max_queue_tokens: real tokens the queue may hold; a request that would exceed it is
-            refused with `Overloaded`, one that alone exceeds it with `RequestTooLarge`. A cap
-            on memory; `max_queue_wait_s` is the one that keeps waits short.
-        max_queue_wait_s: the longest expected queue wait (the queued tokens at the model's
-            recent pace, every stream counted) at which a request is still admitted; beyond it,
-            and for a request that could not be answered before its deadline behind the queue,
-            `Overloaded` at once with a Retry-After of when the queue will have drained enough.
-            Admission looks at the queue before the request, not at its size, so large requests
-            are admitted as readily as small ones. The pace counts once `MIN_PACE_BATCHES`
-            batches holding a full batch budget of tokens have run (admission.py); until then
-            only the oldest queued pair's age applies. None: the token cap alone.
-        default_timeout_s: deadline of a request that brings none; None for no deadline.
-        padding_tolerance: an item joins a batch only if the padding it adds is at most this many
-            tokens per token of its own (1.0: a pair never costs more than about twice its
-            length). None picks by the scorer's device: `CPU_PADDING_TOLERANCE` on CPU, where a
-            padded token costs as much as a real one and batch size barely matters above a few
-            rows; `math.inf` (batches filled by budget alone) on CUDA, which is not compute-bound
-            and gains from fuller batches.
-        cross_request: batch pairs of different requests together (the point of a dynamic
-            batcher). False gives the per-request baseline the benchmarks compare with: a batch
-            holds pairs of one request only, shortest first.
-        pad_to_multiple: a batch's width is its longest row rounded up to a multiple of this
-            (never past the model's max length), and lengths are compared in these steps, so
-            pairs of the same step share a batch for free. Fewer distinct shapes: OpenVINO on
-            CPU ran the served batches of the benchmark ~3% faster padded to multiples of 8,
-            though they held 1.3% more tokens; GPUs favour multiples of 8
-            too. 1 pads to the longest row only.
-    """
-
-    # The service's defaults (service/defaults.py, which Settings reads), so that a batcher built
-    # without a config behaves as the served one.
-    max_batch_tokens: int | None = None
-    max_batch_size: int | None = None
-    max_wait_ms: float = defaults.MAX_WAIT_MS
-    max_queue_tokens: int = defaults.MAX_QUEUE_TOKENS
-    max_queue_wait_s: float | None = defaults.MAX_QUEUE_WAIT_S
-    default_timeout_s: float | None = defaults.REQUEST_TIMEOUT_S
-    padding_tolerance: float | None = None
-    cross_request: bool = True
-    pad_to_multiple: int = defaults.PAD_TO_MULTIPLE
-
-    def __post_init__(self) -> None:
-        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
-            raise ValueError("max_batch_tokens must be at least 1")
-        if self.max_batch_size is not None and self.max_batch_size < 1:
-            raise ValueError("max_batch_size must be at least 1")
-        if self.max_wait_ms < 0:
-            raise ValueError("max_wait_ms must not be negative")
-        if self.max_queue_tokens < 1:
-            raise ValueError("max_queue_tokens must be at least 1")
-        if self.max_queue_wait_s is not None and self.max_queue_wait_s <= 0:
-            raise ValueError("max_queue_wait_s must be positive or None")
-        if self.default_timeout_s is not None and self.default_timeout_s <= 0:
-            raise ValueError("default_timeout_s must be positive or None")
-        if self.padding_tolerance is not None and self.padding_tolerance < 0:
-            raise ValueError("padding_tolerance must not be negative")
-        if self.pad_to_multiple < 1:
-            raise ValueError("pad_to_multiple must be at least 1")
-
-
-@dataclass(frozen=True, slots=True)
 class ScoredPair:
     """One pair's result.
 
@@ -152,21 +74,6 @@ class ScoredPair:
     score: float
     truncated: bool
     tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class BatcherStats:
-    """A snapshot of the batcher for /info and debugging."""
-
-    alive: bool
-    accepting: bool
-    queue_pairs: int
-    queue_tokens: int
-    pending_requests: int
-    batches_in_flight: int
-    batches_run: int
-    pairs_scored: int
-    tokens_per_second: float | None
 
 
 class _Request(QueuedRequest):
@@ -206,22 +113,6 @@ def _owner(item: Item) -> _Request:
     return request
 
 
-def _padding_tolerance(configured: float | None, scorer: Scorer) -> float:
-    if configured is not None:
-        return configured
-    return math.inf if getattr(scorer, "device", "cpu") == "cuda" else CPU_PADDING_TOLERANCE
-
-
-def for_device(config: BatcherConfig, device: str) -> BatcherConfig:
-    """`config` with the batch limits it leaves unset filled in for `device` ("cuda" or "cpu")."""
-    tokens, rows = DEVICE_BATCH_LIMITS["cuda" if device == "cuda" else "cpu"]
-    return replace(
-        config,
-        max_batch_tokens=config.max_batch_tokens or tokens,
-        max_batch_size=config.max_batch_size or rows,
-    )
-
-
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
@@ -256,13 +147,13 @@ class DynamicBatcher:
         self._scorer = scorer
         self._clock = clock
         self._encode = encode
-        self._config = for_device(config or BatcherConfig(), getattr(scorer, "device", "cpu"))
+        self._config = for_device(config or BatcherConfig(), scorer.device)
         assert self._config.max_batch_tokens is not None and self._config.max_batch_size is not None
         self.max_batch_tokens: int = self._config.max_batch_tokens
         self.max_batch_size: int = self._config.max_batch_size
         # Batches the scorer can run at once (OpenVINO streams); one worker thread each.
-        self._workers = max(1, int(getattr(scorer, "parallelism", 1)))
-        self.padding_tolerance = _padding_tolerance(self._config.padding_tolerance, scorer)
+        self._workers = max(1, scorer.parallelism)
+        self.padding_tolerance = padding_tolerance_for(self._config, scorer.device)
         self._queue = PairQueue(
             max_batch_tokens=self.max_batch_tokens,
             max_batch_size=self.max_batch_size,
@@ -288,8 +179,6 @@ class DynamicBatcher:
         self._accepting = False
         self._draining = False
         self._in_flight = 0
-        self._batches_run = 0
-        self._pairs_scored = 0
 
     # --- public API -----------------------------------------------------------------------------
 
@@ -307,39 +196,10 @@ class DynamicBatcher:
         """Whether `score()` accepts new requests."""
         return self._accepting and self.alive
 
-    @property
-    def queue_pairs(self) -> int:
-        """Pairs waiting for a batch."""
-        return self._queue.pairs
-
-    @property
-    def queue_tokens(self) -> int:
-        """Real tokens waiting for a batch."""
-        return self._queue.tokens
-
-    def is_overloaded(self) -> bool:
-        """Whether the queue is full, or its expected wait too long, so that any new request
-        would be refused."""
-        return self._admission.retry_after(0) is not None
-
     def expected_wait(self, tokens: int | None = None) -> float | None:
         """Seconds the model needs for `tokens` (default: the queued tokens) at its recent pace
         with every stream busy; None while too little work has run to know the pace."""
         return self._admission.expected_wait(tokens)
-
-    def stats(self) -> BatcherStats:
-        """A snapshot of the queue and of recent throughput."""
-        return BatcherStats(
-            alive=self.alive,
-            accepting=self.accepting,
-            queue_pairs=self._queue.pairs,
-            queue_tokens=self._queue.tokens,
-            pending_requests=len(self._requests),
-            batches_in_flight=self._in_flight,
-            batches_run=self._batches_run,
-            pairs_scored=self._pairs_scored,
-            tokens_per_second=self._admission.pace.tokens_per_second(),
-        )
 
     async def start(self) -> None:
         """Starts the worker threads and the consumer task.
@@ -641,8 +501,6 @@ class DynamicBatcher:
             return
 
         elapsed = finished - started
-        self._batches_run += 1
-        self._pairs_scored += len(items)
         metrics.INFERENCE_TIME.observe(elapsed)
         metrics.PAIRS_SCORED.inc(len(items))
         metrics.TOKENS_SCORED.inc(batch.real_tokens)

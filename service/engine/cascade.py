@@ -1,13 +1,29 @@
 """The ranking cascade: the stages a candidate set goes through, their description for /info, and
 the rank loop.
 
-A scorer is a chain of stages: a fast one (OpenVINO bf16, or int8 then bf16) whose near-tied
-leaders are re-scored by the next, more precise one, down to the exact engine (fp32). Every stage
-but the exact one runs behind its own batcher (so a re-scoring stage batches across requests);
-the exact one runs its few pairs in turns on the last batcher's workers. Stages get the pairs
-already encoded: nothing is tokenized twice. Work per request is bounded: at most
-`max_rescored` leaders go on to each later stage, in batches within the batch budget, each
-checked against the request's deadline.
+A scorer is a chain of stages (`Scorer.refinement`): a fast one (OpenVINO bf16, or int8 then
+bf16) whose near-tied leaders are re-scored by the next, more precise one, down to the exact
+engine (fp32). Every stage but the exact one runs behind its own batcher (so a re-scoring stage
+batches across requests); the exact one runs its few pairs in turns on the last batcher's
+workers. Stages get the pairs already encoded: nothing is tokenized twice. Work per request is
+bounded: at most `max_rescored` candidates go on to each later stage, in batches within the
+batch budget, each checked against the request's deadline.
+
+The ranking rule. Callers rank a set by its scores, ties to the lowest index, so the scores of
+one set must compare like with like:
+
+- Candidates whose encodings are identical (the same token ids after truncation, whatever their
+  texts) are scored once and share the score: they tie exactly, and the lowest index wins.
+- A stage re-scores the set's near-ties (the candidates within its margin of the best, by the
+  previous stage's scores) only when it can re-score all of them: at most `max_rescored`. Every
+  near-tie then carries the precise score and is compared with the others in it. Candidates
+  beyond the margin keep the previous stage's score: the margin (the largest fast/exact
+  difference measured at warm-up, or the export's recorded int8 error) keeps them below the
+  precise stage's best.
+- With more near-ties than `max_rescored`, the set keeps the previous stage's scores and the
+  cascade stops there: its near-ties are ranked in that one precision. Re-scoring only some of
+  them would rank precise scores against fast ones, and a systematic offset between the two
+  (bf16 reading above fp32) would carry every near-tie left out past every re-scored one.
 
 `leaders` and `budgeted_chunks` are plain functions, so that the in-process engine benchmark
 re-scores exactly as the service does.
@@ -17,7 +33,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -25,42 +40,49 @@ import numpy as np
 from service import metrics
 from service.engine.batcher import DynamicBatcher, ScoredPair
 from service.engine.errors import DeadlineExceeded
-from service.engine.scorer import RefiningScorer
-from service.engine.types import EncodedPair, Scorer, pad_batch, padded_width
+from service.engine.types import EncodedPair, Refinement, Scorer, pad_batch, padded_width
 
 
 def batched_stages(scorer: Scorer) -> list[Scorer]:
     """The stages that run behind a batcher: the scorer itself and, down a refining chain, each
     exact scorer that refines further (int8 -> [bf16 -> fp32]); the last exact one is unbatched."""
     stages = [scorer]
-    while isinstance(stages[-1], RefiningScorer) and isinstance(stages[-1].exact, RefiningScorer):
-        stages.append(stages[-1].exact)
+    while (step := stages[-1].refinement()) is not None and step.exact.refinement() is not None:
+        stages.append(step.exact)
     return stages
 
 
 def describe(scorer: Scorer) -> list[dict[str, Any]]:
     """The stages in order, each with the margin within which it passes candidates on."""
     stages: list[dict[str, Any]] = []
-    stage: Scorer = scorer
-    while isinstance(stage, RefiningScorer):
-        stages.append({"engine": stage.fast.name, "rescore_margin": stage.margin})
-        stage = stage.exact
+    stage = scorer
+    while (step := stage.refinement()) is not None:
+        stages.append({"engine": step.fast.name, "rescore_margin": step.margin})
+        stage = step.exact
     return [*stages, {"engine": stage.name}]
 
 
-def precision_of(scorer: Scorer) -> str:
-    fast = scorer.fast if isinstance(scorer, RefiningScorer) else scorer
-    return str(getattr(fast, "precision", "unknown"))
+def leaders(step: Refinement, scores: np.ndarray, most: int) -> np.ndarray:
+    """Indices (ascending) of the candidates `step` re-scores: its near-ties (those within its
+    margin of the best), when there are at most `most` of them; none otherwise, and none when
+    the best is clear (the module's ranking rule)."""
+    close = step.near_top(scores)
+    return close if close.size <= most else np.empty(0, dtype=np.int64)
 
 
-def leaders(stage: RefiningScorer, scores: np.ndarray, most: int) -> np.ndarray:
-    """Indices (ascending) of the candidates `stage` passes on: those within its margin of the
-    best, at most `most` of the highest (a stable sort keeps the lower index on ties)."""
-    close = stage.near_top(scores)
-    if close.size > most:
-        order = np.argsort(-np.asarray(scores)[close], kind="stable")
-        close = np.sort(close[order[:most]])
-    return close
+def distinct(encoded: Sequence[EncodedPair]) -> tuple[list[EncodedPair], list[int]]:
+    """The distinct encodings of `encoded` (first occurrences, in order) and, per pair, the index
+    of its encoding among them: pairs whose token ids are the same are scored once."""
+    slot_of: dict[tuple[bytes, bytes | None], int] = {}
+    unique: list[EncodedPair] = []
+    slots = []
+    for pair in encoded:
+        types = None if pair.token_type_ids is None else pair.token_type_ids.tobytes()
+        slot = slot_of.setdefault((pair.input_ids.tobytes(), types), len(unique))
+        if slot == len(unique):
+            unique.append(pair)
+        slots.append(slot)
+    return unique, slots
 
 
 def budgeted_chunks(
@@ -93,7 +115,8 @@ class Cascade:
     Args:
         scorer: the (possibly refining) scorer.
         batchers: one per `batched_stages(scorer)`, in order, started by the caller.
-        max_rescored: most leaders of one set a later stage re-scores.
+        max_rescored: most near-ties of one set a later stage re-scores; a set with more
+            keeps the previous stage's scores (the module's ranking rule).
         max_length: the model's longest input (batch widths never pad past it).
     """
 
@@ -115,39 +138,46 @@ class Cascade:
     async def rank(
         self, encoded: Sequence[EncodedPair], *, deadline: float | None
     ) -> list[ScoredPair]:
-        """Scores one candidate set: every pair by the first stage, then each stage's leaders by
-        the next; a pair keeps the score of the last stage that scored it.
+        """Scores one candidate set by the module's ranking rule: each distinct encoding once, by
+        the first stage, then each stage's near-ties by the next while there are at most
+        `max_rescored` of them; a pair keeps the score of the last stage that scored it.
 
         Raises:
             DeadlineExceeded: the deadline passed, in any stage.
             and whatever `DynamicBatcher.score_encoded` raises.
         """
-        results = await self.batchers[0].score_encoded(encoded, deadline=deadline)
+        unique, slots = distinct(encoded)
+        results = await self.batchers[0].score_encoded(unique, deadline=deadline)
+        scores = [r.score for r in results]
         stage = self.scorer
-        rows = np.arange(len(results))
+        rows = np.arange(len(unique))
         for batcher in [*self.batchers[1:], None]:
-            if not isinstance(stage, RefiningScorer) or rows.size < 2:
+            step = stage.refinement()
+            if step is None or rows.size < 2:
                 break
-            fast = np.array([results[i].score for i in rows], dtype=np.float32)
-            chosen = leaders(stage, fast, self.max_rescored)
+            chosen = leaders(
+                step, np.array([scores[i] for i in rows], dtype=np.float32), self.max_rescored
+            )
             if not chosen.size:
                 break
             rows = rows[chosen]
-            subset = [encoded[i] for i in rows]
+            subset = [unique[i] for i in rows]
             if batcher is not None:  # a batched stage (bf16 after int8): across requests
-                scored = await batcher.score_encoded(subset, deadline=deadline)
-                scores = [r.score for r in scored]
+                rescored = [r.score for r in await batcher.score_encoded(subset, deadline=deadline)]
             else:
-                scores = await self._score_exact(stage, subset, deadline)
-            metrics.PAIRS_RESCORED.labels(precision=precision_of(stage.exact)).inc(len(rows))
-            results = list(results)
-            for row, score in zip(rows, scores, strict=True):
-                results[row] = replace(results[row], score=float(score))
-            stage = stage.exact
-        return results
+                rescored = await self._score_exact(step.exact, subset, deadline)
+            metrics.PAIRS_RESCORED.labels(precision=step.exact.precision).inc(len(rows))
+            for row, score in zip(rows, rescored, strict=True):
+                scores[row] = float(score)
+            stage = step.exact
+        # A pair's own truncation flag: a pair cut to the same tokens as one that fits is still cut.
+        return [
+            ScoredPair(scores[slot], pair.truncated, pair.length)
+            for pair, slot in zip(encoded, slots, strict=True)
+        ]
 
     async def _score_exact(
-        self, stage: RefiningScorer, encoded: Sequence[EncodedPair], deadline: float | None
+        self, exact: Scorer, encoded: Sequence[EncodedPair], deadline: float | None
     ) -> list[float]:
         """The exact engine on near-tied leaders, in batches within the last batcher's budget,
         each in its turn on that batcher's workers (beside the streams it oversubscribed the
@@ -162,7 +192,7 @@ class Cascade:
                 metrics.PAIRS_DROPPED.labels(reason="deadline").inc(len(encoded) - len(scores))
                 raise DeadlineExceeded()
             width = padded_width(max(e.length for e in chunk), multiple, self.max_length)
-            feeds = pad_batch(chunk, stage.pad_token_id, stage.input_names, width)
-            exact = await batcher.run_on_workers(stage.exact.infer, feeds)
-            scores.extend(float(v) for v in np.asarray(exact).reshape(-1))
+            feeds = pad_batch(chunk, exact.pad_token_id, exact.input_names, width)
+            values = await batcher.run_on_workers(exact.infer, feeds)
+            scores.extend(float(v) for v in np.asarray(values).reshape(-1))
         return scores

@@ -27,7 +27,7 @@ import numpy as np
 
 from service.engine.errors import ScorerError
 from service.engine.host_buffers import HostBuffers, host_buffers_for
-from service.engine.types import GraphInputs
+from service.engine.types import GraphInputs, Scorer
 from service.engine.warmup import WARMUP_SHAPES, synthetic_feeds
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class _Slot:
     buffers: HostBuffers | None
 
 
-class OnnxScorer:
+class OnnxScorer(Scorer):
     """ONNX Runtime backend.
 
     Args:

@@ -16,10 +16,11 @@ from typing import Any
 
 from service import defaults
 from service.engine import cascade
-from service.engine.batcher import BatcherConfig, DynamicBatcher, ScoredPair
+from service.engine.batcher import DynamicBatcher, ScoredPair
+from service.engine.batching_config import BatcherConfig
 from service.engine.errors import EngineError, EngineStopped
 from service.engine.export_dir import ExportDir
-from service.engine.scorer import RefiningScorer, load_scorer
+from service.engine.scorer import load_scorer
 from service.engine.tokenize import PairTokenizer
 from service.engine.types import Device, Engine, Precision, Scorer
 
@@ -233,10 +234,12 @@ class ScoringRuntime:
     ) -> list[ScoredPair]:
         """Scores candidates for one instruction, for ranking them.
 
-        Identical candidates are scored once and share the result (so exact ties keep the lowest
-        index when ranked); the distinct ones are tokenized once and go through the cascade
-        (service/engine/cascade.py): with a refining scorer the winner and the order of the
-        leaders are those of fp32. Every stage goes through the batch budget and the deadline.
+        Identical texts are tokenized once; candidates whose encodings are identical (texts that
+        differ only past the truncation, too) are scored once and share the score, so that they
+        tie exactly and the lowest index wins. The cascade (service/engine/cascade.py) ranks by
+        its rule: with a refining scorer the near-ties are compared in fp32, or all in the
+        previous stage's precision when there are more than `max_rescored` of them. Every stage
+        goes through the batch budget and the deadline.
 
         Raises:
             DeadlineExceeded: the deadline passed, in any stage.
@@ -255,16 +258,14 @@ class ScoringRuntime:
         scorer = self.scorer
         batcher = self.batcher
         tolerance = batcher.padding_tolerance if batcher is not None else None
-        backend = scorer.fast if isinstance(scorer, RefiningScorer) else scorer
-        describe_backend = getattr(backend, "describe", None)
         return {
-            "engine": getattr(scorer, "name", None),
+            "engine": scorer.name if scorer is not None else None,
             # Ranking runs these in order, each re-scoring the previous one's near-ties (within
             # its margin); /score uses the last batched one (all but an unbatched fp32 stage).
             "stages": cascade.describe(scorer) if scorer is not None else [],
-            "device": getattr(scorer, "device", None),
-            "precision": getattr(scorer, "precision", None),
-            "streams": getattr(scorer, "parallelism", 1) if scorer is not None else None,
+            "device": scorer.device if scorer is not None else None,
+            "precision": scorer.precision if scorer is not None else None,
+            "streams": scorer.parallelism if scorer is not None else None,
             # null when unlimited (JSON has no infinity)
             "padding_tolerance": tolerance
             if tolerance is None or math.isfinite(tolerance)
@@ -274,6 +275,6 @@ class ScoringRuntime:
             "max_batch_tokens": batcher.max_batch_tokens if batcher is not None else None,
             "max_batch_size": batcher.max_batch_size if batcher is not None else None,
             # ONNX Runtime: execution providers (TensorRT, CUDA, CPU), sessions, IO binding.
-            "backend": describe_backend() if callable(describe_backend) else None,
+            "backend": scorer.describe() if scorer is not None else None,
             "load_seconds": None if self.load_seconds is None else round(self.load_seconds, 2),
         }

@@ -1,12 +1,14 @@
-"""Execution backends behind the `Scorer` protocol, and the choice between them.
+"""The choice of scorer (`load_scorer`) and the refining wrapper that chains two of them.
+
+The backends behind the `Scorer` protocol (service/engine/types.py):
 
 - `OnnxScorer` (service/engine/onnx_runtime.py): ONNX Runtime. On a GPU: the CUDA execution
   provider with the fp16 graph, several sessions (streams) in flight, inputs bound from pinned
   host buffers. On CPU: the CPU provider with one intra-op thread per usable core.
-- `OpenVinoScorer`: the OpenVINO runtime reading the same model.onnx, computing in bf16 where the
-  CPU has native bf16 (AVX512_BF16 / AMX), f32 otherwise.
-- `RefiningScorer`: a fast scorer (OpenVINO bf16) plus an exact twin (OpenVINO f32) that re-scores
-  only the near-tied leaders of a candidate set, so that rankings match fp32.
+- `OpenVinoScorer` (service/engine/openvino_backend.py): the OpenVINO runtime reading the same
+  model.onnx, computing in bf16 where the CPU has native bf16 (AVX512_BF16 / AMX), f32 otherwise.
+- `RefiningScorer` (here): a fast scorer (OpenVINO bf16) plus an exact twin (OpenVINO f32) that
+  re-scores only the near-tied leaders of a candidate set, so that rankings match fp32.
 
 Measured on a 2-core AVX512-BF16 machine with the MiniLM export (loadtests/engine_bench.py):
 OpenVINO bf16 ~2x the pairs/s of ONNX Runtime or OpenVINO fp32, argmax agreement with PyTorch
@@ -19,186 +21,35 @@ All backends return the raw regression output `logits[:, 0]` as float32, one val
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Unpack
+from typing import Any
 
 import numpy as np
 
 from service.engine.errors import ScorerError
 from service.engine.export_dir import ExportDir, ExportDirError
-from service.engine.onnx_runtime import (
-    OnnxScorer,
-    cuda_available,
-    cuda_provider_built,
-    usable_cores,
+from service.engine.onnx_runtime import OnnxScorer, cuda_available, cuda_provider_built
+from service.engine.openvino_backend import (
+    OpenVinoScorer,
+    openvino_bf16_supported,
+    openvino_importable,
 )
-from service.engine.types import Device, Engine, GraphInputs, Precision, Scorer
+from service.engine.types import Device, Engine, GraphInputs, Precision, Refinement, Scorer
 from service.engine.warmup import WARMUP_SHAPES, synthetic_feeds
 
 logger = logging.getLogger(__name__)
 
 
-# Compiled kernels OpenVINO keeps per input shape (an LRU; its default is 5,000). The batcher's
-# shapes vary with every batch (rows x width in steps of 8: thousands of them), and each kept
-# shape holds memory: with the default a served process grew by ~0.7 MB per new shape, over a GB
-# in minutes of varied load without levelling off; with 512 it levels off. A shape seen again
-# after eviction costs a few percent more once.
-RUNTIME_CACHE_CAPACITY = 512
-
-
-def openvino_bf16_supported() -> bool:
-    """Whether OpenVINO's CPU plugin reports native bf16 on this CPU."""
-    try:
-        import openvino as ov
-
-        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    except Exception:  # no openvino, or no CPU plugin
-        return False
-
-
-class OpenVinoScorer:
-    """OpenVINO CPU backend reading an ONNX graph or an OpenVINO IR, dynamic batch and sequence
-    axes.
-
-    Args:
-        model_path: the ONNX graph (OpenVINO reads ORT's fused contrib ops too), or the .xml of
-            an IR.
-        precision: "bf16" (needs native bf16; falls back to f32 with a warning otherwise),
-            "fp32", or "int8" for a quantised IR (its other ops in bf16 where native).
-        hint: PERFORMANCE_HINT, "LATENCY" (one stream using every core) or "THROUGHPUT".
-        num_streams: NUM_STREAMS; None lets the hint decide.
-        threads: INFERENCE_NUM_THREADS; None means every usable core.
-        split_streams: with more than one stream, split each batch's rows across the streams
-            and run the parts concurrently.
-        cache_dir: OpenVINO's compiled-model cache (faster restarts).
-        extra_config: further compile properties, e.g. {"ENABLE_CPU_PINNING": False}.
-
-    Attributes:
-        streams: the compiled stream count; `parallelism` batches may run at once.
-        pinned: whether OpenVINO pins each busy stream's threads to cores.
-
-    The defaults are the measured best on 2 cores: LATENCY with all cores on one stream; two
-    split streams and static shapes were within noise (+-5%). Batch widths in steps (fewer
-    distinct shapes) are the batcher's `pad_to_multiple`.
-    """
-
-    def __init__(
-        self,
-        model_path: str | Path,
-        *,
-        precision: str = "bf16",
-        hint: str = "LATENCY",
-        num_streams: int | None = None,
-        threads: int | None = None,
-        split_streams: bool = False,
-        cache_dir: str | None = None,
-        extra_config: Mapping[str, Any] | None = None,
-        **graph: Unpack[GraphInputs],
-    ) -> None:
-        import openvino as ov
-
-        if precision not in ("bf16", "fp32", "int8"):
-            raise ScorerError(
-                f"OpenVINO scorer precision must be bf16, fp32 or int8, not {precision!r}"
-            )
-        native_bf16 = openvino_bf16_supported()
-        if precision == "bf16" and not native_bf16:
-            logger.warning("this CPU has no native bf16: OpenVINO runs f32 instead")
-            precision = "fp32"
-        self.input_names = list(graph["input_names"])
-        self.pad_token_id = graph["pad_token_id"]
-        self.output_name = graph.get("output_name", "logits")
-        self.precision = precision
-        self.device = "cpu"
-        self.name = f"openvino-cpu-{precision}"
-
-        core = ov.Core()
-        if cache_dir:
-            core.set_property({"CACHE_DIR": cache_dir})
-        model = core.read_model(str(model_path))
-        # An int8 model (quantised IR) keeps its non-quantised ops in bf16 where that is native.
-        uses_bf16 = precision == "bf16" or (precision == "int8" and native_bf16)
-        config: dict[str, Any] = {
-            "INFERENCE_PRECISION_HINT": "bf16" if uses_bf16 else "f32",
-            "PERFORMANCE_HINT": hint,
-            "INFERENCE_NUM_THREADS": threads or usable_cores(),
-            "CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE_CAPACITY,
-        }
-        if num_streams is not None:
-            config["NUM_STREAMS"] = num_streams
-        config.update(extra_config or {})
-        self._compiled = core.compile_model(model, "CPU", config)
-        self.streams = int(self._compiled.get_property("NUM_STREAMS"))
-        self.pinned = bool(self._compiled.get_property("ENABLE_CPU_PINNING"))
-        self._split = split_streams and self.streams > 1
-        # Batches that may run at once: one per stream, unless each batch is split over them.
-        self.parallelism = 1 if self._split else max(1, self.streams)
-        self._output = self._compiled.output(self.output_name)
-        # One request per stream, handed out through a queue so concurrent callers never share one.
-        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        for _ in range(max(1, self.streams)):
-            self._requests.put(self._compiled.create_infer_request())
-        self._split_lock = threading.Lock()
-        logger.info(
-            "OpenVINO scorer %s from %s: hint %s, %d stream(s), %s threads",
-            self.name,
-            model_path,
-            hint,
-            self.streams,
-            self._compiled.get_property("INFERENCE_NUM_THREADS"),
-        )
-
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Scores one padded batch; returns logits[:, 0] as float32."""
-        inputs = {name: feeds[name] for name in self.input_names}
-        rows = next(iter(inputs.values())).shape[0]
-        if self._split and rows > 1:
-            return self._infer_split(inputs, rows)
-        request = self._requests.get()
-        try:
-            request.infer(inputs)
-            logits = request.get_tensor(self._output).data
-            return np.asarray(logits[:, 0], dtype=np.float32).copy()
-        finally:
-            self._requests.put(request)
-
-    def _infer_split(self, inputs: Mapping[str, np.ndarray], rows: int) -> np.ndarray:
-        parts = min(self.streams, rows)
-        bounds = np.linspace(0, rows, parts + 1).astype(int)
-        with self._split_lock:  # the split holds every request; one split batch at a time
-            requests = [self._requests.get() for _ in range(parts)]
-            try:
-                for request, lo, hi in zip(requests, bounds[:-1], bounds[1:], strict=True):
-                    request.start_async({n: v[lo:hi] for n, v in inputs.items()})
-                out = []
-                for request in requests:
-                    request.wait()
-                    out.append(
-                        np.asarray(request.get_tensor(self._output).data[:, 0], dtype=np.float32)
-                    )
-                return np.concatenate(out)
-            finally:
-                for request in requests:
-                    self._requests.put(request)
-
-    def warmup(self) -> None:
-        """Runs batches of representative shapes once."""
-        for rows, tokens in WARMUP_SHAPES:
-            self.infer(synthetic_feeds(rows, tokens, self.input_names, self.pad_token_id))
-
-
-class RefiningScorer:
+class RefiningScorer(Scorer):
     """A fast approximate scorer paired with an exact one on the same graph, for faithful ranking.
 
     bf16 keeps 8 mantissa bits: a score moves by up to ~1e-3 of its scale, enough to swap two
     candidates whose fp32 scores are that close (on a random-head MiniLM, 3% of the benchmark's
     candidate sets). `infer` runs the fast engine for everything; the ranking cascade
     (service/engine/cascade.py) then re-scores with the exact engine only the candidates within
-    `margin` of the best one (`near_top`; about 2% of pairs on the benchmark), so the winner and
-    the order of the leaders are those of fp32.
+    `margin` of the best one (`Refinement.near_top`; about 2% of pairs on the benchmark), so the
+    winner and the order of the leaders are those of fp32.
 
     Attributes:
         fast: the scorer `infer` uses (OpenVINO bf16).
@@ -220,9 +71,9 @@ class RefiningScorer:
         self.name = f"{fast.name}-refined"
         self.input_names = fast.input_names
         self.pad_token_id = fast.pad_token_id
-        self.device = getattr(fast, "device", "cpu")
-        self.precision = getattr(fast, "precision", "bf16")
-        self.parallelism = getattr(fast, "parallelism", 1)
+        self.device = fast.device
+        self.precision = fast.precision
+        self.parallelism = fast.parallelism
         self._fixed_margin = margin
         self._margin_factor = margin_factor
         self.margin = margin if margin is not None else 0.0
@@ -231,18 +82,18 @@ class RefiningScorer:
         """Scores one padded batch with the fast engine."""
         return self.fast.infer(feeds)
 
-    def near_top(self, scores: np.ndarray) -> np.ndarray:
-        """Indices of the candidates within `margin` of the best; empty when the best is clear."""
-        scores = np.asarray(scores)
-        if scores.size < 2:
-            return np.empty(0, dtype=np.int64)
-        close = np.flatnonzero(scores >= scores.max() - self.margin)
-        return close if close.size > 1 else np.empty(0, dtype=np.int64)
+    def refinement(self) -> Refinement:
+        """The fast and exact stages and the current margin."""
+        return Refinement(self.fast, self.exact, self.margin)
+
+    def describe(self) -> dict[str, Any] | None:
+        """The fast backend's description (the one that runs every batch)."""
+        return self.fast.describe()
 
     def warmup(self) -> None:
         """Warms both engines (a chained exact one first, calibrating its own margin); unless a
         margin was given, calibrates this one on the warm-up shapes."""
-        if isinstance(self.exact, RefiningScorer):
+        if self.exact.refinement() is not None:
             self.exact.warmup()
         worst = 0.0
         for rows, tokens in WARMUP_SHAPES:
@@ -323,9 +174,9 @@ def load_scorer(
     # Shipped is enough here: an ungated one is then refused by model_path with the reason.
     screen = precision == "int8" and "openvino-int8" in export_dir.manifest.models
     if engine == "auto":
-        if screen and _openvino_importable():
+        if screen and openvino_importable():
             engine = "openvino"
-        elif precision in ("auto", "bf16") and _openvino_importable() and openvino_bf16_supported():
+        elif precision in ("auto", "bf16") and openvino_importable() and openvino_bf16_supported():
             engine, precision = "openvino", "bf16"
         else:
             engine = "onnxruntime"
@@ -446,11 +297,3 @@ def _pad_id(export_dir: ExportDir) -> int:
         ).pad_token_id
     except Exception as exc:
         raise ExportDirError(f"{export_dir.path}: cannot find the pad token id ({exc})") from exc
-
-
-def _openvino_importable() -> bool:
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -151,7 +151,7 @@ class PairTokenizer:
     overflow and took seconds for one pair of two long documents. Where the template cannot be
     learnt (an unusual post-processor), the library's own truncating pair encode is used.
 
-    Thread-safe: `encode` and `count_tokens` only read the underlying tokenizers, whose
+    Thread-safe: `encode` and `truncate_texts` only read the underlying tokenizers, whose
     configuration is set once here.
 
     Attributes:
@@ -235,11 +235,6 @@ class PairTokenizer:
             truncation_side=truncation_side,
         )
 
-    @property
-    def fast_path(self) -> bool:
-        """Whether pairs are framed here (True) or by the library's pair encode (False)."""
-        return self._template is not None
-
     def encode(self, pairs: Sequence[tuple[str, str]]) -> list[EncodedPair]:
         """Tokenizes pairs, truncating each to `max_length` tokens (longest_first).
 
@@ -283,17 +278,6 @@ class PairTokenizer:
                 )
             out.append(EncodedPair(input_ids, token_type_ids, truncated))
         return out
-
-    def count_tokens(self, pairs: Sequence[tuple[str, str]]) -> list[int]:
-        """Token counts of pairs without truncation, special tokens included.
-
-        Useful for usage accounting and for telling a caller how far over `max_length` a pair is.
-        """
-        if not pairs:
-            return []
-        n_special = self._plain.num_special_tokens_to_add(True)
-        pieces = self._encode_texts(pairs)
-        return [len(pieces[a]) + len(pieces[b]) + n_special for a, b in pairs]
 
     def truncate_texts(self, texts: Sequence[str], max_tokens: int) -> list[str]:
         """Each text cut after its first `max_tokens` tokens (no special tokens counted), at the

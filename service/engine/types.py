@@ -1,11 +1,12 @@
 """Types shared by the engine's parts: an encoded (instruction, response) pair, the padded batch
-fed to a model, and the Scorer protocol every execution backend implements."""
+fed to a model, and the Scorer protocol every execution backend implements (with the stages of a
+refining scorer, `Refinement`)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, NotRequired, Protocol, TypedDict
+from typing import Any, Literal, NotRequired, Protocol, TypedDict
 
 import numpy as np
 
@@ -13,6 +14,8 @@ import numpy as np
 Device = Literal["auto", "cuda", "cpu"]
 Engine = Literal["auto", "onnxruntime", "openvino"]
 Precision = Literal["auto", "fp32", "fp16", "int8", "bf16"]
+# Where a loaded scorer runs ("auto" resolved).
+ScorerDevice = Literal["cuda", "cpu"]
 
 
 class GraphInputs(TypedDict):
@@ -86,23 +89,71 @@ def pad_batch(
 
 
 class Scorer(Protocol):
-    """An execution backend holding one exported Cappy model.
+    """An execution backend holding one exported Cappy model, or a chain of them ranked in stages
+    (a refining scorer: a fast pass, then a more precise one on the near-tied leaders).
 
-    `infer` is blocking; it returns the raw regression output (logits[:, 0]) as float32, one
-    value per row. A scorer may also have `parallelism` (int, 1 when absent): how many `infer`
-    calls may run at once from different threads (OpenVINO streams); the batcher runs that many
-    batches concurrently.
+    Backends subclass it explicitly, and so inherit the defaults of a single-stage scorer
+    (`refinement`, `describe`).
+
+    Attributes:
+        name: what runs, e.g. "onnxruntime-cuda-fp16" or "openvino-cpu-bf16-refined".
+        input_names: the graph inputs `infer` reads, e.g. ("input_ids", "attention_mask").
+        pad_token_id: the id that pads a row.
+        device: where `infer` runs: "cuda" or "cpu" (the batcher's limits follow it).
+        precision: what `infer` computes in: "fp32", "fp16", "bf16" or "int8".
+        parallelism: how many `infer` calls may run at once from different threads (OpenVINO
+            streams, ONNX Runtime sessions), at least 1; the batcher runs that many batches
+            concurrently.
     """
 
-    @property
-    def name(self) -> str: ...
+    name: str
+    input_names: Sequence[str]
+    pad_token_id: int
+    device: ScorerDevice
+    precision: str
+    parallelism: int
 
-    @property
-    def input_names(self) -> Sequence[str]: ...
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Scores one padded batch (blocking): the raw regression output logits[:, 0] as
+        float32, one value per row."""
+        ...
 
-    @property
-    def pad_token_id(self) -> int: ...
+    def warmup(self) -> None:
+        """Runs representative batches once, before the service turns ready."""
+        ...
 
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray: ...
+    def refinement(self) -> Refinement | None:
+        """The stages of a ranking: which scorer `infer` runs, which one re-scores its near-tied
+        leaders, and within what margin. None (the default): one stage, whose scores are final."""
+        return None
 
-    def warmup(self) -> None: ...
+    def describe(self) -> dict[str, Any] | None:
+        """What /info reports of the backend beyond its name, device and precision (None by
+        default)."""
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Refinement:
+    """The two stages of a refining scorer, at the moment they are asked for (the margin is
+    calibrated at warm-up).
+
+    Attributes:
+        fast: what `infer` runs: every candidate of a set is scored by it.
+        exact: the more precise scorer of the near-tied leaders; it may refine in turn
+            (int8 -> bf16 -> fp32).
+        margin: candidates within this distance of the best fast score are near-ties.
+    """
+
+    fast: Scorer
+    exact: Scorer
+    margin: float
+
+    def near_top(self, scores: np.ndarray) -> np.ndarray:
+        """Indices (ascending) of the candidates within `margin` of the best; empty when the best
+        is clear."""
+        scores = np.asarray(scores)
+        if scores.size < 2:
+            return np.empty(0, dtype=np.int64)
+        close = np.flatnonzero(scores >= scores.max() - self.margin)
+        return close if close.size > 1 else np.empty(0, dtype=np.int64)

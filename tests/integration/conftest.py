@@ -17,6 +17,7 @@ from asgi_lifespan import LifespanManager
 
 from service.app import create_app
 from service.engine import runtime as runtime_module
+from service.engine.types import Scorer
 from service.settings import Settings
 
 
@@ -53,14 +54,20 @@ def app_factory() -> AppFactory:
     return running_app
 
 
-class GatedScorer:
-    """Wraps the real scorer: warm-up and inference wait for the test to open a gate."""
+class GatedScorer(Scorer):
+    """Wraps the real scorer: warm-up and inference wait for the test to open a gate. One stage
+    (a refining scorer's fast one: ranking re-scores nothing) and one batch at a time, so that a
+    test holds the whole model with one batch."""
 
-    def __init__(self, inner: Any) -> None:
+    parallelism = 1
+
+    def __init__(self, inner: Scorer) -> None:
         self.inner = inner
         self.name = inner.name
         self.input_names = inner.input_names
         self.pad_token_id = inner.pad_token_id
+        self.device = inner.device
+        self.precision = inner.precision
         self.warm_gate = threading.Event()
         self.run_gate = threading.Event()
         self.run_gate.set()

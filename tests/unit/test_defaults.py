@@ -9,7 +9,7 @@ from pathlib import Path
 
 from service import defaults
 from service.app import runtime_config
-from service.engine.batcher import DEVICE_BATCH_LIMITS, BatcherConfig
+from service.engine.batching_config import DEVICE_BATCH_LIMITS, BatcherConfig
 from service.engine.runtime import RuntimeConfig
 from service.settings import Settings
 from service.upstream import recipe, sse

@@ -51,7 +51,7 @@ def test_every_setting_is_in_the_readme() -> None:
 
 def test_batcher_defaults_are_the_services() -> None:
     """A batcher built without a config behaves as the served one."""
-    from service.engine.batcher import BatcherConfig
+    from service.engine.batching_config import BatcherConfig
 
     settings, config = Settings(), BatcherConfig()
     assert config.max_batch_tokens == settings.max_batch_tokens

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from service.engine.admission import MIN_PACE_BATCHES
-from service.engine.batcher import BatcherConfig, DynamicBatcher, Encoder, ScoredPair
-from service.engine.types import EncodedPair
+from service.engine.batcher import DynamicBatcher, Encoder, ScoredPair
+from service.engine.batching_config import BatcherConfig
+from service.engine.types import EncodedPair, Scorer, ScorerDevice
 from service.metrics import REGISTRY
 
 MAX_LENGTH = 512
@@ -51,14 +52,17 @@ def expected_score(p: tuple[str, str]) -> float:
     return float(encode([p])[0].input_ids.sum())
 
 
-class FakeScorer:
+class FakeScorer(Scorer):
     """Scores a row as the sum of its ids; records each batch; can be held or made to fail."""
 
     name = "fake"
     input_names = ("input_ids", "attention_mask")
     pad_token_id = 0
+    precision = "fp32"
+    parallelism = 1
 
-    def __init__(self, fail_on: int | None = None) -> None:
+    def __init__(self, fail_on: int | None = None, device: ScorerDevice = "cpu") -> None:
+        self.device = device
         self.batches: list[list[np.ndarray]] = []  # per batch, each row's unpadded ids
         self.shapes: list[tuple[int, int]] = []
         self.gate = threading.Event()
@@ -155,12 +159,12 @@ async def measure_pace(batcher: DynamicBatcher) -> float:
     rows = max(1, min(batcher.max_batch_size, fits))
     batches = max(MIN_PACE_BATCHES, -(-batcher.max_batch_tokens // (rows * length)))
     for _ in range(batches):
-        if batcher.stats().tokens_per_second is not None:
+        if pace(batcher) is not None:
             break  # known already (work that ran before)
         await batcher.score([pair(length)] * rows)
-    pace = batcher.stats().tokens_per_second
-    assert pace is not None
-    return pace
+    known = pace(batcher)
+    assert known is not None
+    return known
 
 
 async def hold_model(batcher: DynamicBatcher, scorer: FakeScorer) -> asyncio.Task[Any]:
@@ -176,10 +180,38 @@ async def queue_request(
     batcher: DynamicBatcher, pairs: list[tuple[str, str]], **kwargs: Any
 ) -> asyncio.Task[list[ScoredPair]]:
     """Starts a request and returns once its pairs are queued (or already taken into a batch)."""
-    before = batcher.stats().pending_requests
+    before = pending_requests(batcher)
     task = asyncio.create_task(batcher.score(pairs, **kwargs))
-    await eventually(lambda: batcher.stats().pending_requests > before)
+    await eventually(lambda: pending_requests(batcher) > before)
     return task
+
+
+# What the tests read of a batcher's state, which the service itself never asks for.
+
+
+def pending_requests(batcher: DynamicBatcher) -> int:
+    """Requests admitted and not yet answered."""
+    return len(batcher._requests)
+
+
+def batches_in_flight(batcher: DynamicBatcher) -> int:
+    """Batches handed to the worker threads and not yet completed."""
+    return batcher._in_flight
+
+
+def queued_work(batcher: DynamicBatcher) -> tuple[int, int]:
+    """(pairs, real tokens) waiting for a batch."""
+    return batcher._queue.pairs, batcher._queue.tokens
+
+
+def pace(batcher: DynamicBatcher) -> float | None:
+    """The model's measured pace in tokens per second; None until it counts."""
+    return batcher._admission.pace.tokens_per_second()
+
+
+def overloaded(batcher: DynamicBatcher) -> bool:
+    """Whether any new request would be refused now (queue full or its wait too long)."""
+    return batcher._admission.retry_after(0) is not None
 
 
 def metric(name: str, **labels: str) -> float:

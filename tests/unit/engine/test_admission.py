@@ -31,8 +31,11 @@ from tests.unit.engine.fakes import (
     hold_model,
     measure_pace,
     metric,
+    overloaded,
     pair,
+    pending_requests,
     queue_request,
+    queued_work,
     running,
 )
 
@@ -50,15 +53,15 @@ async def test_admission_is_bounded_by_the_expected_wait_not_by_request_size() -
         first = await hold_model(batcher, scorer)
         admitted = await queue_request(batcher, [pair(15)] * 5)
         wait = batcher.expected_wait()
-        assert wait == pytest.approx(7.5) and not batcher.is_overloaded()
+        assert wait == pytest.approx(7.5) and not overloaded(batcher)
         more = await queue_request(batcher, [pair(10)] * 5)
         wait = batcher.expected_wait()
-        assert wait is not None and wait == pytest.approx(12.5) and batcher.is_overloaded()
-        queued, batches = batcher.queue_tokens, len(scorer.batches)
+        assert wait is not None and wait == pytest.approx(12.5) and overloaded(batcher)
+        tokens, batches = queued_work(batcher)[1], len(scorer.batches)
         with pytest.raises(Overloaded) as refused:
             await batcher.score([pair(10)])  # small, but behind too long a queue
         # At once: the model is still held, nothing was queued or run.
-        assert (batcher.queue_tokens, len(scorer.batches)) == (queued, batches)
+        assert (queued_work(batcher)[1], len(scorer.batches)) == (tokens, batches)
         # Honest: how long until the queue is back under the limit.
         assert refused.value.retry_after == pytest.approx(wait - limit)
         scorer.release()
@@ -84,15 +87,15 @@ async def test_a_queue_older_than_the_wait_limit_refuses_whatever_the_estimate()
         queued = await queue_request(batcher, [pair(10)])
         wait = batcher.expected_wait()
         assert wait is not None and wait < 0.01  # the estimate still says "no wait"
-        assert not batcher.is_overloaded()
+        assert not overloaded(batcher)
         clock.advance(limit + 1.5)  # ... but that pair has now waited past the limit
-        assert batcher.is_overloaded()
+        assert overloaded(batcher)
         with pytest.raises(Overloaded) as refused:
             await batcher.score([pair(10)])
         assert refused.value.retry_after == pytest.approx(1.5)
         scorer.release()
         await asyncio.gather(first, queued)
-        assert not batcher.is_overloaded()
+        assert not overloaded(batcher)
 
 
 async def test_before_the_pace_is_known_only_the_cap_and_the_oldest_age_refuse() -> None:
@@ -105,7 +108,7 @@ async def test_before_the_pace_is_known_only_the_cap_and_the_oldest_age_refuse()
         await batcher.score([pair(10)])  # 10 s for 10 tokens: not a pace to refuse by
         first = await hold_model(batcher, scorer)
         queued = await queue_request(batcher, [pair(100)] * 9)  # 900 tokens: "900 s" at 1/s
-        assert batcher.expected_wait() is None and not batcher.is_overloaded()
+        assert batcher.expected_wait() is None and not overloaded(batcher)
         with pytest.raises(Overloaded) as full:
             await batcher.score([pair(101)])  # past the memory cap
         assert full.value.retry_after == pytest.approx(1.0)  # no pace to say when
@@ -143,12 +146,12 @@ async def test_overload_is_refused_at_once_with_retry_after() -> None:
     async with running(scorer, clock=clock, max_wait_ms=0, max_queue_tokens=60) as batcher:
         first = await hold_model(batcher, scorer)  # running, so no longer queued
         queued = await queue_request(batcher, [pair(10)] * 5)
-        assert batcher.queue_tokens == 50 and not batcher.is_overloaded()
+        assert queued_work(batcher)[1] == 50 and not overloaded(batcher)
 
         with pytest.raises(Overloaded) as refused:
             await batcher.score([pair(10)] * 2)
         assert refused.value.retry_after > 0
-        assert batcher.queue_tokens == 50 and len(scorer.batches) == 1  # at once: model held
+        assert queued_work(batcher)[1] == 50 and len(scorer.batches) == 1  # at once: model held
 
         # Never fits, however empty the queue: not worth a retry, so not Overloaded.
         with pytest.raises(RequestTooLarge) as too_large:
@@ -156,13 +159,13 @@ async def test_overload_is_refused_at_once_with_retry_after() -> None:
         assert too_large.value.tokens == 70 and too_large.value.limit == 60
 
         last = await queue_request(batcher, [pair(10)])  # exactly fills the queue
-        assert batcher.is_overloaded()
+        assert overloaded(batcher)
         with pytest.raises(Overloaded):
             await batcher.score([pair(5)])  # refused before tokenization
 
         scorer.release()
         await asyncio.gather(first, queued, last)
-        assert not batcher.is_overloaded()
+        assert not overloaded(batcher)
         assert len(await batcher.score([pair(10)] * 6)) == 6
     assert metric("cappy_requests_rejected_total", reason="overloaded") == rejected + 2
 
@@ -241,13 +244,11 @@ async def test_a_fresh_batcher_admits_a_burst_of_16_whatever_its_first_batch_too
     requests = [[pair(10, marker=100 + r)] * 8 for r in range(16)]
     async with running(scorer, clock=clock, encoder=encoder, max_wait_ms=0) as batcher:
         tasks = [asyncio.create_task(batcher.score(pairs)) for pairs in requests]
-        await eventually(lambda: batcher.stats().batches_run == 1)
+        await eventually(lambda: any(t.done() for t in tasks))  # the first batch's request
         scorer.hold()
         tokenized.set()
         # Each of the 15 is now admitted (pending) or refused (done).
-        await eventually(
-            lambda: sum(t.done() for t in tasks) + batcher.stats().pending_requests == 16
-        )
+        await eventually(lambda: sum(t.done() for t in tasks) + pending_requests(batcher) == 16)
         refused = [t.exception() for t in tasks if t.done() and t.exception() is not None]
         assert refused == []
         assert batcher.expected_wait() is None  # one batch is not a pace to refuse by

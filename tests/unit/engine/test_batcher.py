@@ -24,19 +24,20 @@ import numpy as np
 import pytest
 
 from service.engine import queue as queue_module
-from service.engine.batcher import (
+from service.engine.batcher import DynamicBatcher, ScoredPair
+from service.engine.batching_config import (
     CPU_PADDING_TOLERANCE,
     DEVICE_BATCH_LIMITS,
     BatcherConfig,
-    DynamicBatcher,
-    ScoredPair,
 )
 from service.engine.errors import DeadlineExceeded, EngineStopped, InferenceFailed
+from service.engine.types import ScorerDevice
 from tests.unit.engine.fakes import (
     MAX_LENGTH,
     FakeClock,
     FakeScorer,
     PacedScorer,
+    batches_in_flight,
     encode,
     eventually,
     expected_score,
@@ -44,7 +45,9 @@ from tests.unit.engine.fakes import (
     measure_pace,
     metric,
     pair,
+    pending_requests,
     queue_request,
+    queued_work,
     running,
 )
 
@@ -92,7 +95,7 @@ async def test_random_workload_respects_budget_and_keeps_order() -> None:
         scorer, max_batch_tokens=budget, max_batch_size=max_rows, max_wait_ms=2
     ) as batcher:
         results = await asyncio.gather(*(client(pairs) for pairs in requests))
-        assert batcher.queue_pairs == batcher.queue_tokens == 0
+        assert queued_work(batcher) == (0, 0)
 
     for pairs, scored in zip(requests, results, strict=True):
         assert [s.score for s in scored] == [expected_score(p) for p in pairs]
@@ -114,7 +117,7 @@ async def test_concurrent_requests_share_batches() -> None:
     async with running(scorer, clock=clock, max_wait_ms=50, padding_tolerance=1.0) as batcher:
         requests = [[pair(10 + i, marker=100 + i), pair(12, marker=200 + i)] for i in range(8)]
         tasks = [asyncio.create_task(batcher.score(p)) for p in requests]
-        await eventually(lambda: batcher.stats().pending_requests == len(requests))
+        await eventually(lambda: pending_requests(batcher) == len(requests))
         assert scorer.batches == []  # still filling: 50 ms have not passed on the clock
         clock.advance(0.05)
         results = await asyncio.gather(*tasks)
@@ -139,7 +142,6 @@ async def test_requests_queued_while_model_busy_are_batched_together() -> None:
 @pytest.mark.parametrize(
     ("configured", "device", "expected"),
     [
-        (None, None, CPU_PADDING_TOLERANCE),  # a scorer that names no device runs on CPU
         (None, "cpu", CPU_PADDING_TOLERANCE),
         (None, "cuda", math.inf),
         (0.5, "cpu", 0.5),
@@ -147,11 +149,9 @@ async def test_requests_queued_while_model_busy_are_batched_together() -> None:
     ],
 )
 def test_padding_tolerance_follows_the_device_unless_set(
-    configured: float | None, device: str | None, expected: float
+    configured: float | None, device: ScorerDevice, expected: float
 ) -> None:
-    scorer = FakeScorer()
-    if device is not None:
-        scorer.device = device  # type: ignore[attr-defined]
+    scorer = FakeScorer(device=device)
     batcher = DynamicBatcher(scorer, encode, BatcherConfig(padding_tolerance=configured))
     assert batcher.padding_tolerance == expected
 
@@ -159,18 +159,16 @@ def test_padding_tolerance_follows_the_device_unless_set(
 @pytest.mark.parametrize(
     ("configured", "device", "expected"),
     [
-        ({}, None, DEVICE_BATCH_LIMITS["cpu"]),
+        ({}, "cpu", DEVICE_BATCH_LIMITS["cpu"]),
         ({}, "cuda", DEVICE_BATCH_LIMITS["cuda"]),
         ({"max_batch_tokens": 4096}, "cuda", (4096, DEVICE_BATCH_LIMITS["cuda"][1])),
         ({"max_batch_size": 8}, "cpu", (DEVICE_BATCH_LIMITS["cpu"][0], 8)),
     ],
 )
 def test_batch_limits_follow_the_device_unless_set(
-    configured: dict[str, Any], device: str | None, expected: tuple[int, int]
+    configured: dict[str, Any], device: ScorerDevice, expected: tuple[int, int]
 ) -> None:
-    scorer = FakeScorer()
-    if device is not None:
-        scorer.device = device  # type: ignore[attr-defined]
+    scorer = FakeScorer(device=device)
     batcher = DynamicBatcher(scorer, encode, BatcherConfig(**configured))
     assert (batcher.max_batch_tokens, batcher.max_batch_size) == expected
     assert (batcher.config.max_batch_tokens, batcher.config.max_batch_size) == expected
@@ -181,9 +179,9 @@ async def test_a_cuda_batch_holds_more_rows_than_a_cpu_one() -> None:
     """Without configured limits, 100 queued pairs make batches of 64 rows on CPU and one of
     100 rows on CUDA."""
     sizes = {}
-    for device in ("cpu", "cuda"):
-        scorer = FakeScorer()
-        scorer.device = device  # type: ignore[attr-defined]
+    devices: tuple[ScorerDevice, ...] = ("cpu", "cuda")
+    for device in devices:
+        scorer = FakeScorer(device=device)
         async with running(scorer, max_wait_ms=50) as batcher:
             first = await hold_model(batcher, scorer)
             queued = await queue_request(batcher, [pair(10)] * 100)
@@ -233,9 +231,9 @@ async def test_one_stream_runs_one_batch_at_a_time() -> None:
     async with running(scorer, max_batch_size=1, max_wait_ms=0) as batcher:
         await hold_model(batcher, scorer)
         tasks = [await queue_request(batcher, [pair(8, marker=300 + i)]) for i in range(3)]
-        await eventually(lambda: batcher.stats().batches_in_flight == 2)  # one padded behind
+        await eventually(lambda: batches_in_flight(batcher) == 2)  # one padded behind
         assert len(scorer.batches) == 1  # the rest wait for the model
-        assert batcher.queue_pairs == 2  # and no third batch is formed
+        assert queued_work(batcher)[0] == 2  # and no third batch is formed
         scorer.release()
         await asyncio.gather(*tasks)
     assert len(scorer.batches) == 4
@@ -352,7 +350,7 @@ async def test_cancelled_request_never_reaches_the_model() -> None:
         doomed.cancel()
         with pytest.raises(asyncio.CancelledError):
             await doomed
-        assert batcher.queue_pairs == batcher.queue_tokens == 0
+        assert queued_work(batcher) == (0, 0)
         scorer.release()
         await first
         assert [s.score for s in await batcher.score([pair(9, marker=8)])] == [
@@ -370,7 +368,7 @@ async def test_expired_deadline_raises_and_never_reaches_the_model() -> None:
             await batcher.score([pair(9, marker=998)], deadline=time.monotonic() + 0.05)
         # Raised at its deadline, not when the model came free: the model is still held.
         assert len(scorer.batches) == 1 and not scorer.gate.is_set()
-        assert batcher.queue_pairs == 0
+        assert queued_work(batcher)[0] == 0
         scorer.release()
         await first
         await batcher.score([pair(9)])
@@ -537,7 +535,7 @@ async def _queue_work(requests: int) -> tuple[float, int]:
     async with running(scorer, max_queue_tokens=10**7) as batcher:
         first = await hold_model(batcher, scorer)
         tasks = [asyncio.create_task(batcher.score(p)) for p in pairs]
-        await eventually(lambda: batcher.stats().pending_requests == 1 + requests)
+        await eventually(lambda: pending_requests(batcher) == 1 + requests)
         with QueueLines() as counted:
             scorer.release()
             results = await asyncio.gather(first, *tasks)
@@ -588,7 +586,7 @@ async def test_queue_gauges_sum_every_running_batcher() -> None:
             await queue_request(first, [pair(10)] * 3),
             await queue_request(second, [pair(20)] * 2),
         ]
-        assert (first.queue_pairs, second.queue_pairs) == (3, 2)
+        assert (queued_work(first)[0], queued_work(second)[0]) == (3, 2)
         assert metric("cappy_queue_pairs") == 5
         assert metric("cappy_queue_tokens") == 3 * 10 + 2 * 20
         second_scorer.release()
@@ -614,7 +612,7 @@ async def test_expected_wait_gauge_is_the_longest_wait_of_the_running_batchers()
         assert metric(name) == 0
         held = await hold_model(first, first_scorer)
         queued = await queue_request(first, [pair(10)] * 3)
-        assert first.queue_tokens == 30 and first.expected_wait() is None
+        assert queued_work(first)[1] == 30 and first.expected_wait() is None
         assert metric(name) == 0  # queued, but no pace known to wait by
         first_scorer.release()
         await asyncio.gather(held, queued)

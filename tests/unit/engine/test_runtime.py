@@ -17,12 +17,14 @@ import numpy as np
 import pytest
 
 from service.engine import runtime as runtime_module
-from service.engine.batcher import BatcherConfig
+from service.engine.batching_config import BatcherConfig
 from service.engine.errors import DeadlineExceeded
+from service.engine.openvino_backend import openvino_bf16_supported
 from service.engine.runtime import RuntimeConfig, ScoringRuntime
 from service.engine.scorer import RefiningScorer
+from service.engine.types import Scorer, pad_batch
 from service.metrics import REGISTRY
-from tests.unit.engine.conftest import TinyExport
+from tests.unit.engine.conftest import WORDS, TinyExport
 
 INT8_ERROR, BF16_ERROR = 2e-2, 2e-3
 # At least twice each error bound, so the best candidate can never be left out; the bf16 one
@@ -34,7 +36,7 @@ def truth_of(ids: np.ndarray) -> float:
     return float((int(ids.astype(np.int64) @ np.arange(1, ids.size + 1)) % 1009) / 1009)
 
 
-class FakeEngine:
+class FakeEngine(Scorer):
     """Scores each row as truth + error * a fixed pseudo-random value in [-1, 1]; counts rows."""
 
     input_names = ("input_ids", "attention_mask")
@@ -164,8 +166,6 @@ async def test_stop_drains_and_stops_every_stage(chain_runtime) -> None:
 
 
 def _feeds(runtime: ScoringRuntime, pairs: list[tuple[str, str]]) -> dict[str, np.ndarray]:
-    from service.engine.types import pad_batch
-
     assert runtime.tokenizer is not None
     return pad_batch(runtime.tokenizer.encode(pairs), 1, ["input_ids", "attention_mask"])
 
@@ -225,7 +225,7 @@ async def test_identical_candidates_are_scored_once_and_ties_keep_the_lowest_ind
     assert scores.index(best) == int(np.argmax(scores))  # the first of equals wins
 
 
-async def test_rescoring_is_capped_and_runs_in_budget_sized_batches(
+async def test_rescoring_runs_in_budget_sized_batches_and_stops_past_the_cap(
     tiny_engine_export: TinyExport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     exact = SlowEngine()
@@ -237,19 +237,24 @@ async def test_rescoring_is_capped_and_runs_in_budget_sized_batches(
         max_batch_tokens=96,
     )
     try:
-        texts = candidates(64)
+        # Every candidate is a near-tie: 12 are all re-scored, in fp32 throughout.
+        texts = candidates(12)
         pairs = [("what is it?", t) for t in texts]
         truth = FakeEngine("fp32", 0.0).infer(_feeds(runtime, pairs))
-        bf16_scores = FakeEngine("bf16", BF16_ERROR).infer(_feeds(runtime, pairs))
-        results = await runtime.rank("what is it?", texts)
-        assert exact.rows == 12  # every candidate is a near-tie: only the 12 best go on
-        leaders = set(np.argsort(-bf16_scores, kind="stable")[:12].tolist())
-        scores = np.array([r.score for r in results])
-        exact_rows = np.flatnonzero(np.isclose(scores, truth, atol=1e-7))
-        assert leaders <= set(exact_rows.tolist())
-        assert int(np.argmax(scores)) == int(np.argmax(truth))
+        scores = np.array([r.score for r in await runtime.rank("what is it?", texts)])
+        assert exact.rows == 12
+        np.testing.assert_allclose(scores, truth, atol=1e-7)
         assert len(exact.shapes) > 1  # 12 pairs do not fit one 96-token batch
         assert all(rows * width <= 96 or rows == 1 for rows, width in exact.shapes)
+
+        # 64 are more than the cap: none is re-scored, and the ranking stays in bf16 throughout.
+        texts = candidates(64)
+        bf16_scores = FakeEngine("bf16", BF16_ERROR).infer(
+            _feeds(runtime, [("what is it?", t) for t in texts])
+        )
+        scores = np.array([r.score for r in await runtime.rank("what is it?", texts)])
+        assert exact.rows == 12
+        np.testing.assert_allclose(scores, bf16_scores, atol=1e-7)
     finally:
         await runtime.stop()
 
@@ -262,8 +267,41 @@ async def test_exact_rescoring_respects_the_deadline(
     try:
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded):
-            await runtime.rank("what is it?", candidates(40), deadline=started + 0.25)
+            await runtime.rank("what is it?", candidates(16), deadline=started + 0.25)
         assert time.monotonic() - started < 1.0
         assert len(exact.shapes) <= 4  # 16 leaders would take 8+ batches of 0.1 s
+    finally:
+        await runtime.stop()
+
+
+@pytest.mark.skipif(not openvino_bf16_supported(), reason="no native bf16 on this CPU")
+async def test_candidates_identical_after_truncation_tie_in_one_precision(
+    tiny_engine_export: TinyExport,
+) -> None:
+    """The field report, on the served CPU scorer (OpenVINO bf16, near-ties re-scored in fp32,
+    at most 16): 50 different texts, identical once truncated at the export's max length, were
+    scored as 50 candidates; the 16 re-scored in fp32 ranked below the 34 left in bf16, and
+    index 16 won. Identical encodings are one candidate: one score, and index 0 wins."""
+    runtime = ScoringRuntime(RuntimeConfig(export_dir=tiny_engine_export.path, max_rescored=16))
+    await runtime.start()
+    try:
+        assert runtime.ready, runtime.load_error
+        assert runtime.scorer is not None and runtime.tokenizer is not None
+        step = runtime.scorer.refinement()
+        assert step is not None and (step.fast.precision, step.exact.precision) == ("bf16", "fp32")
+        instruction = "Summarise the text."
+        text = " ".join(WORDS * 60)
+        texts = [f"{text} variant {i}" for i in range(50)]
+        encoded = runtime.tokenizer.encode([(instruction, t) for t in texts])
+        assert all(e.truncated and e.length == 512 for e in encoded)
+        assert len({e.input_ids.tobytes() for e in encoded}) == 1
+
+        results = await runtime.rank(instruction, texts)
+        scores = [r.score for r in results]
+        assert scores == [scores[0]] * 50
+        assert max(range(50), key=lambda i: (scores[i], -i)) == 0
+        # One distinct candidate: no near-ties, the bf16 score.
+        feeds = pad_batch(encoded[:1], step.fast.pad_token_id, step.fast.input_names)
+        assert scores[0] == pytest.approx(float(step.fast.infer(feeds)[0]), abs=1e-6)
     finally:
         await runtime.stop()

@@ -14,13 +14,12 @@ import pytest
 from service.engine.errors import ScorerError
 from service.engine.export_dir import ExportDir, ExportDirError
 from service.engine.onnx_runtime import OnnxScorer
-from service.engine.scorer import (
+from service.engine.openvino_backend import (
     RUNTIME_CACHE_CAPACITY,
     OpenVinoScorer,
-    RefiningScorer,
-    load_scorer,
     openvino_bf16_supported,
 )
+from service.engine.scorer import RefiningScorer, load_scorer
 from service.engine.types import pad_batch, padded_width
 from tests.unit.engine.conftest import (
     assert_close,
@@ -125,10 +124,13 @@ def test_refining_scorer_passes_on_only_near_tied_leaders(export, tokenizer) -> 
     # Midway between the third and the fourth: exactly the top three are within the margin.
     margin = (best - float(noisy[order[2]]) + best - float(noisy[order[3]])) / 2
     scorer = RefiningScorer(fast, exact, margin=margin)
-    assert set(scorer.near_top(noisy).tolist()) == set(order[:3].tolist())
+    step = scorer.refinement()
+    assert (step.fast, step.exact, step.margin) == (fast, exact, margin)
+    assert set(step.near_top(noisy).tolist()) == set(order[:3].tolist())
     clear = np.array([0.5, 0.5 - 2 * margin], dtype=np.float32)
-    assert scorer.near_top(clear).size == 0  # a clear winner is not re-scored
-    assert scorer.near_top(np.array([0.5], dtype=np.float32)).size == 0
+    assert step.near_top(clear).size == 0  # a clear winner is not re-scored
+    assert step.near_top(np.array([0.5], dtype=np.float32)).size == 0
+    assert fast.refinement() is None  # a backend is one stage
     np.testing.assert_array_equal(scorer.infer(feeds), fast.infer(feeds))  # infer: the fast one
 
 
@@ -141,8 +143,18 @@ def test_refining_scorer_calibrates_its_margin(export, tokenizer) -> None:
         OpenVinoScorer(model, precision="fp32", **kwargs),
     )
     scorer.warmup()
-    assert scorer.margin > 0
+    assert scorer.margin > 0 and scorer.refinement().margin == scorer.margin
     assert scorer.name == "openvino-cpu-bf16-refined" and scorer.precision == "bf16"
+    assert (scorer.device, scorer.parallelism) == ("cpu", scorer.fast.parallelism)
+    assert (
+        scorer.describe()
+        == scorer.fast.describe()
+        == {
+            "streams": scorer.fast.streams,
+            "split_streams": False,
+            "pinned": scorer.fast.pinned,
+        }
+    )
 
 
 requires_bf16 = pytest.mark.skipif(

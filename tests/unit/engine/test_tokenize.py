@@ -20,6 +20,12 @@ from tests.unit.engine.conftest import TinyExport
 WORDS = "the model answers a question about rivers mountains history code music".split()
 
 
+def frames_pairs_itself(tokenizer: PairTokenizer) -> bool:
+    """Whether the tokenizer frames pairs with the template it learnt (its fast path), rather
+    than through the library's truncating pair encode."""
+    return tokenizer._template is not None
+
+
 def varied_pairs() -> list[tuple[str, str]]:
     rng = np.random.default_rng(0)
 
@@ -59,7 +65,6 @@ def assert_matches_hf(
         max_length=max_length,
     )
     untruncated = hf([a for a, _ in pairs], [b for _, b in pairs])  # type: ignore[operator]
-    counts = tokenizer.count_tokens(pairs)
     assert len(ours) == len(pairs)
     for i, item in enumerate(ours):
         assert item.input_ids.dtype == np.int64
@@ -70,7 +75,6 @@ def assert_matches_hf(
         else:
             assert item.token_type_ids is None
         full = len(untruncated["input_ids"][i])
-        assert counts[i] == full
         assert item.truncated == (full > max_length), (pairs[i], full)
         assert item.length <= max_length
 
@@ -149,7 +153,6 @@ def test_concurrent_encode_is_consistent(tiny_engine_export: TinyExport) -> None
         try:
             for _ in range(5):
                 results.append([item.input_ids.tolist() for item in tokenizer.encode(pairs)])
-                tokenizer.count_tokens(pairs)
         except BaseException as exc:  # noqa: BLE001 - surfaced in the main thread
             errors.append(exc)
 
@@ -185,7 +188,7 @@ def test_random_lengths_match_hf_truncation(
         tokenizer = PairTokenizer.from_dir(
             directory, max_length=max_length, with_token_type_ids=False
         )
-        assert tokenizer.fast_path
+        assert frames_pairs_itself(tokenizer)
         assert_matches_hf(tokenizer, hf, pairs, max_length, with_types=False)
 
 
@@ -209,7 +212,7 @@ def test_library_fallback_matches_hf(
     tokenizer = PairTokenizer.from_dir(
         tiny_engine_export.path, max_length=40, with_token_type_ids=False
     )
-    assert not tokenizer.fast_path
+    assert not frames_pairs_itself(tokenizer)
     hf = AutoTokenizer.from_pretrained(str(tiny_engine_export.checkpoint))
     assert_matches_hf(tokenizer, hf, varied_pairs(), 40, with_types=False)
 
@@ -234,7 +237,6 @@ def test_empty_input_and_errors(tiny_engine_export: TinyExport, tmp_path: Path) 
         tiny_engine_export.path, max_length=512, with_token_type_ids=False
     )
     assert tokenizer.encode([]) == []
-    assert tokenizer.count_tokens([]) == []
     with pytest.raises(TokenizerError, match="tokenizer.json"):
         PairTokenizer.from_dir(tmp_path, max_length=512, with_token_type_ids=False)
     with pytest.raises(TokenizerError, match="max_length"):
@@ -253,7 +255,7 @@ def test_text_that_is_not_unicode_is_a_domain_error(
     tokenizer = PairTokenizer.from_dir(
         tiny_engine_export.path, max_length=64, with_token_type_ids=False
     )
-    assert tokenizer.fast_path is fast_path
+    assert frames_pairs_itself(tokenizer) is fast_path
     lone = "x\ud800y"
     pairs = [("fine", "fine"), ("fine", "also fine"), ("fine", lone)]
     with pytest.raises(UnencodableText) as caught:
@@ -262,7 +264,7 @@ def test_text_that_is_not_unicode_is_a_domain_error(
     assert (caught.value.pair, caught.value.side) == (2, "response")
     assert "pair 2" in str(caught.value) and "response" in str(caught.value)
     with pytest.raises(UnencodableText) as caught:
-        tokenizer.count_tokens([(lone, "a")])
+        tokenizer.encode([(lone, "a")])
     assert (caught.value.pair, caught.value.side) == (0, "instruction")
     # A valid surrogate pair is one code point: encoded as usual.
     (item,) = tokenizer.encode([("emoji \U0001f600", "ok")])
