@@ -86,14 +86,10 @@ RUN groupadd --system --gid 10001 cappy \
     && useradd --system --uid 10001 --gid cappy --home-dir /home/cappy --create-home \
         --shell /usr/sbin/nologin cappy \
     && mkdir -p /var/cache/cappy/exports /var/cache/cappy/huggingface \
-    && chown -R cappy:cappy /var/cache/cappy \
-    && mkdir -p /home/cappy/intel \
-    && echo 0 > /home/cappy/intel/openvino_telemetry \
-    && chown -R cappy:cappy /home/cappy/intel
+    && chown -R cappy:cappy /var/cache/cappy
 
-# A server sends no usage telemetry, and on a read-only root neither library can keep its
-# telemetry id (each logs a warning at start): OpenVINO's opt-out file above, and ONNX Runtime's
-# switch here.
+# A server sends no usage telemetry, and on a read-only root ONNX Runtime cannot keep its
+# telemetry id (a warning at start): its switch here. (The service declines OpenVINO's itself.)
 # Only what a container changes: where it binds and where it caches. Every other default
 # (batch limits per device, queue, timeouts) is the service's own (service/settings.py).
 # DL3064 sees "TOKEN" in TOKENIZERS_PARALLELISM: no secret here. API keys (CAPPY_API_KEYS) are
