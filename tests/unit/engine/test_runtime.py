@@ -268,8 +268,8 @@ async def test_exact_rescoring_respects_the_deadline(
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded):
             await runtime.rank("what is it?", candidates(16), deadline=started + 0.25)
-        assert time.monotonic() - started < 1.0
-        assert len(exact.shapes) <= 4  # 16 leaders would take 8+ batches of 0.1 s
+        # Stopped at the deadline, not after the work: 16 leaders would take 8+ batches of 0.1 s.
+        assert len(exact.shapes) <= 4
     finally:
         await runtime.stop()
 

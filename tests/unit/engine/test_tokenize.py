@@ -219,17 +219,25 @@ def test_library_fallback_matches_hf(
 
 def test_two_long_documents_encode_in_linear_time(tiny_engine_export: TinyExport) -> None:
     """The library's pair encode builds every overflow window combination (quadratic: seconds
-    for two long documents); the fast path must not."""
+    for two long documents); the fast path must not. Measured as a ratio in the same run: four
+    times the text takes about four times as long (quadratic: sixteen)."""
     import time
 
     tokenizer = PairTokenizer.from_dir(
         tiny_engine_export.path, max_length=512, with_token_type_ids=False
     )
-    text = " ".join(WORDS) * 2000  # ~24k words a side
-    started = time.perf_counter()
-    (item,) = tokenizer.encode([(text, text + " more")])
-    assert time.perf_counter() - started < 5.0
-    assert item.truncated and item.length == 512
+
+    def seconds(words: int) -> float:
+        text = " ".join(WORDS) * words
+        best = float("inf")
+        for _ in range(3):  # the fastest of three: a busy host slows some runs, never speeds one
+            started = time.perf_counter()
+            (item,) = tokenizer.encode([(text, text + " more")])
+            best = min(best, time.perf_counter() - started)
+        assert item.truncated and item.length == 512
+        return best
+
+    assert seconds(2000) < 8 * seconds(500)
 
 
 def test_empty_input_and_errors(tiny_engine_export: TinyExport, tmp_path: Path) -> None:
