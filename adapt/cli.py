@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from adapt import options
 from adapt.errors import AdaptError
 from model_export.cli import add_export_flags
 
@@ -158,7 +159,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     _upstream_flags(data, required_for="required unless --samples-per-example 0")
     data.add_argument("--quiet", action="store_true", help="no progress bars")
-    _defaults_from(data, "adapt.data", "DataOptions")
+    _defaults_from(data, options.DataOptions)
     data.set_defaults(handler=_data)
 
     train = steps.add_parser(
@@ -271,7 +272,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--int8", action="store_true", help="export model.int8.onnx as well")
     add_export_flags(train, force_help="replace OUT and the checkpoint if they exist")
-    _defaults_from(train, "adapt.train", "TrainOptions")
+    _defaults_from(train, options.TrainOptions)
     train.set_defaults(handler=_train)
 
     evaluate = subparsers.add_parser(
@@ -314,16 +315,13 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "--allow-ungated", action="store_true", help="accept an export made with --parity record"
     )
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
-    _defaults_from(evaluate, "adapt.evaluate", "EvalOptions")
+    _defaults_from(evaluate, options.EvalOptions)
     evaluate.set_defaults(handler=_eval)
 
 
-def _defaults_from(parser: argparse.ArgumentParser, module: str, name: str) -> None:
-    """Each flag of `parser` whose destination is a field of the options dataclass takes that
-    field's default: the default is stated once, in the dataclass."""
-    import importlib
-
-    cls = getattr(importlib.import_module(module), name)
+def _defaults_from(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Each flag of `parser` whose destination is a field of the options dataclass `cls` takes
+    that field's default: the default is stated once, in the dataclass."""
     fields = {
         f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
     }
@@ -353,9 +351,9 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from adapt.data import DataOptions, run
+    from adapt.data import run
 
-    result = run(_options(DataOptions, args, **_sampling_options(args)))
+    result = run(_options(options.DataOptions, args, **_sampling_options(args)))
     manifest = result.manifest
     keys = ("examples", "pairs", "pairs_by_source", "samples", "cache")
     print(json.dumps({"out": str(result.out), **{k: manifest[k] for k in keys}}))
@@ -366,12 +364,12 @@ def _train(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
-    from adapt.train import TrainOptions, train
+    from adapt.train import train
 
     hf_logging.set_verbosity_error()
     if args.quiet:
         hf_logging.disable_progress_bar()
-    result = train(_options(TrainOptions, args, progress=not args.quiet))
+    result = train(_options(options.TrainOptions, args, progress=not args.quiet))
     if result.out is None:  # not the main process of a distributed run
         return 0
     summary: dict[str, Any] = {
@@ -388,9 +386,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from adapt.evaluate import EvalOptions, run
+    from adapt.evaluate import run
 
-    result = run(_options(EvalOptions, args, **_sampling_options(args)))
+    result = run(_options(options.EvalOptions, args, **_sampling_options(args)))
     print(result.markdown.read_text(), end="")
     print(f"wrote {result.markdown}, {result.json}, {result.chart}", file=sys.stderr)
     return 0

@@ -39,6 +39,7 @@ from adapt.cache import SampleRecord
 from adapt.errors import AdaptError
 from adapt.examples import Example, by_task, select
 from adapt.labels import RougeL, mismatch_reference
+from adapt.options import DataOptions
 from service.upstream.recipe import Recipe
 
 PAIRS_FILE = "pairs.jsonl"
@@ -173,19 +174,6 @@ def read_pairs(path: Path) -> list[Pair]:
     if not pairs:
         raise AdaptError(f"{path}: no pairs")
     return pairs
-
-
-@dataclass(kw_only=True)
-class DataOptions(sampling.SamplingOptions):
-    """`cappy adapt data` options (see adapt.cli for each flag's meaning)."""
-
-    train: Path
-    out: Path
-    samples_per_example: int = 17
-    # The sampling budget: LLM samples for the first N examples of each task (None: all).
-    sampled_examples_per_task: int | None = None
-    mismatch: bool = True
-    cache: Path | None = None
 
 
 @dataclass

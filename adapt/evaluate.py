@@ -54,6 +54,7 @@ from adapt.data import write_atomic, write_jsonl_atomic
 from adapt.errors import AdaptError
 from adapt.examples import Example
 from adapt.labels import RougeL
+from adapt.options import EvalOptions
 from adapt.selection import (
     COMPARISONS,
     METHOD_NAMES,
@@ -68,20 +69,6 @@ from adapt.selection import (
     sum_logprob,
     task_outcomes,
 )
-
-
-@dataclass(kw_only=True)
-class EvalOptions(sampling.SamplingOptions):
-    """`cappy eval` options (see adapt.cli for each flag)."""
-
-    data: Path
-    out: Path
-    scorer: Path | None = None
-    samples: Path | None = None  # the cache; default OUT/samples.jsonl
-    engine: str = "onnxruntime"
-    precision: str = "fp32"
-    threads: int | None = None
-    allow_ungated: bool = False
 
 
 @dataclass

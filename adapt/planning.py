@@ -19,17 +19,17 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from adapt.cache import Key
 from adapt.errors import AdaptError
 from adapt.examples import Example
+from adapt.options import Endpoint
 from service.upstream.errors import RecipeError
 from service.upstream.recipe import Decoding, Recipe
 from service.upstream.render import render_chat_instruction
 from service.upstream.samplers import Sends, sampling_params, sent_by_decoding
 
-Endpoint = Literal["chat", "completions"]
 _SEED_SPACE = 2**31 - 1
 
 

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from adapt.cache import Key, SampleCache, SampleRecord, read_header
 from adapt.errors import AdaptError
-from adapt.examples import Example, load_examples
+from adapt.examples import Example
+from adapt.options import SamplingOptions
 from adapt.planning import Endpoint, PlannedSample, SamplingConfig, build_body, plan
 from service.upstream.client import UpstreamClient, UpstreamConfig
 from service.upstream.errors import UpstreamError
@@ -326,35 +327,6 @@ def samples_by_example(
         if record is not None:
             grouped[sample.example.id].append(record)
     return grouped
-
-
-@dataclass(kw_only=True)
-class SamplingOptions:
-    """The options `cappy adapt data` and `cappy eval` share: which examples, which upstream,
-    how to sample it (see adapt.cli for each flag). Keyword-only, so that each command's own
-    options, some of them required, can follow these defaulted ones."""
-
-    upstream: str | None = None
-    model: str | None = None
-    api_key: str | None = field(default=None, repr=False)
-    split: str | None = None
-    tasks: list[str] | None = None
-    examples_per_task: int | None = None
-    max_tokens: int = 64
-    endpoint: Endpoint = "chat"
-    send_top_k: bool = True  # where accepted (detected); False: neither top_k nor the extras
-    seed: int = 0
-    concurrency: int = 1
-    timeout_s: float = 120.0
-    max_failures: int = 50
-    progress: bool = True
-
-    def select_examples(self, path: Path) -> list[Example]:
-        """The examples of the JSONL file `path` that --split, --task and --examples-per-task
-        select."""
-        return load_examples(
-            path, split=self.split, tasks=self.tasks, examples_per_task=self.examples_per_task
-        )
 
 
 async def gather(

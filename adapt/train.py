@@ -46,62 +46,12 @@ from typing import Any
 from adapt import heldout
 from adapt.data import read_pairs
 from adapt.errors import AdaptError
+from adapt.options import TrainOptions
 from model_export import pooling
 
 logger = logging.getLogger(__name__)
 
 ADAPT_RECORD = "cappy_adapt.json"
-
-
-@dataclass
-class TrainOptions:
-    """`cappy adapt train` options (see adapt.cli for each flag)."""
-
-    data: Path
-    base: str
-    out: Path
-    checkpoint: Path | None = None  # default: OUT.checkpoint next to OUT
-    revision: str | None = None
-    steps: int = 400
-    learning_rate: float = 2e-5
-    warmup_ratio: float = 0.1
-    effective_batch: int = 256
-    micro_batch: int = 16
-    max_length: int = 512
-    weight_decay: float = 0.0
-    optim: str = "adamw_torch"
-    seed: int = 0
-    logging_steps: int = 10
-    bf16: bool = False
-    group_by_length: bool = False
-    # held out, evaluated, stopped early, resumed (module docstring)
-    eval_fraction: float = 0.1
-    eval_steps: int | None = None  # default: a tenth of the steps (at least 10)
-    early_stopping_patience: int = 5
-    resume: bool = False
-    head_learning_rate: float | None = None
-    listwise_weight: float = 0.0
-    pooling: str | None = None  # cls | mean; default: the base's (model_export.pooling)
-    # export
-    fp16: bool = True
-    int8: bool = False
-    parity: str = "gate"
-    force: bool = False
-    progress: bool = True
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.checkpoint or self.out.with_name(self.out.name + ".checkpoint")
-
-    @property
-    def scratch_dir(self) -> Path:
-        """The Trainer's checkpoints while the run lasts (what `resume` continues from)."""
-        return self.checkpoint_dir.with_name(self.checkpoint_dir.name + ".trainer")
-
-    @property
-    def every(self) -> int:
-        """Steps between evaluations and checkpoints."""
-        return self.eval_steps or max(10, self.steps // 10)
 
 
 @dataclass
