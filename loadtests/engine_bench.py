@@ -52,7 +52,6 @@ def build_scorer(args: argparse.Namespace, export: ExportDir, pad_token_id: int)
             hint=args.hint,
             num_streams=args.streams,
             threads=args.threads,
-            split_streams=args.split_streams,
             extra_config=dict(kv.split("=", 1) for kv in args.ov_config),
             **common,
         )
@@ -216,7 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--hint", default="LATENCY", choices=["LATENCY", "THROUGHPUT"])
     parser.add_argument("--streams", type=int, default=None)
-    parser.add_argument("--split-streams", action="store_true")
     parser.add_argument(
         "--seq-multiple",
         type=int,
@@ -335,7 +333,6 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "hint": args.hint if args.engine == "openvino" else None,
         "streams": (scorer.describe() or {}).get("streams"),
-        "split_streams": args.split_streams,
         "seq_multiple": args.seq_multiple,
         "model_file": Path(args.model_file).name if args.model_file else None,
         "seconds": round(infer_s, 3),

@@ -65,6 +65,7 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
             cross_request=settings.cross_request_batching,
             padding_tolerance=settings.padding_tolerance,
             pad_to_multiple=settings.pad_to_multiple,
+            split_across_streams=settings.split_across_streams,
         ),
     )
 

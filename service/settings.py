@@ -132,6 +132,12 @@ class Settings(BaseSettings):
         description="Padding tokens a pair may add to a batch per token of its own. unset: "
         "0.1 on CPU (padding is wasted compute there), unlimited on GPU.",
     )
+    split_across_streams: bool | None = Field(
+        None,
+        description="When streams are idle and the queue holds less than a batch for each, "
+        "cut the queued pairs into one part per idle stream, so that a lone request runs on "
+        "every core. unset: on for CPU, off for CUDA.",
+    )
     pad_to_multiple: int = Field(
         defaults.PAD_TO_MULTIPLE,
         ge=1,

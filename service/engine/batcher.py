@@ -11,6 +11,17 @@ How a request travels:
 2. One consumer task takes batches from the queue (`PairQueue.take_batch`: the oldest pair plus
    the neighbours in length that add the least padding, within the budget). Items whose request
    was cancelled or whose deadline passed are dropped there, before they reach the model.
+   Split across the streams (`split_across_streams`, on by default on CPU): when k >= 2
+   streams are idle and the queue holds less than one full batch for each (fewer than k x
+   `max_batch_size` pairs and fewer than k x `max_batch_tokens` tokens), the work is cut into
+   p = min(k, pairs, tokens // `SPLIT_MIN_TOKENS`) parts, if p >= 2: the batch formed now
+   holds at most ceil(pairs / p) rows, and the next one, for the next idle stream, is cut by
+   the same rule over what is left (the last idle stream takes a batch as ever). So a lone
+   request of 17 pairs of similar lengths runs on two streams at once as 9 + 8 rows, and a
+   1-pair request, or one of fewer than 2 x `SPLIT_MIN_TOKENS` tokens, as one batch. Each part
+   is formed by `take_batch`, within the budget and the padding tolerance, and answers land by
+   pair index, in the caller's order. Under load (a full batch queued for every idle stream,
+   or no stream idle) batches are formed as without the split.
 3. The padded batch runs in a worker thread (the engines release the GIL): one thread per batch
    the scorer can run at once (`parallelism`: OpenVINO streams on CPU, ONNX Runtime sessions on
    CUDA, 1 for ONNX Runtime on CPU). While they run, the consumer pads and queues the next batch
@@ -37,7 +48,13 @@ from service.engine.admission import Admission
 
 # The configuration lives in batching_config.py; named here too for the importers that take it
 # from the batcher (the app, the defaults test).
-from service.engine.batching_config import BatcherConfig, for_device, padding_tolerance_for
+from service.engine.batching_config import (
+    SPLIT_MIN_TOKENS,
+    BatcherConfig,
+    for_device,
+    padding_tolerance_for,
+    splits_across_streams,
+)
 from service.engine.errors import DeadlineExceeded, EngineError, EngineStopped, InferenceFailed
 from service.engine.queue import Item, PairQueue, QueuedRequest
 from service.engine.types import EncodedPair, Scorer, pad_batch
@@ -154,6 +171,7 @@ class DynamicBatcher:
         # Batches the scorer can run at once (OpenVINO streams); one worker thread each.
         self._workers = max(1, scorer.parallelism)
         self.padding_tolerance = padding_tolerance_for(self._config, scorer.device)
+        self._split = self._workers > 1 and splits_across_streams(self._config, scorer.device)
         self._queue = PairQueue(
             max_batch_tokens=self.max_batch_tokens,
             max_batch_size=self.max_batch_size,
@@ -421,7 +439,7 @@ class DynamicBatcher:
                 if now < launch_at:
                     await self._wait(in_flight, launch_at - now)
                     continue
-            items = self._queue.take_batch(now)
+            items = self._queue.take_batch(now, self._part_rows(len(in_flight)))
             self._set_queue_gauges()
             if not items:
                 if self._queue.pairs:
@@ -432,6 +450,20 @@ class DynamicBatcher:
             submitted = self._submit(items)
             if submitted is not None:
                 in_flight.append(submitted)
+
+    def _part_rows(self, batches_in_flight: int) -> int | None:
+        """Rows of the batch about to be formed when the queued work is split across the idle
+        streams (the rule: the module's docstring); None for a batch formed as ever."""
+        idle = self._workers - batches_in_flight
+        if not self._split or idle < 2:
+            return None
+        pairs, tokens = self._queue.pairs, self._queue.tokens
+        if pairs >= idle * self.max_batch_size or tokens >= idle * self.max_batch_tokens:
+            return None  # a full batch for every idle stream: nothing to share out
+        parts = min(idle, pairs, tokens // SPLIT_MIN_TOKENS)
+        if parts < 2:
+            return None
+        return -(-pairs // parts)
 
     async def _wait(self, in_flight: list[_Batch], timeout: float | None) -> None:
         """Sleeps until new work is queued, a running batch completes, stop() is called, or

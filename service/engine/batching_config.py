@@ -13,6 +13,12 @@ from service.defaults import DEVICE_BATCH_LIMITS
 # (0.1 against 0.25 and 0.5, at concurrency 32 and at concurrency 1).
 CPU_PADDING_TOLERANCE = 0.1
 
+# Real tokens that each part of work split across idle streams holds on average, at the least:
+# less work runs as one batch, since each part pays a batch's fixed cost (padding, a worker's
+# turn, the engine's call). 64 tokens are ~4 ms of one core for MiniLM bf16 (~90 pairs of ~160
+# tokens per CPU-second, loadtests/README.md). A starting value, not yet measured against others.
+SPLIT_MIN_TOKENS = 64
+
 
 @dataclass(frozen=True, slots=True)
 class BatcherConfig:
@@ -51,6 +57,13 @@ class BatcherConfig:
             CPU ran the served batches of the benchmark ~3% faster padded to multiples of 8,
             though they held 1.3% more tokens; GPUs favour multiples of 8
             too. 1 pads to the longest row only.
+        split_across_streams: when k >= 2 streams are idle and the queue holds less than a
+            full batch for each, cut the queued work into up to k batches of similar row counts
+            (each holding `SPLIT_MIN_TOKENS` real tokens on average), so that a lone request
+            runs on every stream at once (the rule: batcher.py). Under load batches are formed
+            as without it. None picks by the scorer's device: on for CPU, where each OpenVINO
+            stream is one core and a lone batch leaves the others idle; off for CUDA, whose
+            streams share one device (not measured there). False gives the batches of before.
     """
 
     # The service's defaults (service/defaults.py, which Settings reads), so that a batcher built
@@ -64,6 +77,7 @@ class BatcherConfig:
     padding_tolerance: float | None = None
     cross_request: bool = True
     pad_to_multiple: int = defaults.PAD_TO_MULTIPLE
+    split_across_streams: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
@@ -105,3 +119,11 @@ def padding_tolerance_for(config: BatcherConfig, device: str) -> float:
     if config.padding_tolerance is not None:
         return config.padding_tolerance
     return math.inf if device == "cuda" else CPU_PADDING_TOLERANCE
+
+
+def splits_across_streams(config: BatcherConfig, device: str) -> bool:
+    """The configured `split_across_streams`, or the device's when none is: on for CPU, off for
+    CUDA."""
+    if config.split_across_streams is not None:
+        return config.split_across_streams
+    return device != "cuda"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Unpack
@@ -71,8 +70,6 @@ class OpenVinoScorer(Scorer):
         hint: PERFORMANCE_HINT, "LATENCY" (one stream using every core) or "THROUGHPUT".
         num_streams: NUM_STREAMS; None lets the hint decide.
         threads: INFERENCE_NUM_THREADS; None means every usable core.
-        split_streams: with more than one stream, split each batch's rows across the streams
-            and run the parts concurrently.
         cache_dir: OpenVINO's compiled-model cache (faster restarts).
         extra_config: further compile properties, e.g. {"ENABLE_CPU_PINNING": False}.
 
@@ -80,9 +77,10 @@ class OpenVinoScorer(Scorer):
         streams: the compiled stream count; `parallelism` batches may run at once.
         pinned: whether OpenVINO pins each busy stream's threads to cores.
 
-    The defaults are the measured best on 2 cores: LATENCY with all cores on one stream; two
-    split streams and static shapes were within noise (+-5%). Batch widths in steps (fewer
-    distinct shapes) are the batcher's `pad_to_multiple`.
+    The defaults (LATENCY: one stream on every core) suit a lone caller such as engine_bench;
+    the service asks for its streams (`CAPPY_STREAMS`), and its batcher spreads a lone request
+    over the idle ones. Static shapes measured within noise (+-5%) on 2 cores; batch widths in
+    steps (fewer distinct shapes) are the batcher's `pad_to_multiple`.
     """
 
     def __init__(
@@ -93,7 +91,6 @@ class OpenVinoScorer(Scorer):
         hint: str = "LATENCY",
         num_streams: int | None = None,
         threads: int | None = None,
-        split_streams: bool = False,
         cache_dir: str | None = None,
         extra_config: Mapping[str, Any] | None = None,
         **graph: Unpack[GraphInputs],
@@ -133,15 +130,14 @@ class OpenVinoScorer(Scorer):
         self._compiled = core.compile_model(model, "CPU", config)
         self.streams = int(self._compiled.get_property("NUM_STREAMS"))
         self.pinned = bool(self._compiled.get_property("ENABLE_CPU_PINNING"))
-        self._split = split_streams and self.streams > 1
-        # Batches that may run at once: one per stream, unless each batch is split over them.
-        self.parallelism = 1 if self._split else max(1, self.streams)
+        # Batches that may run at once: one per stream (the batcher splits a lone request's
+        # pairs across idle streams).
+        self.parallelism = max(1, self.streams)
         self._output = self._compiled.output(self.output_name)
         # One request per stream, handed out through a queue so concurrent callers never share one.
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(max(1, self.streams)):
             self._requests.put(self._compiled.create_infer_request())
-        self._split_lock = threading.Lock()
         logger.info(
             "OpenVINO scorer %s from %s: hint %s, %d stream(s), %s threads",
             self.name,
@@ -154,9 +150,6 @@ class OpenVinoScorer(Scorer):
     def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         """Scores one padded batch; returns logits[:, 0] as float32."""
         inputs = {name: feeds[name] for name in self.input_names}
-        rows = next(iter(inputs.values())).shape[0]
-        if self._split and rows > 1:
-            return self._infer_split(inputs, rows)
         request = self._requests.get()
         try:
             request.infer(inputs)
@@ -165,28 +158,9 @@ class OpenVinoScorer(Scorer):
         finally:
             self._requests.put(request)
 
-    def _infer_split(self, inputs: Mapping[str, np.ndarray], rows: int) -> np.ndarray:
-        parts = min(self.streams, rows)
-        bounds = np.linspace(0, rows, parts + 1).astype(int)
-        with self._split_lock:  # the split holds every request; one split batch at a time
-            requests = [self._requests.get() for _ in range(parts)]
-            try:
-                for request, lo, hi in zip(requests, bounds[:-1], bounds[1:], strict=True):
-                    request.start_async({n: v[lo:hi] for n, v in inputs.items()})
-                out = []
-                for request in requests:
-                    request.wait()
-                    out.append(
-                        np.asarray(request.get_tensor(self._output).data[:, 0], dtype=np.float32)
-                    )
-                return np.concatenate(out)
-            finally:
-                for request in requests:
-                    self._requests.put(request)
-
     def describe(self) -> dict[str, Any]:
         """What /info reports of this backend."""
-        return {"streams": self.streams, "split_streams": self._split, "pinned": self.pinned}
+        return {"streams": self.streams, "pinned": self.pinned}
 
     def warmup(self) -> None:
         """Runs batches of representative shapes once."""

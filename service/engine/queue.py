@@ -209,7 +209,7 @@ class PairQueue:
             bucket += step
         return None
 
-    def take_batch(self, now: float) -> list[Item] | None:
+    def take_batch(self, now: float, max_rows: int | None = None) -> list[Item] | None:
         """Removes the next batch from the queue: the oldest item plus the neighbours in length
         that add the least padding, within the budget and the padding tolerance.
 
@@ -217,17 +217,22 @@ class PairQueue:
         below it and the nearest above, each in arrival order. A source whose next item is
         unacceptable is closed, since the items behind it (further away in length) would be
         worse. Cost per batch: O(rows + buckets), whatever the depth of the queue.
+
+        Args:
+            now: the time deadlines are checked against.
+            max_rows: rows of this batch, when fewer than `max_batch_size` (one part of work
+                split across idle streams).
         """
         self._sweep_if_stale()
         seed = self.oldest(now)
         if seed is None:
             return None
         budget = self.max_batch_tokens
-        max_rows = self.max_batch_size
+        max_rows = self.max_batch_size if max_rows is None else min(max_rows, self.max_batch_size)
         tolerance = self.padding_tolerance
         self._fifo.popleft()
         if not self.cross_request:
-            return self._take_from_request(seed)
+            return self._take_from_request(seed, max_rows)
         self._take(seed)
         items = [seed]
         width = self.width(seed.length)
@@ -269,10 +274,10 @@ class PairQueue:
             heads[best_source] = self._scan(cursors, best_source, now)
         return items
 
-    def _take_from_request(self, seed: Item) -> list[Item]:
+    def _take_from_request(self, seed: Item, max_rows: int) -> list[Item]:
         """Per-request batching: the seed (the oldest pair, already off the FIFO) plus its
-        request's other queued pairs, shortest first, within the budget. Taken items stay in
-        the FIFO and the buckets, where they are skipped as stale later."""
+        request's other queued pairs, shortest first, within the budget and `max_rows`. Taken
+        items stay in the FIFO and the buckets, where they are skipped as stale later."""
         self._take(seed)
         items = [seed]
         width = self.width(seed.length)
@@ -280,10 +285,7 @@ class PairQueue:
             if item.taken:
                 continue
             new_width = max(width, self.width(item.length))
-            if (
-                len(items) >= self.max_batch_size
-                or (len(items) + 1) * new_width > self.max_batch_tokens
-            ):
+            if len(items) >= max_rows or (len(items) + 1) * new_width > self.max_batch_tokens:
                 break
             self._take(item)
             items.append(item)

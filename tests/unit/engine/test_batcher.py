@@ -28,6 +28,7 @@ from service.engine.batcher import DynamicBatcher, ScoredPair
 from service.engine.batching_config import (
     CPU_PADDING_TOLERANCE,
     DEVICE_BATCH_LIMITS,
+    SPLIT_MIN_TOKENS,
     BatcherConfig,
 )
 from service.engine.errors import DeadlineExceeded, EngineStopped, InferenceFailed
@@ -237,6 +238,104 @@ async def test_one_stream_runs_one_batch_at_a_time() -> None:
         scorer.release()
         await asyncio.gather(*tasks)
     assert len(scorer.batches) == 4
+
+
+# --- splitting work across idle streams ---------------------------------------------------------
+
+
+class StreamsScorer(FakeScorer):
+    """The fake model with `streams` streams: that many batches may wait at its gate at once."""
+
+    def __init__(self, streams: int, device: ScorerDevice = "cpu") -> None:
+        super().__init__(device=device)
+        self.parallelism = streams
+
+
+async def score_held(
+    scorer: StreamsScorer, pairs: list[tuple[str, str]], *, in_flight: int
+) -> None:
+    """Scores `pairs` as one request with the model held at its gate until `in_flight` batches
+    wait there together and nothing is left queued; checks the answers, in the caller's order."""
+    async with running(scorer, max_wait_ms=0) as batcher:
+        scorer.hold()
+        task = asyncio.create_task(batcher.score(pairs))
+        await eventually(lambda: len(scorer.batches) == in_flight)
+        assert batches_in_flight(batcher) == in_flight and queued_work(batcher) == (0, 0)
+        scorer.release()
+        scored = await task
+    assert [s.score for s in scored] == [expected_score(p) for p in pairs]
+
+
+async def test_a_lone_request_runs_on_both_idle_streams_at_once() -> None:
+    """10 pairs of 40 tokens on two idle streams: two batches of 5 rows, both at the model
+    together (held at its gate), answered in the caller's order."""
+    scorer, pairs = StreamsScorer(2), [pair(40, marker=100 + i) for i in range(10)]
+    await score_held(scorer, pairs, in_flight=2)
+    assert scorer.shapes == [(5, 40), (5, 40)]
+    assert sorted(int(row[-2]) for batch in scorer.batches for row in batch) == list(
+        range(100, 110)
+    )
+
+
+async def test_parts_are_of_similar_size_on_more_streams() -> None:
+    """Three idle streams: ceil(10 / 3) = 4 rows, then ceil(6 / 2) = 3, then the rest."""
+    scorer, pairs = StreamsScorer(3), [pair(40, marker=100 + i) for i in range(10)]
+    await score_held(scorer, pairs, in_flight=3)
+    assert sorted(scorer.shapes) == [(3, 40), (3, 40), (4, 40)]
+
+
+@pytest.mark.parametrize(
+    ("lengths", "shapes"),
+    [
+        ((300,), [(1, 304)]),  # one pair: nothing to split
+        ((20, 20), [(2, 24)]),  # 40 tokens: under SPLIT_MIN_TOKENS a part
+        ((30, 30, 30, 30), [(4, 32)]),  # 120 tokens: still under it for two parts
+        ((64, 64), [(1, 64), (1, 64)]),  # 128 tokens: two parts of 64
+    ],
+)
+async def test_a_small_request_is_not_split_below_the_minimum_part(
+    lengths: tuple[int, ...], shapes: list[tuple[int, int]]
+) -> None:
+    assert SPLIT_MIN_TOKENS == 64  # the cases are cut around it
+    scorer = StreamsScorer(2)
+    pairs = [pair(n, marker=100 + i) for i, n in enumerate(lengths)]
+    async with running(scorer, max_wait_ms=0) as batcher:
+        scored = await batcher.score(pairs)
+    assert [s.score for s in scored] == [expected_score(p) for p in pairs]
+    assert sorted(scorer.shapes) == shapes
+
+
+@pytest.mark.parametrize(
+    ("streams", "device", "split"),
+    [(1, "cpu", None), (2, "cpu", False), (2, "cuda", None)],
+)
+async def test_no_split_with_one_stream_when_off_or_on_cuda(
+    streams: int, device: ScorerDevice, split: bool | None
+) -> None:
+    """One stream, `split_across_streams=False`, or CUDA's default: one batch, as before."""
+    scorer = StreamsScorer(streams, device=device)
+    pairs = [pair(40, marker=100 + i) for i in range(10)]
+    async with running(scorer, max_wait_ms=0, split_across_streams=split) as batcher:
+        scored = await batcher.score(pairs)
+    assert [s.score for s in scored] == [expected_score(p) for p in pairs]
+    assert scorer.shapes == [(10, 40)]
+
+
+@pytest.mark.parametrize("split", [True, False])
+async def test_a_queue_holding_a_full_batch_per_stream_is_batched_as_before(split: bool) -> None:
+    """12 pairs of 16 tokens and 2 of 200 reach two idle streams: 592 tokens, a full batch (256)
+    for each stream. The batches are those formed without the split: the 12 short pairs
+    together, each long one alone (two of 200 exceed the budget), where cutting the queue in
+    two would have made 7 + 5 rows of the short ones."""
+    scorer = StreamsScorer(2)
+    pairs = [pair(16, marker=100 + i) for i in range(12)]
+    pairs += [pair(200, marker=200), pair(200, marker=201)]
+    async with running(
+        scorer, max_wait_ms=0, max_batch_tokens=256, max_batch_size=16, split_across_streams=split
+    ) as batcher:
+        scored = await batcher.score(pairs)
+    assert [s.score for s in scored] == [expected_score(p) for p in pairs]
+    assert sorted(scorer.shapes) == [(1, 200), (1, 200), (12, 16)]
 
 
 async def test_batch_widths_are_padded_to_the_multiple_never_past_the_max_length() -> None:

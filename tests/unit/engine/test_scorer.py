@@ -77,15 +77,6 @@ def test_openvino_keeps_a_bounded_kernel_cache(export, tokenizer, monkeypatch) -
 
 
 @requires_openvino
-def test_openvino_two_split_streams_do_not_change_scores(export, tokenizer, cases) -> None:
-    options = {"hint": "THROUGHPUT", "num_streams": 2, "threads": 2, "split_streams": True}
-    scorer = OpenVinoScorer(
-        export.model_path("fp32"), precision="fp32", **options, **common(export, tokenizer)
-    )
-    assert_close(scorer, cases, atol=1e-4)
-
-
-@requires_openvino
 def test_openvino_scores_do_not_depend_on_padding_to_a_multiple(export, tokenizer) -> None:
     """The batcher pads batch widths in steps (pad_to_multiple): masked pads change nothing."""
     kwargs = common(export, tokenizer)
@@ -151,7 +142,6 @@ def test_refining_scorer_calibrates_its_margin(export, tokenizer) -> None:
         == scorer.fast.describe()
         == {
             "streams": scorer.fast.streams,
-            "split_streams": False,
             "pinned": scorer.fast.pinned,
         }
     )
