@@ -54,7 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start `cappy serve --model EXPORT` on a free port for the run",
     )
-    parser.add_argument("--export", default=None, help="export directory (--self-contained)")
+    parser.add_argument(
+        "--server",
+        choices=("cappy", "naive"),
+        default="cappy",
+        help="--self-contained: `cappy serve` on the export, or the naive PyTorch bf16 baseline "
+        "(loadtests/naive_server.py) on the checkpoint that --export names",
+    )
+    parser.add_argument(
+        "--export",
+        default=None,
+        help="export directory (--self-contained; a checkpoint with --server naive)",
+    )
     parser.add_argument(
         "--serve-arg",
         action="append",
@@ -124,11 +135,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.self_contained:
         if not args.export:
             raise SystemExit("error: --self-contained needs --export DIR")
+        naive = [sys.executable, "-m", "loadtests.naive_server"]
         with running_server(
-            args.export, args.serve_arg, ready_timeout_s=args.ready_timeout, api_key=args.api_key
+            args.export,
+            args.serve_arg,
+            ready_timeout_s=args.ready_timeout,
+            api_key=args.api_key,
+            server=naive if args.server == "naive" else None,
         ) as url:
             figures = run(url)
         figures["serve_args"] = list(args.serve_arg)
+        figures["served_by"] = args.server
     else:
         figures = run(args.url or "http://127.0.0.1:8000")
     if args.label:

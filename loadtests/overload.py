@@ -18,7 +18,14 @@ percentiles, the share of requests answered 200 by candidate count (does any siz
 the overload and recovery phases a per-second timeline (sent, 200s, 429s, p50 latency, the
 server's RSS and queue depth from /metrics); and `recovery_s`: seconds from the end of the flood
 until the first second from which every request sent was answered 200 within
-`--recovered-latency-factor` x the baseline p95 (at least 0.5 s). Open-loop requests are capped
+`--recovered-latency-factor` x the baseline p95 (at least 0.5 s).
+
+Beside the flood, a **retry probe** sends one single-candidate request every `--probe-interval`
+seconds; each one refused 429 is retried every `--probe-poll` seconds until admitted, so that
+each Retry-After can be set against the time a retry was in fact admitted (`retry_probe`: the
+pairs, and the share within 2x, counting a wait under 1 s as 1 s, the header's resolution). From
+the server's `/metrics` around the flood: the queue time of the pairs it admitted (p50, p99, and
+the share over its `max_queue_wait_s`, from /info). Open-loop requests are capped
 at `--max-in-flight` on the client; arrivals beyond it are counted as `client_skipped`. Targets
 other than loopback are refused.
 """
@@ -42,7 +49,7 @@ import httpx
 
 from loadtests.closed_loop import check_loopback
 from loadtests.local_server import running_server
-from loadtests.prometheus import parse_metrics
+from loadtests.prometheus import parse_metrics, queue_time
 from loadtests.stats import percentile
 from loadtests.workload import DEFAULT_REQUESTS, load_workload, select_body
 
@@ -124,6 +131,92 @@ async def open_loop(
     return done, skipped
 
 
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """One probe refused 429: the Retry-After it was given and the seconds until a retry of it
+    was admitted (None: never, within the probe's patience)."""
+
+    sent_at: float
+    retry_after_s: float
+    admitted_after_s: float | None
+    latency_s: float | None  # of the admitted retry
+
+
+class RetryProbe:
+    """A client beside the flood: one small request every `interval` seconds, each refusal
+    retried every `poll` seconds (up to `patience`) to find when a retry is in fact admitted."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        item: dict[str, Any],
+        interval: float,
+        poll: float,
+        patience: float = 120.0,
+    ) -> None:
+        self._client, self._item = client, item
+        self._interval, self._poll, self._patience = interval, poll, patience
+        self._chains: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self.first: list[Answer] = []
+        self.retries: list[Retry] = []
+
+    def start(self, start: float, seconds: float) -> None:
+        self._task = asyncio.create_task(self._run(start, seconds))
+
+    async def wait(self) -> None:
+        if self._task is not None:
+            await self._task
+        while self._chains:
+            await asyncio.wait(set(self._chains))
+
+    async def _run(self, start: float, seconds: float) -> None:
+        while time.perf_counter() - start < seconds:
+            chain = asyncio.create_task(self._chain(start))
+            self._chains.add(chain)
+            chain.add_done_callback(self._chains.discard)
+            await asyncio.sleep(self._interval)
+
+    async def _chain(self, start: float) -> None:
+        answer = await send(self._client, self._item, start)
+        self.first.append(answer)
+        if answer.status != 429 or not answer.retry_after:
+            return
+        refused_at = start + answer.sent_at + answer.latency
+        while time.perf_counter() - refused_at < self._patience:
+            await asyncio.sleep(self._poll)
+            again = await send(self._client, self._item, start)
+            if again.status != 429:
+                admitted = start + again.sent_at - refused_at
+                latency = again.latency if again.status == 200 else None
+                self.retries.append(
+                    Retry(answer.sent_at, float(answer.retry_after), admitted, latency)
+                )
+                return
+        self.retries.append(Retry(answer.sent_at, float(answer.retry_after), None, None))
+
+
+def retry_summary(probe: RetryProbe) -> dict[str, Any]:
+    """How the probe's Retry-After values compare with when its retries were admitted."""
+    pairs = [(r.retry_after_s, r.admitted_after_s) for r in probe.retries]
+    judged = [(hint, max(1.0, actual)) for hint, actual in pairs if actual is not None]
+    within = sum(1 for hint, actual in judged if actual / 2 <= hint <= 2 * actual)
+    ok = [a.latency * 1000 for a in probe.first if a.status == 200]
+    return {
+        "sent": len(probe.first),
+        "statuses": dict(sorted(Counter(str(a.status) for a in probe.first).items())),
+        "first_try_latency_ms": {
+            f"p{q}": None if (v := percentile(ok, q)) is None else round(v, 1) for q in (50, 99)
+        },
+        "refused": len(pairs),
+        "never_admitted": sum(1 for _, actual in pairs if actual is None),
+        "within_2x_share": round(within / len(judged), 3) if judged else None,
+        "retry_after_vs_admitted_s": [
+            [hint, None if actual is None else round(actual, 2)] for hint, actual in pairs
+        ][:60],
+    }
+
+
 class Sampler:
     """Samples the server's RSS and queue depth from /metrics once a second."""
 
@@ -165,6 +258,26 @@ async def scrape(client: httpx.AsyncClient) -> dict[str, float | None]:
         "rss_mb": None if rss is None else round(rss / 2**20, 1),
         "queue_pairs": value("cappy_queue_pairs"),
     }
+
+
+async def scrape_all(client: httpx.AsyncClient) -> dict[Any, float]:
+    """Every sample of the server's /metrics (empty when it cannot be read)."""
+    try:
+        return parse_metrics((await client.get("/metrics", timeout=5.0)).text)
+    except httpx.HTTPError:
+        return {}
+
+
+async def server_limits(client: httpx.AsyncClient) -> dict[str, Any] | None:
+    try:
+        return dict((await client.get("/info", timeout=5.0)).json()["limits"])
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+
+
+def smallest(workload: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The workload's first request with the fewest candidates (the probe's)."""
+    return min(workload, key=lambda item: len(item["candidates"]))
 
 
 def summary(answers: Sequence[Answer], seconds: float) -> dict[str, Any]:
@@ -245,6 +358,11 @@ async def scenario(url: str, workload: Sequence[dict[str, Any]], args: argparse.
         )
         result["capacity"] = summary(capacity, seconds)
         rate = result["capacity"]["ok_per_s"] or 1.0
+        metrics_before = await scrape_all(client)
+        probe = RetryProbe(
+            client, smallest(workload), args.probe_interval, args.probe_poll, args.timeout
+        )
+        probe.start(time.perf_counter(), args.overload_seconds)
         flood, skipped = await open_loop(
             client,
             workload,
@@ -254,10 +372,16 @@ async def scenario(url: str, workload: Sequence[dict[str, Any]], args: argparse.
             rng,
             sampler,
         )
+        await probe.wait()
+        configured = (await server_limits(client)) or {}
         result["overload"] = {
             "offered_per_s": round(args.factor * rate, 2),
             "client_skipped": skipped,
             **summary(flood, args.overload_seconds),
+            "server_queue_time": queue_time(
+                metrics_before, await scrape_all(client), configured.get("max_queue_wait_s")
+            ),
+            "retry_probe": retry_summary(probe),
             "timeline": timeline(flood, sampler.samples, args.overload_seconds),
         }
         normal, skipped = await open_loop(
@@ -308,6 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recovery-load", type=float, default=0.5, help="after: x capacity")
     parser.add_argument("--recovery-seconds", type=float, default=30.0)
     parser.add_argument("--recovered-latency-factor", type=float, default=4.0)
+    parser.add_argument(
+        "--probe-interval", type=float, default=1.0, help="retry probe: seconds between requests"
+    )
+    parser.add_argument(
+        "--probe-poll", type=float, default=0.25, help="retry probe: seconds between retries"
+    )
     parser.add_argument("--max-in-flight", type=int, default=1024)
     parser.add_argument("--timeout", type=float, default=120.0, help="per-request timeout (s)")
     parser.add_argument("--seed", type=int, default=0)

@@ -165,3 +165,40 @@ def metrics_diff(before: dict[Sample, float], after: dict[Sample, float]) -> dic
             if v
         },
     }
+
+
+def queue_time(
+    before: dict[Sample, float], after: dict[Sample, float], limit_s: float | None
+) -> dict[str, Any]:
+    """The server's queue time of the pairs that started a batch between two scrapes: their
+    count, p50 and p99 (interpolated in the histogram's buckets) and the share that waited over
+    `limit_s` (the queue-wait limit; exact when it is a bucket bound, as the 10 s default is)."""
+    name = "cappy_queue_time_seconds"
+    diff = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in set(before) | set(after)}
+    buckets = _buckets(diff, name)
+    pairs = buckets[-1][1] if buckets else 0.0
+    over = None
+    if limit_s is not None and pairs > 0:
+        under = histogram_quantile_rank(limit_s, buckets)
+        over = round((pairs - under) / pairs, 4)
+    return {
+        "pairs": int(pairs),
+        "p50_s": round_or_none(histogram_quantile(0.5, buckets), 3),
+        "p99_s": round_or_none(histogram_quantile(0.99, buckets), 3),
+        "limit_s": limit_s,
+        "over_limit_share": over,
+    }
+
+
+def histogram_quantile_rank(value: float, buckets: list[tuple[float, float]]) -> float:
+    """Observations at or below `value` in cumulative `buckets` (linear inside a bucket)."""
+    previous_bound, previous_count = 0.0, 0.0
+    for bound, count in buckets:
+        if value <= bound:
+            if bound == float("inf"):
+                return previous_count
+            return previous_count + (count - previous_count) * (value - previous_bound) / (
+                bound - previous_bound
+            )
+        previous_bound, previous_count = bound, count
+    return previous_count

@@ -42,8 +42,10 @@ _RETRY_AFTER_UNKNOWN_S = 1.0
 class Pace:
     """The pace of the whole model: real tokens and busy seconds, each averaged over recent
     batches. A batch's busy seconds run from the last completion (or its own start, after an
-    idle spell) to its own completion, so batches that overlap on several streams are not
-    counted twice.
+    idle spell: nothing queued, nothing running) to its own completion, so batches that overlap
+    on several streams are not counted twice, and a gap while pairs waited (a batch formed late
+    behind a busy event loop) is counted: the pace is the rate at which the queue drains, which
+    is what the expected wait and Retry-After need.
 
     Until it has measured `min_batches` batches holding at least `min_tokens` real tokens the
     pace is unknown (None): the work so far is summed, and its average then seeds the moving
@@ -67,7 +69,7 @@ class Pace:
     def track(self, tokens: int, started: float, finished: float) -> None:
         """Adds a finished batch of `tokens` real tokens that ran from `started` to `finished`."""
         mark = self._mark
-        busy = max(0.0, finished - (started if mark is None else max(mark, started)))
+        busy = max(0.0, finished - (started if mark is None else mark))
         self._mark = finished if mark is None else max(mark, finished)
         if not self._known:
             self._tokens += tokens

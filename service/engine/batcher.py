@@ -413,6 +413,12 @@ class DynamicBatcher:
                 in_flight.remove(finished)
                 self._complete(finished)
             if self._queue.pairs == 0:
+                if not in_flight:
+                    # Nothing queued, nothing running: the model idles, and the pace stops
+                    # counting until the next batch starts. (A batch formed late, behind a busy
+                    # event loop, while pairs waited, is no idle spell: that gap is part of the
+                    # rate at which the queue drains.)
+                    self._admission.pace.idle()
                 if self._queue.has_stale():
                     self._queue.clear()  # only stale entries left
                 if self._draining and not in_flight:
@@ -501,8 +507,6 @@ class DynamicBatcher:
         # After a hard stop nobody reads the outcome; reading it here keeps asyncio from logging
         # "exception was never retrieved".
         future.add_done_callback(_retrieve)
-        if self._in_flight == 0:
-            self._admission.pace.idle()
         self._in_flight += 1
         return _Batch(items, future, real)
 

@@ -31,12 +31,19 @@ def second_export(minilm_export: Path) -> Path:
     return minilm_export
 
 
-async def select_loop(client: httpx.AsyncClient, stop: asyncio.Event) -> list[int]:
-    statuses = []
+async def select_loop(client: httpx.AsyncClient, stop: asyncio.Event, statuses: list[int]) -> None:
     body = {"instruction": "which is best?", "candidates": ["one", "two words", "three w o"]}
     while not stop.is_set():
         statuses.append((await client.post("/select", json=body, headers=KEY)).status_code)
-    return statuses
+
+
+async def until_answered(statuses: list[int], count: int) -> None:
+    """Waits until the workers have `count` answers (counted, not timed)."""
+    for _ in range(6000):
+        if len(statuses) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{len(statuses)} answers, not {count}, within 60 s")
 
 
 async def test_reload_under_load_fails_no_request(tiny_export: Path, second_export: Path) -> None:
@@ -44,12 +51,13 @@ async def test_reload_under_load_fails_no_request(tiny_export: Path, second_expo
         before = (await client.get("/info", headers=KEY)).json()
         assert before["source"]["model"] == str(tiny_export_source(tiny_export))
         stop = asyncio.Event()
-        workers = [asyncio.create_task(select_loop(client, stop)) for _ in range(4)]
-        await asyncio.sleep(0.3)
+        statuses: list[int] = []
+        workers = [asyncio.create_task(select_loop(client, stop, statuses)) for _ in range(4)]
+        await until_answered(statuses, 10)  # before the reload
         answer = await client.post("/admin/reload", json={"model": str(second_export)}, headers=KEY)
-        await asyncio.sleep(0.3)
+        await until_answered(statuses, len(statuses) + 10)  # and after it
         stop.set()
-        statuses = [s for worker in await asyncio.gather(*workers) for s in worker]
+        await asyncio.gather(*workers)
         assert answer.status_code == 200, answer.text
         assert answer.json()["model"] == str(second_export.resolve())
         assert answer.json()["previous"] == str(tiny_export.resolve())

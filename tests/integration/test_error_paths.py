@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +122,20 @@ def answer_of(sent: list[Message]) -> tuple[int, dict[str, str], Any]:
     return start["status"], headers, json.loads(body)
 
 
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    """Waits until `condition` holds (a test waits for an event, never a fixed time)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.01)
+
+
+async def until_queued(pairs: int) -> None:
+    """Waits until the batcher's queue holds `pairs` pairs (its gauge, set as pairs join)."""
+    await until(lambda: sample("cappy_queue_pairs") == pairs, f"the queue holds {pairs} pairs")
+
+
 async def hold_the_model(served: Served) -> asyncio.Task[httpx.Response]:
     """Closes the gate and sends one single-pair request, whose batch then waits at the model."""
     served.scorer.run_gate.clear()
@@ -203,13 +217,19 @@ async def test_client_disconnect_is_499_and_nothing_is_scored(
         leave = asyncio.Event()
         payload = {"instruction": "q", "candidates": ["x", "y", "z"]}
         gone = asyncio.create_task(call_asgi(served.app, "/select", payload, leave))
-        await asyncio.sleep(0.3)  # queued behind the held batch
+        await until_queued(3)  # behind the held batch
         assert not gone.done()
         leave.set()
         sent = await asyncio.wait_for(gone, 10)
         served.scorer.run_gate.set()
         held = await holder
-        await asyncio.sleep(0.2)
+        await until(
+            lambda: (
+                sample("cappy_request_duration_seconds_count", route="/select", status="499")
+                > count_499
+            ),
+            "the 499 is counted",
+        )
     status, _, body = answer_of(sent)
     assert status == 499 and body["error"]["code"] == "client_closed"
     assert held.status_code == 200
@@ -238,7 +258,7 @@ async def test_request_cut_by_the_shutdown_is_503_with_the_envelope(
                 asyncio.Event(),
             )
         )
-        await asyncio.sleep(0.3)
+        await until_queued(2)
         task.cancel()  # what uvicorn does at the end of timeout_graceful_shutdown
         sent = await asyncio.wait_for(task, 10)  # answered, not cancelled
         served.scorer.run_gate.set()

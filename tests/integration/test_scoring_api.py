@@ -248,10 +248,12 @@ async def test_overload_is_429_with_retry_after(
         scorer.warm_gate.set()
         await wait_ready(client)
         scorer.run_gate.clear()
+        scorer.entered.clear()
         first = asyncio.create_task(
             client.post("/select", json={"instruction": "q", "candidates": candidates})
         )
-        await asyncio.sleep(0.3)
+        # admitted: its first batch waits at the model, the rest of it in the queue
+        assert await asyncio.to_thread(scorer.entered.wait, 30)
         refused = await client.post("/select", json={"instruction": "q", "candidates": candidates})
         scorer.run_gate.set()
         accepted = await first

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -99,7 +99,7 @@ def test_checkpoint_exported_once_and_sigterm_drains(tiny_checkpoint: Path, tmp_
 
         caller = threading.Thread(target=call)
         caller.start()
-        time.sleep(0.3)
+        _until(lambda: _queued_pairs(base) > 0, "the request is queued")
         process.send_signal(signal.SIGTERM)
         signalled_at = time.monotonic()
         caller.join(timeout=120)
@@ -154,13 +154,33 @@ def test_unusable_model_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def _until(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    """Polls `condition` until it holds (a test waits for an event, never a fixed time)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
+def _queued_pairs(base: str) -> float:
+    """The server's `cappy_queue_pairs` gauge."""
+    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
+        if line.startswith("cappy_queue_pairs "):
+            return float(line.split()[1])
+    return 0.0
+
+
 class _SlowUpstream(BaseHTTPRequestHandler):
-    """An OpenAI-compatible upstream that takes `delay_s` to answer anything."""
+    """An OpenAI-compatible upstream that takes `delay_s` to answer anything; `seen` holds the
+    last message of every call that reached it."""
 
     delay_s = 20.0
+    seen: set[str] = set()
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        self.rfile.read(int(self.headers.get("content-length", 0)))
+        request = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
+        messages = request.get("messages") or [{"content": request.get("prompt")}]
+        _SlowUpstream.seen.add(str(messages[-1]["content"]))
         time.sleep(self.delay_s)
         body = json.dumps(
             {"choices": [{"index": 0, "message": {"role": "assistant", "content": "late"}}]}
@@ -207,18 +227,21 @@ def test_requests_past_the_graceful_shutdown_get_503(
     try:
         _wait_ready(process, base, log)
         answers: dict[str, httpx.Response] = {}
-        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+        def chat(text: str, **extra: object) -> dict[str, object]:
+            return {"model": "m", "messages": [{"role": "user", "content": text}], **extra}
 
         def call(name: str, body: dict[str, object]) -> None:
             answers[name] = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
 
+        _SlowUpstream.seen.clear()
         callers = [
-            threading.Thread(target=call, args=("plain", chat)),
-            threading.Thread(target=call, args=("stream", {**chat, "stream": True})),
+            threading.Thread(target=call, args=("plain", chat("plain"))),
+            threading.Thread(target=call, args=("stream", chat("stream", stream=True))),
         ]
         for caller in callers:
             caller.start()
-        time.sleep(1.0)  # both wait on the upstream
+        _until(lambda: {"plain", "stream"} <= _SlowUpstream.seen, "both reach the upstream")
         process.send_signal(signal.SIGTERM)
         for caller in callers:
             caller.join(timeout=60)

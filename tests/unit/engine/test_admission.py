@@ -278,10 +278,10 @@ def test_the_pace_is_unknown_until_enough_work_then_moves_by_a_fifth() -> None:
 
 def test_the_pace_waits_for_enough_tokens_however_many_batches() -> None:
     pace = Pace(min_tokens=1_000, min_batches=2)
-    for i in range(9):  # 900 tokens in 9 batches
-        pace.track(100, started=float(i), finished=i + 0.5)
+    for i in range(9):  # 900 tokens in 9 batches, back to back
+        pace.track(100, started=i * 0.5, finished=(i + 1) * 0.5)
         assert pace.tokens_per_second() is None
-    pace.track(100, started=9.0, finished=9.5)
+    pace.track(100, started=4.5, finished=5.0)
     assert pace.tokens_per_second() == pytest.approx(200.0)
 
 
@@ -301,6 +301,15 @@ def test_an_idle_gap_is_not_counted_as_busy() -> None:
     assert pace.tokens_per_second() == pytest.approx(100.0)
     pace.track(100, started=5.0, finished=7.0)  # no idle(): from the last completion, 6.0
     assert pace.tokens_per_second() == pytest.approx(100.0)
+
+
+def test_a_gap_while_work_waited_is_counted() -> None:
+    """No idle() between two batches (pairs were queued; the next batch was formed late, e.g.
+    behind a busy event loop): the gap is part of how fast the queue drains."""
+    pace = Pace(min_batches=1)
+    pace.track(100, started=0.0, finished=1.0)
+    pace.track(100, started=3.0, finished=4.0)  # busy 1.0 -> 4.0
+    assert pace.tokens_per_second() == pytest.approx(100 / (1.0 + 0.2 * (3.0 - 1.0)))
 
 
 def _expire(request: QueuedRequest) -> None:

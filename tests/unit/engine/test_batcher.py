@@ -227,6 +227,29 @@ async def test_a_scorer_with_two_streams_runs_two_batches_at_once() -> None:
     assert scorer.most_running == 2  # never more than its streams
 
 
+async def test_the_pace_idles_only_when_nothing_is_queued_or_running() -> None:
+    """Batches formed behind a held one are no idle spell (their gap is how fast the queue
+    drains); the pace pauses only once nothing is queued and nothing runs."""
+    scorer = FakeScorer()
+    async with running(scorer, max_batch_size=1, max_wait_ms=0) as batcher:
+        model_pace = batcher._admission.pace  # noqa: SLF001 - the pace the admission reads
+        seen: list[tuple[int, int]] = []
+        idle = model_pace.idle
+
+        def recorded() -> None:
+            seen.append((queued_work(batcher)[0], batches_in_flight(batcher)))
+            idle()
+
+        model_pace.idle = recorded  # type: ignore[method-assign]
+        first = await hold_model(batcher, scorer)
+        tasks = [await queue_request(batcher, [pair(8, marker=300 + i)]) for i in range(3)]
+        scorer.release()
+        await asyncio.gather(first, *tasks)
+        await eventually(lambda: len(seen) > 0)
+    assert len(scorer.batches) == 4
+    assert set(seen) == {(0, 0)}
+
+
 async def test_one_stream_runs_one_batch_at_a_time() -> None:
     scorer = FakeScorer()
     async with running(scorer, max_batch_size=1, max_wait_ms=0) as batcher:

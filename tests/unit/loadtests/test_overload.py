@@ -82,5 +82,11 @@ def test_overload_is_refused_honestly_and_recovers(minilm_export: Path, tmp_path
     assert median_s <= recovery["recovered_latency_threshold_s"], context
     shares = flood["ok_share_by_candidates"]
     assert shares["16"] > 0.3 * shares["1"]  # a 16-pair request is not starved by 1-pair ones
+    # The server's own queue time of the flood's admitted pairs, against its 1 s limit, and the
+    # probe's Retry-After values set against when its retries were admitted: reported.
+    assert flood["server_queue_time"]["pairs"] > 0
+    assert flood["server_queue_time"]["limit_s"] == 1.0
+    probe = flood["retry_probe"]
+    assert probe["sent"] >= 5 and probe["refused"] == len(probe["retry_after_vs_admitted_s"])
     rss = [row["rss_mb"] for row in flood["timeline"] if row["rss_mb"]]
     assert rss and min(rss) > 50  # the server's memory, sampled through the flood

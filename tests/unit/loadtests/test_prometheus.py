@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loadtests.prometheus import metrics_diff, parse_metrics
+from loadtests.prometheus import metrics_diff, parse_metrics, queue_time
 
 # Two /metrics scrapes of one server, an interval apart: the same series, other counts.
 METRICS = """\
@@ -102,3 +102,23 @@ def test_metrics_diff_of_an_idle_server_and_of_a_restart() -> None:
     assert idle["queue_time_p50_ms_est"] is None
     restarted = metrics_diff(same, parse_metrics(METRICS_BEFORE))
     assert "error" in restarted
+
+
+def _queue_histogram(counts: dict[str, float]) -> dict:
+    text = "\n".join(
+        f'cappy_queue_time_seconds_bucket{{le="{le}"}} {count}' for le, count in counts.items()
+    )
+    return parse_metrics(text + "\n")
+
+
+def test_queue_time_of_the_interval_against_the_limit() -> None:
+    before = _queue_histogram({"5.0": 10, "10.0": 10, "20.0": 10, "+Inf": 10})
+    # 100 pairs in the interval: 60 under 5 s, 20 in 5-10 s, 20 in 10-20 s
+    after = _queue_histogram({"5.0": 70, "10.0": 90, "20.0": 110, "+Inf": 110})
+    figures = queue_time(before, after, limit_s=10.0)
+    assert figures["pairs"] == 100 and figures["over_limit_share"] == 0.2
+    assert figures["p50_s"] == pytest.approx(5.0 * 50 / 60, abs=1e-3)
+    assert figures["p99_s"] == pytest.approx(10.0 + 10.0 * 19 / 20, abs=1e-3)
+    halfway = queue_time(before, after, limit_s=7.5)  # inside a bucket: linear
+    assert halfway["over_limit_share"] == 0.3
+    assert queue_time(before, before, limit_s=10.0)["over_limit_share"] is None
