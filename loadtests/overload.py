@@ -16,9 +16,9 @@ Phases:
 Reported: per phase the answers by status, 429s with and without `Retry-After`, latency
 percentiles, the share of requests answered 200 by candidate count (does any size starve?); for
 the overload and recovery phases a per-second timeline (sent, 200s, 429s, p50 latency, the
-server's RSS and queue depth from /metrics); and `recovery_s`: seconds from the end of the flood
-until the first second from which every request sent was answered 200 within
-`--recovered-latency-factor` x the baseline p95 (at least 0.5 s).
+server's RSS, queue depth and expected queue wait from /metrics); and `recovery_s`: seconds
+from the end of the flood until the first second from which every request sent was answered
+200 within `--recovered-latency-factor` x the baseline p95 (at least 0.5 s).
 
 Beside the flood, a **retry probe** sends one single-candidate request every `--probe-interval`
 seconds; each one refused 429 is retried every `--probe-poll` seconds until admitted, so that
@@ -218,7 +218,7 @@ def retry_summary(probe: RetryProbe) -> dict[str, Any]:
 
 
 class Sampler:
-    """Samples the server's RSS and queue depth from /metrics once a second."""
+    """Samples the server's RSS, queue depth and expected wait from /metrics once a second."""
 
     def __init__(self, client: httpx.AsyncClient) -> None:
         self._client = client
@@ -246,7 +246,7 @@ async def scrape(client: httpx.AsyncClient) -> dict[str, float | None]:
     try:
         text = (await client.get("/metrics", timeout=5.0)).text
     except httpx.HTTPError:
-        return {"rss_mb": None, "queue_pairs": None}
+        return {"rss_mb": None, "queue_pairs": None, "expected_wait_s": None}
     samples = parse_metrics(text)
 
     def value(name: str) -> float | None:
@@ -257,6 +257,8 @@ async def scrape(client: httpx.AsyncClient) -> dict[str, float | None]:
     return {
         "rss_mb": None if rss is None else round(rss / 2**20, 1),
         "queue_pairs": value("cappy_queue_pairs"),
+        # what admission refuses on: set against the queue time the pairs then saw
+        "expected_wait_s": value("cappy_queue_expected_wait_seconds"),
     }
 
 
@@ -324,6 +326,7 @@ def timeline(answers: Sequence[Answer], samples: Sequence[dict[str, Any]], secon
                 "p50_ms": None if (v := percentile(ok, 50)) is None else round(v, 1),
                 "rss_mb": sample.get("rss_mb"),
                 "queue_pairs": sample.get("queue_pairs"),
+                "expected_wait_s": sample.get("expected_wait_s"),
             }
         )
     return rows
