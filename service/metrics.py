@@ -12,11 +12,12 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 # process_cpu_seconds_total, process_resident_memory_bytes, open fds (Linux): the standard names.
 ProcessCollector(registry=REGISTRY)
 
-# 1 ms .. 10 s, roughly x1.5-2 apart, plus a tail for slow proxy requests.
+# 1 ms .. 10 s, roughly x1.5-2 apart; 12.5 and 15 s to read a queue time just past the default
+# 10 s wait limit; a tail for slow proxy requests.
 # fmt: off
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25,
-    0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 3.5, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0,
+    0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 3.5, 5.0, 7.5, 10.0, 12.5, 15.0, 20.0, 30.0, 60.0,
 )
 # fmt: on
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)

@@ -121,8 +121,9 @@ class Settings(BaseSettings):
         defaults.MAX_QUEUE_WAIT_S,
         gt=0,
         le=3600,
-        description="Longest expected queue wait (queued tokens at the model's recent pace) at "
-        "which a request is still admitted; beyond it, or when the queue would make a request "
+        description="Longest expected queue wait (queued tokens at the model's recent pace, "
+        "scaled by how much longer the oldest pairs have in fact waited) at which a request is "
+        "still admitted; beyond it, or when the queue would make a request "
         "miss its deadline, 429 at once with a Retry-After of when it will have drained. "
         "Admission looks at the queue, not at the request's size. unset: the token cap alone.",
     )

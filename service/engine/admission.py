@@ -15,18 +15,33 @@ async batcher (batcher.py) asks it before queueing and tells it each batch's tim
 - A request that can never be answered, however empty the queue, is `RequestTooLarge` (413): more
   tokens than the queue may hold, or alone more model time than its deadline leaves.
 
+- The head's lag: the pace says how fast the queue drains, not in what order. Pairs that join
+  an older pair's batch by length overtake the pairs of other lengths, and the oldest pairs wait
+  longer than the queued tokens ahead of them take at the pace. Each batch reports its seed (the
+  oldest pair when it was formed): its queue time over the time the tokens ahead of it in
+  arrival order were expected to take, at the pace of its admission. The expected wait is
+  scaled by a high quantile of that ratio over recent seeds (never below 1), so that the
+  queue's oldest pairs, the tail of its queue time, keep the limit. A mean over every pair
+  would not: the overtaking pairs wait less than predicted and pull it below 1 while the tail
+  waits more; and a mean over seeds leaves half of them past the limit. (The queue's window,
+  queue.py, keeps the overtaking itself small.)
+- When the oldest pair has already waited past the limit, Retry-After is when the queue,
+  drained oldest first at the expected pace, will have a head young enough again; not the
+  head's excess age, which says nothing of how long a burst admitted at once takes to drain.
+
 Admission looks at the queue ahead of a request, not at its size: large requests are admitted as
 readily as small ones.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
 from service import metrics
 from service.engine.errors import DeadlineExceeded, Overloaded, RequestTooLarge
-from service.engine.queue import PairQueue
+from service.engine.queue import Item, PairQueue
 
 # Weight of the newest batch in the pace averages behind admission and Retry-After.
 _THROUGHPUT_ALPHA = 0.2
@@ -34,6 +49,13 @@ _THROUGHPUT_ALPHA = 0.2
 # the first batches of a fresh server are small and slow (a shape's first run, tokenization of
 # the requests beside them), and one of them alone once set a pace that refused a fresh burst.
 MIN_PACE_BATCHES = 4
+# The head's lag: the quantile of the seeds' ratios it tracks, its step (a seed above it raises it
+# by about 5%, one below lowers it by about 0.5%), its cap, and the shortest predicted wait a
+# seed is measured against (a shorter one is mostly the batch in flight and the batch forming).
+LAG_QUANTILE = 0.9
+_LAG_STEP = 0.05
+_LAG_MAX = 4.0
+_LAG_MIN_PREDICTED_S = 1.0
 _RETRY_AFTER_MIN_S = 0.1
 _RETRY_AFTER_MAX_S = 60.0
 _RETRY_AFTER_UNKNOWN_S = 1.0
@@ -95,6 +117,26 @@ class Pace:
         return self._tokens / self._seconds
 
 
+class HeadLag:
+    """How much longer the queue's oldest pairs wait than the pace predicted (the module's
+    docstring): the `LAG_QUANTILE` quantile of recent batch seeds' ratios of waited over
+    predicted, at least 1 and at most `_LAG_MAX`, tracked by the standard stochastic rule (a
+    multiplicative step up by `LAG_QUANTILE` for a seed above it, down by the rest for one at
+    or below: it settles where that share of seeds lies below it)."""
+
+    def __init__(self) -> None:
+        self.factor = 1.0
+
+    def observe(self, waited: float, predicted: float) -> None:
+        """Adds a seed that waited `waited` seconds where `predicted` were expected; a seed
+        predicted to wait under `_LAG_MIN_PREDICTED_S` says too little and is skipped."""
+        if predicted < _LAG_MIN_PREDICTED_S:
+            return
+        above = waited / predicted > self.factor
+        step = _LAG_STEP * (LAG_QUANTILE if above else LAG_QUANTILE - 1.0)
+        self.factor = min(_LAG_MAX, max(1.0, self.factor * math.exp(step)))
+
+
 class Admission:
     """Admission to one batcher's queue.
 
@@ -107,6 +149,7 @@ class Admission:
 
     Attributes:
         pace: the model's pace; the batcher reports each batch to it.
+        lag: the head's lag; the batcher reports each batch's seed (`observe_seed`).
     """
 
     def __init__(
@@ -125,14 +168,27 @@ class Admission:
         self.max_queue_wait_s = max_queue_wait_s
         self.default_timeout_s = default_timeout_s
         self.pace = Pace(min_tokens=min_pace_tokens)
+        self.lag = HeadLag()
+
+    def model_time(self, tokens: int) -> float | None:
+        """Seconds of the model (every stream busy) that `tokens` take at its recent pace; None
+        while the pace is unknown (too little work measured)."""
+        rate = self.pace.tokens_per_second()
+        return tokens / rate if rate else None
 
     def expected_wait(self, tokens: int | None = None) -> float | None:
-        """Seconds the model needs for `tokens` (default: the queued tokens) at its recent pace
-        with every stream busy; None while the pace is unknown (too little work measured)."""
-        rate = self.pace.tokens_per_second()
-        if not rate:
-            return None
-        return (self._queue.tokens if tokens is None else tokens) / rate
+        """Seconds until `tokens` (default: the queued tokens) will have drained, as the queue's
+        oldest pairs in fact wait: their model time scaled by the head's lag; None while the
+        pace is unknown."""
+        seconds = self.model_time(self._queue.tokens if tokens is None else tokens)
+        return None if seconds is None else seconds * self.lag.factor
+
+    def observe_seed(self, seed: Item, started: float) -> None:
+        """A batch whose oldest pair, `seed`, started on the model at `started`: its queue time
+        against the model time of the tokens ahead of it at the pace of its admission."""
+        pace = seed.request.pace
+        if pace:
+            self.lag.observe(started - seed.arrival, seed.ahead / pace)
 
     def deadline(self, deadline: float | None) -> float | None:
         """The request's deadline (now + `default_timeout_s` when it brings none); raises
@@ -169,7 +225,7 @@ class Admission:
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded()
         remaining = None if deadline is None else deadline - now
-        own = self.expected_wait(tokens)
+        own = self.model_time(tokens)
         if own is not None and remaining is not None and own > remaining:
             # Even alone it would hold the model past its deadline (and every request queued
             # behind it), to be answered 504 in the end.
@@ -207,8 +263,8 @@ class Admission:
             # was never measured), so the queue drains slower than it says. A measured age.
             now = self._clock()
             oldest = self._queue.oldest(now)
-            if oldest is not None:
-                excess.append(now - oldest.arrival - self.max_queue_wait_s)
+            if oldest is not None and (age := now - oldest.arrival - self.max_queue_wait_s) > 0:
+                excess.append(max(age, self._young_head_in(now)))
         if remaining is not None and wait is not None:
             # Behind this queue it would miss its deadline: refused now, not a 504 later.
             excess.append(wait + (self.expected_wait(tokens) or 0.0) - remaining)
@@ -218,6 +274,19 @@ class Admission:
         if wait is None:  # no pace to say when the queue drains
             needed = max(needed, _RETRY_AFTER_UNKNOWN_S)
         return min(_RETRY_AFTER_MAX_S, max(_RETRY_AFTER_MIN_S, needed))
+
+    def _young_head_in(self, now: float) -> float:
+        """Seconds until the queue, drained oldest first at the expected pace, has a head that
+        has waited no longer than the limit (0 while the pace is unknown)."""
+        assert self.max_queue_wait_s is not None
+        ahead = 0
+        drained = 0.0
+        for arrival, length in self._queue.arrivals():
+            drained = self.expected_wait(ahead) or 0.0
+            if now + drained - arrival <= self.max_queue_wait_s:
+                return drained
+            ahead += length
+        return self.expected_wait(ahead) or 0.0
 
     @staticmethod
     def _overloaded(retry_after: float) -> Overloaded:

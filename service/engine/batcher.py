@@ -52,6 +52,7 @@ from service.engine.batching_config import (
     SPLIT_MIN_TOKENS,
     BatcherConfig,
     for_device,
+    overtake_window,
     padding_tolerance_for,
     splits_across_streams,
 )
@@ -180,6 +181,7 @@ class DynamicBatcher:
             max_length=max_length,
             cross_request=self._config.cross_request,
             expire=self._expire,
+            window=overtake_window(self._config),
         )
         self._admission = Admission(
             self._queue,
@@ -215,8 +217,10 @@ class DynamicBatcher:
         return self._accepting and self.alive
 
     def expected_wait(self, tokens: int | None = None) -> float | None:
-        """Seconds the model needs for `tokens` (default: the queued tokens) at its recent pace
-        with every stream busy; None while too little work has run to know the pace."""
+        """Seconds until `tokens` (default: the queued tokens) will have drained: their model
+        time at the recent pace with every stream busy, scaled by how much longer the queue's
+        oldest pairs have in fact waited (admission.py); None while too little work has run to
+        know the pace."""
         return self._admission.expected_wait(tokens)
 
     async def start(self) -> None:
@@ -341,6 +345,7 @@ class DynamicBatcher:
             raise EngineStopped()
 
         request = _Request(asyncio.get_running_loop().create_future(), encoded, tokens, deadline)
+        request.pace = self._admission.pace.tokens_per_second()
         self._requests.add(request)
         self._queue.add(request, now)
         self._set_queue_gauges()
@@ -541,6 +546,7 @@ class DynamicBatcher:
         metrics.PAIRS_SCORED.inc(len(items))
         metrics.TOKENS_SCORED.inc(batch.real_tokens)
         self._admission.pace.track(batch.real_tokens, started, finished)
+        self._admission.observe_seed(items[0], started)  # a batch starts with its oldest pair
         truncated = 0
         queue_time = metrics.QUEUE_TIME
         for item, value in zip(items, values.tolist(), strict=True):

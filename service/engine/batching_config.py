@@ -19,6 +19,10 @@ CPU_PADDING_TOLERANCE = 0.1
 # tokens per CPU-second, loadtests/README.md). A starting value, not yet measured against others.
 SPLIT_MIN_TOKENS = 64
 
+# Share of `max_queue_wait_s` after its seed's arrival within which a pair may join a batch
+# (queue.py): newer pairs overtake older ones of other lengths by no more than that.
+OVERTAKE_WINDOW_SHARE = 0.1
+
 
 @dataclass(frozen=True, slots=True)
 class BatcherConfig:
@@ -34,9 +38,10 @@ class BatcherConfig:
             refused with `Overloaded`, one that alone exceeds it with `RequestTooLarge`. A cap
             on memory; `max_queue_wait_s` is the one that keeps waits short.
         max_queue_wait_s: the longest expected queue wait (the queued tokens at the model's
-            recent pace, every stream counted) at which a request is still admitted; beyond it,
-            and for a request that could not be answered before its deadline behind the queue,
-            `Overloaded` at once with a Retry-After of when the queue will have drained enough.
+            recent pace, every stream counted, scaled by the head's lag: admission.py) at
+            which a request is still admitted; beyond it, and for a request that could not be
+            answered before its deadline behind the queue, `Overloaded` at once with a
+            Retry-After of when the queue will have drained enough.
             Admission looks at the queue before the request, not at its size, so large requests
             are admitted as readily as small ones. The pace counts once `MIN_PACE_BATCHES`
             batches holding a full batch budget of tokens have run (admission.py); until then
@@ -127,3 +132,10 @@ def splits_across_streams(config: BatcherConfig, device: str) -> bool:
     if config.split_across_streams is not None:
         return config.split_across_streams
     return device != "cuda"
+
+
+def overtake_window(config: BatcherConfig) -> float | None:
+    """Seconds after a batch's seed within which a pair may join it; None (no bound) when
+    there is no wait limit to keep."""
+    wait = config.max_queue_wait_s
+    return None if wait is None else OVERTAKE_WINDOW_SHARE * wait

@@ -6,7 +6,11 @@ length buckets of 8 tokens, each in arrival order (finds similar lengths). A bat
 the oldest pair and grown greedily with the queued pairs that add the least padding, taken from
 the buckets next to the seed's, while rows x width (the longest row rounded up to
 `pad_to_multiple`) stays within the budget, rows within `max_batch_size`, and no pair would cost
-more than `padding_tolerance` padding tokens per real token. Taken and abandoned pairs are
+more than `padding_tolerance` padding tokens per real token, and only pairs that arrived within
+`window` seconds of the seed join it: a pair is overtaken by little more than a window's worth of
+newer arrivals, so the oldest pairs wait about as long as the tokens ahead of them take (without
+it, under a steady queue, newer pairs of the lengths being served kept overtaking older pairs
+of other lengths, and the oldest waited twice as long). Taken and abandoned pairs are
 removed lazily when they reach a head, or by a sweep when too many pile up. A pair whose
 request's deadline has passed is dropped here, through `expire`, before it reaches the model.
 """
@@ -14,7 +18,7 @@ request's deadline has passed is dropped here, through `expire`, before it reach
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from service.engine.types import EncodedPair, padded_width
@@ -30,7 +34,7 @@ _SOURCE_STEPS = (0, -1, 1)
 class QueuedRequest:
     """One request's share of the queue (the batcher's request extends it)."""
 
-    __slots__ = ("deadline", "done", "encoded", "items", "queued_pairs", "queued_tokens")
+    __slots__ = ("deadline", "done", "encoded", "items", "pace", "queued_pairs", "queued_tokens")
 
     def __init__(self, encoded: list[EncodedPair], tokens: int, deadline: float | None) -> None:
         self.encoded = encoded
@@ -40,17 +44,21 @@ class QueuedRequest:
         self.items: list[Item] = []  # its queued items, shortest first (per-request batching)
         # Answered, failed or abandoned: its queued items are stale and its results unwanted.
         self.done = False
+        # The model's pace (real tokens/s) when it was admitted; None while unknown.
+        self.pace: float | None = None
 
 
 @dataclass(slots=True, eq=False)  # eq=False: an item is itself, never equal to another
 class Item:
-    """One queued pair: the `index`-th pair of `request`, `length` tokens, queued at `arrival`."""
+    """One queued pair: the `index`-th pair of `request`, `length` tokens, queued at `arrival`
+    behind `ahead` real tokens (those queued before it, in arrival order)."""
 
     request: QueuedRequest
     index: int
     encoded: EncodedPair
     length: int
     arrival: float
+    ahead: int = 0
     taken: bool = False
 
 
@@ -69,6 +77,8 @@ class PairQueue:
         pad_to_multiple: batch widths are rounded up to a multiple of this.
         max_length: the model's longest input; widths never pad past it.
         cross_request: batch pairs of different requests together (else one request a batch).
+        window: seconds after its seed's arrival within which a pair may join a batch; None:
+            any queued pair may.
         expire: called with a request whose deadline passed, found while forming a batch; it
             must mark the request done (the queue then skips its pairs).
 
@@ -86,6 +96,7 @@ class PairQueue:
         max_length: int | None,
         cross_request: bool,
         expire: Callable[[QueuedRequest], None],
+        window: float | None = None,
     ) -> None:
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
@@ -93,6 +104,7 @@ class PairQueue:
         self.pad_to_multiple = pad_to_multiple
         self.max_length = max_length
         self.cross_request = cross_request
+        self.window = window
         self._expire = expire
         self._fifo: deque[Item] = deque()
         self._buckets: list[deque[Item]] = []
@@ -117,9 +129,11 @@ class PairQueue:
     def add(self, request: QueuedRequest, now: float) -> None:
         buckets = self._buckets
         fifo = self._fifo
+        ahead = self.tokens
         for index, pair in enumerate(request.encoded):
             length = pair.length
-            item = Item(request, index, pair, length, now)
+            item = Item(request, index, pair, length, now, ahead)
+            ahead += length
             bucket = bucket_of(length)
             while bucket >= len(buckets):
                 buckets.append(deque())
@@ -170,6 +184,12 @@ class PairQueue:
                 continue
             return item
         return None
+
+    def arrivals(self) -> Iterator[tuple[float, int]]:
+        """(arrival, length) of each live pair, oldest first."""
+        for item in self._fifo:
+            if not item.taken and not item.request.done:
+                yield item.arrival, item.length
 
     def _head(self, bucket: int, now: float) -> Item | None:
         """The oldest live item of a bucket, dropping stale and expired ones before it."""
@@ -239,6 +259,7 @@ class PairQueue:
         home = bucket_of(seed.length)
         cursors = [home, home - 1, home + 1]
         heads = [self._scan(cursors, source, now) for source in range(3)]
+        latest = None if self.window is None else seed.arrival + self.window
         while len(items) < max_rows:
             rows = len(items)
             if (rows + 1) * width > budget:
@@ -248,6 +269,9 @@ class PairQueue:
             best_cost = 0
             for source, candidate in enumerate(heads):
                 if candidate is None:
+                    continue
+                if latest is not None and candidate.arrival > latest:
+                    heads[source] = None  # a bucket is in arrival order: the rest are newer
                     continue
                 length = self.width(candidate.length)
                 # Padding added: the candidate's own, or widening every row already in (rows of

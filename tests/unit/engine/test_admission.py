@@ -1,7 +1,7 @@
 """Admission to the batcher's queue (service/engine/admission.py): the pace estimate and when it
 counts, the expected-wait and token caps, the oldest pair's age, refusing a request that would
 miss its deadline, and Retry-After. Driven through DynamicBatcher with the fakes of fakes.py, and
-the pace and admission on their own.
+the pace, the head's lag and admission on their own.
 
 Time is a `FakeClock` that only the tests and the `PacedScorer` move: every pace, wait, age and
 Retry-After below is exact, however busy the host. "Refused at once" is shown by counted events:
@@ -17,9 +17,15 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pytest
 
-from service.engine.admission import MIN_PACE_BATCHES, Admission, Pace
+from service.engine.admission import (
+    LAG_QUANTILE,
+    MIN_PACE_BATCHES,
+    Admission,
+    HeadLag,
+    Pace,
+)
 from service.engine.errors import Overloaded, RequestTooLarge
-from service.engine.queue import PairQueue, QueuedRequest
+from service.engine.queue import Item, PairQueue, QueuedRequest
 from service.engine.types import EncodedPair
 from tests.unit.engine.fakes import (
     FakeClock,
@@ -32,6 +38,7 @@ from tests.unit.engine.fakes import (
     measure_pace,
     metric,
     overloaded,
+    pace,
     pair,
     pending_requests,
     queue_request,
@@ -259,6 +266,26 @@ async def test_a_fresh_batcher_admits_a_burst_of_16_whatever_its_first_batch_too
     ]
 
 
+async def test_batches_tell_admission_how_long_their_oldest_pairs_waited() -> None:
+    """The model stalls 10 s with pairs queued that the pace said would wait 1.7-6.8 s: each
+    batch's seed reports its wait, and the expected wait grows by the head's lag."""
+    clock = FakeClock()
+    scorer = PacedScorer(clock, seconds_per_token=0.1)
+    async with running(
+        scorer, clock=clock, max_wait_ms=0, max_batch_size=1, max_batch_tokens=256
+    ) as batcher:
+        await measure_pace(batcher)
+        assert batcher._admission.lag.factor == 1.0
+        first = await hold_model(batcher, scorer)
+        queued = await queue_request(batcher, [pair(15)] * 5)
+        clock.advance(10.0)
+        scorer.release()
+        await asyncio.gather(first, queued)
+        factor = batcher._admission.lag.factor
+        assert factor > 1.0
+        assert batcher.expected_wait(100) == pytest.approx(100 / pace(batcher) * factor)
+
+
 # --- the pace and admission on their own --------------------------------------------------------
 
 
@@ -341,7 +368,10 @@ def _admit(admission: Admission, queue: PairQueue, pairs: int, length: int) -> N
     encoded = encode([pair(length)] * pairs)
     tokens = pairs * length
     deadline = admission.deadline(None)
-    queue.add(QueuedRequest(encoded, tokens, deadline), admission.admit(tokens, deadline))
+    now = admission.admit(tokens, deadline)
+    request = QueuedRequest(encoded, tokens, deadline)
+    request.pace = admission.pace.tokens_per_second()  # as the batcher does
+    queue.add(request, now)
 
 
 def test_admission_refuses_by_the_expected_wait_only_on_a_measured_pace() -> None:
@@ -371,3 +401,81 @@ def test_admission_refuses_by_the_expected_wait_only_on_a_measured_pace() -> Non
     with pytest.raises(Overloaded) as refused:
         _admit(admission, queue, pairs=1, length=64)
     assert refused.value.retry_after == pytest.approx(queue.tokens / pace - 10.0)
+
+
+def _known_pace(admission: Admission, clock: FakeClock, tokens_per_second: float) -> None:
+    """Gives `admission` a measured pace of `tokens_per_second`."""
+    for _ in range(MIN_PACE_BATCHES):
+        admission.pace.idle()
+        admission.pace.track(int(tokens_per_second), started=clock(), finished=clock() + 1.0)
+    assert admission.pace.tokens_per_second() == pytest.approx(tokens_per_second)
+
+
+def test_the_head_lag_settles_at_a_high_quantile_of_the_seeds_ratios() -> None:
+    lag = HeadLag()
+    lag.observe(waited=20.0, predicted=0.5)  # too short a prediction to say anything
+    assert lag.factor == 1.0
+    lag.observe(waited=3.0, predicted=6.0)  # waited less: the factor never goes below 1
+    assert lag.factor == 1.0
+    ratios = [1.0 + i / 20 for i in range(21)]  # seeds waited 1x to 2x their prediction
+    for _ in range(100):
+        for ratio in ratios:
+            lag.observe(waited=10.0 * ratio, predicted=10.0)
+    below = sum(ratio <= lag.factor for ratio in ratios) / len(ratios)
+    assert below == pytest.approx(LAG_QUANTILE, abs=0.1)  # not the mean ratio, 1.5
+    for _ in range(200):
+        lag.observe(waited=100.0, predicted=1.0)  # a stalled model: up to the cap, no further
+    assert lag.factor == pytest.approx(4.0)
+
+
+def test_the_limit_holds_for_the_oldest_pairs_when_they_wait_longer_than_the_pace() -> None:
+    """The pace says 7.2 s for the queue; batch seeds (the oldest pairs) have waited 1.5x what
+    the pace of their admission said: the queue is 10.8 s, over the 10 s limit."""
+    clock = FakeClock()
+    admission, queue = _admission(clock, min_pace_tokens=100)
+    _known_pace(admission, clock, 100.0)
+    _admit(admission, queue, pairs=11, length=80)  # 880 tokens: 8.8 s at the pace
+    assert admission.expected_wait() == pytest.approx(8.8) and admission.retry_after(0) is None
+
+    seed = queue.take_batch(clock(), max_rows=1)[0]
+    assert seed.ahead == 0 and seed.request.pace == pytest.approx(100.0)
+    admission.observe_seed(seed, started=clock() + 5.0)  # predicted 0 s: says nothing
+    assert admission.lag.factor == 1.0
+    later = queue.take_batch(clock(), max_rows=1)[0]  # 80 tokens ahead of it: 0.8 s, too short
+    assert later.ahead == 80
+    request = QueuedRequest(encode([pair(10)]), 10, None)
+    request.pace = 100.0
+    admission.observe_seed(  # predicted 2 s (200 tokens ahead at 100/s), waited 3 s
+        Item(request, 0, request.encoded[0], 10, arrival=clock(), ahead=200),
+        started=clock() + 3.0,
+    )
+    assert admission.lag.factor > 1.0
+    admission.lag.factor = 1.5  # as if seeds had waited 1.5x their prediction for a while
+    assert admission.lag.factor == pytest.approx(1.5) and queue.tokens == 720
+    assert admission.expected_wait() == pytest.approx(1.5 * queue.tokens / 100.0)
+    assert admission.model_time(queue.tokens) == pytest.approx(queue.tokens / 100.0)
+    with pytest.raises(Overloaded) as refused:
+        _admit(admission, queue, pairs=1, length=8)
+    assert refused.value.retry_after == pytest.approx(1.5 * queue.tokens / 100.0 - 10.0)
+
+
+def test_past_the_age_limit_retry_after_is_when_the_old_pairs_have_drained() -> None:
+    """A burst admitted at once ages together: its oldest pair's excess age (0.5 s) says nothing
+    of when the queue admits again; the time to drain it, oldest first, does."""
+    clock = FakeClock()
+    admission, queue = _admission(clock, min_pace_tokens=100)
+    _known_pace(admission, clock, 100.0)
+    for _ in range(9):
+        _admit(admission, queue, pairs=1, length=100)  # 9 s of work, all at once
+    clock.advance(10.5)  # the model stalled: nothing drained, every pair is past the limit
+    assert admission.retry_after(0) == pytest.approx(9.0)
+
+    # One request arrived 9 s later: once the burst's first pair has drained (1 s), the head
+    # is 2.5 s old, under the limit.
+    admission2, queue2 = _admission(clock, min_pace_tokens=100)
+    _known_pace(admission2, clock, 100.0)
+    _admit(admission2, queue2, pairs=1, length=100)
+    clock.advance(9.0)
+    _admit(admission2, queue2, pairs=1, length=100)
+    clock.advance(1.5)
+    assert admission2.retry_after(0) == pytest.approx(1.0)

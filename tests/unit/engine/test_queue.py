@@ -71,6 +71,36 @@ def test_rows_and_padding_tolerance_limit_a_batch() -> None:
     assert lengths(queue.take_batch(now=1.0) or []) == [16]
 
 
+def test_only_pairs_within_the_window_of_the_seed_join_its_batch() -> None:
+    """Newer pairs of the seed's length would otherwise overtake an older pair of another
+    length, which then waits longer than the tokens ahead of it take."""
+    queue, _ = make_queue(window=1.0)
+    queue.add(request(40), now=0.0)  # the seed
+    queue.add(request(200), now=0.5)  # an older pair of another length
+    queue.add(request(41, 39), now=0.9)
+    queue.add(request(40, 42), now=1.5)  # newer than the window allows
+    assert lengths(queue.take_batch(now=2.0) or []) == [39, 40, 41]
+    assert lengths(queue.take_batch(now=2.0) or []) == [200]  # its turn before the newer 40s
+    assert lengths(queue.take_batch(now=2.0) or []) == [40, 42]
+
+    queue, _ = make_queue()  # no window: the newer pairs join the seed, the 200 waits
+    queue.add(request(40), now=0.0)
+    queue.add(request(200), now=0.5)
+    queue.add(request(41, 39), now=0.9)
+    queue.add(request(40, 42), now=1.5)
+    assert lengths(queue.take_batch(now=2.0) or []) == [39, 40, 40, 41, 42]
+
+
+def test_each_pair_knows_the_tokens_queued_ahead_of_it() -> None:
+    queue, _ = make_queue()
+    queue.add(request(10, 20), now=0.0)
+    queue.add(request(5), now=1.0)
+    assert list(queue.arrivals()) == [(0.0, 10), (0.0, 20), (1.0, 5)]  # oldest first
+    ahead = sorted((item.arrival, item.ahead) for item in queue.take_batch(now=1.0) or [])
+    assert ahead == [(0.0, 0), (0.0, 10), (1.0, 30)]
+    assert list(queue.arrivals()) == []
+
+
 def test_expired_requests_are_handed_to_expire_and_skipped() -> None:
     queue, expired = make_queue()
     late = request(10, 10, deadline=5.0)
