@@ -165,9 +165,12 @@ def prepare(python: str = "python3") -> Docker:
     Raises:
         DockerUnavailable: one of them is missing and cannot be had here.
     """
-    if shutil.which("docker") is None:
-        _apt_install("docker.io")
     cli = shutil.which("docker")
+    if cli is None or (shutil.which("dockerd") is None and not _daemon_answers(cli)):
+        # No client, or a client alone (a static binary, as some images ship) with no daemon
+        # to talk to: Debian's docker.io brings both.
+        _apt_install("docker.io")
+    cli = shutil.which("docker")  # a newer client negotiates the daemon's API version down
     if cli is None:
         raise DockerUnavailable("apt-get installed docker.io but there is no docker on PATH")
     if not _daemon_answers(cli):

@@ -339,8 +339,15 @@ def test_ctrl_c_stops_at_once_with_a_call_in_flight(command: str, tmp_path: Path
             args = ["adapt", "data", "--train", str(data), "--out", str(out)]
         else:
             args = ["eval", "--data", str(data), "--out", str(out)]
+        # A shell without job control that starts the suite in the background hands its
+        # children SIGINT ignored, and Python then sets no KeyboardInterrupt handler: the child
+        # gets Ctrl-C's handler back first, as a terminal would give it.
+        launcher = (
+            "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "runpy.run_module('cappy', run_name='__main__', alter_sys=True)"
+        )
         process = subprocess.Popen(
-            [sys.executable, "-m", "cappy", *args, "--upstream", f"{url}/v1", "--quiet"],
+            [sys.executable, "-c", launcher, *args, "--upstream", f"{url}/v1", "--quiet"],
             cwd=Path(__file__).resolve().parents[3],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
