@@ -243,11 +243,8 @@ class Sampler:
 
 
 async def scrape(client: httpx.AsyncClient) -> dict[str, float | None]:
-    try:
-        text = (await client.get("/metrics", timeout=5.0)).text
-    except httpx.HTTPError:
-        return {"rss_mb": None, "queue_pairs": None, "expected_wait_s": None}
-    samples = parse_metrics(text)
+    """The server's RSS, queue depth and expected wait (None each when /metrics can't be read)."""
+    samples = await scrape_all(client)
 
     def value(name: str) -> float | None:
         found = [v for (n, _), v in samples.items() if n == name]

@@ -105,10 +105,15 @@ def _by_label(samples: dict[Sample, float], name: str, label: str) -> dict[str, 
     return out
 
 
+def _difference(before: dict[Sample, float], after: dict[Sample, float]) -> dict[Sample, float]:
+    """Each sample's change between two scrapes (a sample missing from one counts as 0)."""
+    return {key: after.get(key, 0.0) - before.get(key, 0.0) for key in set(before) | set(after)}
+
+
 def metrics_diff(before: dict[Sample, float], after: dict[Sample, float]) -> dict[str, Any]:
     """Server-side figures for the interval between two /metrics scrapes (counters and histograms
     differenced; a restarted server shows up as negative counts and yields an error entry)."""
-    diff = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in set(before) | set(after)}
+    diff = _difference(before, after)
 
     def mean(name: str) -> float | None:
         count = _total(diff, f"{name}_count")
@@ -174,7 +179,7 @@ def queue_time(
     count, p50 and p99 (interpolated in the histogram's buckets) and the share that waited over
     `limit_s` (the queue-wait limit; exact when it is a bucket bound, as the 10 s default is)."""
     name = "cappy_queue_time_seconds"
-    diff = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in set(before) | set(after)}
+    diff = _difference(before, after)
     buckets = _buckets(diff, name)
     pairs = buckets[-1][1] if buckets else 0.0
     over = None

@@ -280,14 +280,15 @@ class Admission:
         """Seconds until the queue, drained oldest first at the expected pace, has a head that
         has waited no longer than the limit (0 while the pace is unknown)."""
         assert self.max_queue_wait_s is not None
+        per_token = self.expected_wait(1)
+        if per_token is None:
+            return 0.0
         ahead = 0
-        drained = 0.0
         for arrival, length in self._queue.arrivals():
-            drained = self.expected_wait(ahead) or 0.0
-            if now + drained - arrival <= self.max_queue_wait_s:
-                return drained
+            if now + ahead * per_token - arrival <= self.max_queue_wait_s:
+                break
             ahead += length
-        return self.expected_wait(ahead) or 0.0
+        return ahead * per_token
 
     @staticmethod
     def _overloaded(retry_after: float) -> Overloaded:

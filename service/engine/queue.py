@@ -9,8 +9,9 @@ the buckets next to the seed's, while rows x width (the longest row rounded up t
 more than `padding_tolerance` padding tokens per real token, and only pairs that arrived within
 `window` seconds of the seed join it: a pair is overtaken by little more than a window's worth of
 newer arrivals, so the oldest pairs wait about as long as the tokens ahead of them take (without
-it, under a steady queue, newer pairs of the lengths being served kept overtaking older pairs
-of other lengths, and the oldest waited twice as long). Taken and abandoned pairs are
+it, under a steady queue, newer pairs of the lengths being served would keep overtaking older
+pairs of other lengths, and the oldest would wait about twice as long: loadtests/README.md).
+Taken and abandoned pairs are
 removed lazily when they reach a head, or by a sweep when too many pile up. A pair whose
 request's deadline has passed is dropped here, through `expire`, before it reaches the model.
 """
@@ -60,6 +61,11 @@ class Item:
     arrival: float
     ahead: int = 0
     taken: bool = False
+
+
+def _is_live(item: Item) -> bool:
+    """Still queued: neither taken into a batch nor of a request that ended."""
+    return not item.taken and not item.request.done
 
 
 def bucket_of(length: int) -> int:
@@ -158,13 +164,9 @@ class PairQueue:
         limit = 2 * self.pairs + _STALE_SLACK
         if len(self._fifo) <= limit and self._bucket_entries <= limit:
             return
-
-        def live(item: Item) -> bool:
-            return not item.taken and not item.request.done
-
-        self._fifo = deque(filter(live, self._fifo))
+        self._fifo = deque(filter(_is_live, self._fifo))
         for index, bucket in enumerate(self._buckets):
-            self._buckets[index] = deque(filter(live, bucket))
+            self._buckets[index] = deque(filter(_is_live, bucket))
         self._bucket_entries = sum(len(bucket) for bucket in self._buckets)
 
     def _is_expired(self, item: Item, now: float) -> bool:
@@ -187,9 +189,8 @@ class PairQueue:
 
     def arrivals(self) -> Iterator[tuple[float, int]]:
         """(arrival, length) of each live pair, oldest first."""
-        for item in self._fifo:
-            if not item.taken and not item.request.done:
-                yield item.arrival, item.length
+        for item in filter(_is_live, self._fifo):
+            yield item.arrival, item.length
 
     def _head(self, bucket: int, now: float) -> Item | None:
         """The oldest live item of a bucket, dropping stale and expired ones before it."""
