@@ -18,6 +18,7 @@ Crash safety:
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -122,8 +123,24 @@ class _Contents:
     skipped: int
 
 
-def _scan(path: Path) -> _Contents:
+def is_compressed(path: Path) -> bool:
+    """Whether `path` names a gzip-compressed cache (read-only: how the measured caches are
+    committed)."""
+    return path.suffix == ".gz"
+
+
+def _read(path: Path) -> bytes:
     data = path.read_bytes()
+    if not is_compressed(path):
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError) as exc:
+        raise AdaptError(f"{path}: not a readable gzip file ({exc})") from None
+
+
+def _scan(path: Path) -> _Contents:
+    data = _read(path)
     end = data.rfind(b"\n") + 1  # whole lines end here; anything after is a torn write
     torn = end < len(data)
     missing_newline = False
@@ -180,10 +197,12 @@ def read_header(path: Path) -> dict[str, Any] | None:
         AdaptError: the file is not a sample cache.
     """
     try:
-        with path.open("rb") as file:
+        with gzip.open(path, "rb") if is_compressed(path) else path.open("rb") as file:
             first = file.readline()
     except FileNotFoundError:
         return None
+    except (OSError, EOFError) as exc:
+        raise AdaptError(f"{path}: not a readable gzip file ({exc})") from None
     if not first.strip():
         return None
     try:
@@ -196,7 +215,8 @@ def read_header(path: Path) -> dict[str, Any] | None:
 
 
 def read_cache(path: Path) -> tuple[dict[str, Any], dict[Key, SampleRecord]]:
-    """Reads a cache without opening it for writing: (its configuration, its records).
+    """Reads a cache without opening it for writing: (its configuration, its records). A path
+    ending in `.gz` is read through gzip.
 
     Raises:
         AdaptError: missing file, or not a sample cache.
@@ -230,8 +250,13 @@ class SampleCache:
 
         Raises:
             AdaptError: the cache was made with another configuration, is not a sample cache,
-                or another process is writing it.
+                is compressed (read-only), or another process is writing it.
         """
+        if is_compressed(path):
+            raise AdaptError(
+                f"{path}: a compressed sample cache is read-only; decompress it (gunzip -k) to "
+                "add samples to it, or leave out --upstream to evaluate from it"
+            )
         self.path = path
         self.config = _normal(config)
         self._complete = complete

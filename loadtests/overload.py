@@ -20,8 +20,9 @@ server's RSS, queue depth and expected queue wait from /metrics); and `recovery_
 from the end of the flood until the first second from which every request sent was answered
 200 within `--recovered-latency-factor` x the baseline p95 (at least 0.5 s).
 
-Beside the flood, a **retry probe** sends one single-candidate request every `--probe-interval`
-seconds; each one refused 429 is retried every `--probe-poll` seconds until admitted, so that
+Beside the flood, a **retry probe** sends a single-candidate request (the workload's, in turn)
+every `--probe-interval` seconds; each one refused 429 is retried every `--probe-poll` seconds
+until admitted, so that
 each Retry-After can be set against the time a retry was in fact admitted (`retry_probe`: the
 pairs, and the share within 2x, counting a wait under 1 s as 1 s, the header's resolution). From
 the server's `/metrics` around the flood: the queue time of the pairs it admitted (p50, p99, and
@@ -143,18 +144,20 @@ class Retry:
 
 
 class RetryProbe:
-    """A client beside the flood: one small request every `interval` seconds, each refusal
-    retried every `poll` seconds (up to `patience`) to find when a retry is in fact admitted."""
+    """A client beside the flood: one small request every `interval` seconds (the `items` in
+    turn: distinct requests, as a real client's are; a retry sends its request again), each
+    refusal retried every `poll` seconds (up to `patience`) to find when a retry is in fact
+    admitted."""
 
     def __init__(
         self,
         client: httpx.AsyncClient,
-        item: dict[str, Any],
+        items: Sequence[dict[str, Any]],
         interval: float,
         poll: float,
         patience: float = 120.0,
     ) -> None:
-        self._client, self._item = client, item
+        self._client, self._items = client, list(items)
         self._interval, self._poll, self._patience = interval, poll, patience
         self._chains: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -171,21 +174,24 @@ class RetryProbe:
             await asyncio.wait(set(self._chains))
 
     async def _run(self, start: float, seconds: float) -> None:
+        sent = 0
         while time.perf_counter() - start < seconds:
-            chain = asyncio.create_task(self._chain(start))
+            item = self._items[sent % len(self._items)]
+            sent += 1
+            chain = asyncio.create_task(self._chain(start, item))
             self._chains.add(chain)
             chain.add_done_callback(self._chains.discard)
             await asyncio.sleep(self._interval)
 
-    async def _chain(self, start: float) -> None:
-        answer = await send(self._client, self._item, start)
+    async def _chain(self, start: float, item: dict[str, Any]) -> None:
+        answer = await send(self._client, item, start)
         self.first.append(answer)
         if answer.status != 429 or not answer.retry_after:
             return
         refused_at = start + answer.sent_at + answer.latency
         while time.perf_counter() - refused_at < self._patience:
             await asyncio.sleep(self._poll)
-            again = await send(self._client, self._item, start)
+            again = await send(self._client, item, start)
             if again.status != 429:
                 admitted = start + again.sent_at - refused_at
                 latency = again.latency if again.status == 200 else None
@@ -274,9 +280,10 @@ async def server_limits(client: httpx.AsyncClient) -> dict[str, Any] | None:
         return None
 
 
-def smallest(workload: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The workload's first request with the fewest candidates (the probe's)."""
-    return min(workload, key=lambda item: len(item["candidates"]))
+def smallest(workload: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The workload's requests with the fewest candidates, in order (the probe's)."""
+    fewest = min(len(item["candidates"]) for item in workload)
+    return [item for item in workload if len(item["candidates"]) == fewest]
 
 
 def summary(answers: Sequence[Answer], seconds: float) -> dict[str, Any]:

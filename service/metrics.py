@@ -93,6 +93,14 @@ PAIRS_SCORED = Counter("cappy_pairs_scored_total", "Pairs scored by the model.",
 TOKENS_SCORED = Counter(
     "cappy_tokens_scored_total", "Real (unpadded) tokens scored by the model.", registry=REGISTRY
 )
+RETRY_TICKETS = Counter(
+    "cappy_retry_tickets_total",
+    "Retry-After promises of refused requests (service/engine/tickets.py), by outcome: issued, "
+    "claimed (the request's retry was admitted), expired (it did not come back in time).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+
 PAIRS_RESCORED = Counter(
     "cappy_pairs_rescored_total",
     "Near-tied leaders of a candidate set re-scored by a more precise engine for ranking, by "

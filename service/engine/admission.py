@@ -29,6 +29,10 @@ async batcher (batcher.py) asks it before queueing and tells it each batch's tim
   drained oldest first at the expected pace, will have a head young enough again; not the
   head's excess age, which says nothing of how long a burst admitted at once takes to drain.
 
+- A refusal's Retry-After is a promise the queue keeps (tickets.py): the refused request gets a
+  ticket for that time, keyed by its content, and while tickets are open newcomers are held a
+  little under the limit so that the retries find the room they were promised.
+
 Admission looks at the queue ahead of a request, not at its size: large requests are admitted as
 readily as small ones.
 """
@@ -42,6 +46,7 @@ from collections.abc import Callable
 from service import metrics
 from service.engine.errors import DeadlineExceeded, Overloaded, RequestTooLarge
 from service.engine.queue import Item, PairQueue
+from service.engine.tickets import EARLY_S, HEADROOM_SHARE, Tickets
 
 # Weight of the newest batch in the pace averages behind admission and Retry-After.
 _THROUGHPUT_ALPHA = 0.2
@@ -151,6 +156,7 @@ class Admission:
     Attributes:
         pace: the model's pace; the batcher reports each batch to it.
         lag: the head's lag; the batcher reports each batch's seed (`observe_seed`).
+        tickets: the promises of recent refusals (tickets.py).
     """
 
     def __init__(
@@ -170,6 +176,7 @@ class Admission:
         self.default_timeout_s = default_timeout_s
         self.pace = Pace(min_tokens=min_pace_tokens)
         self.lag = HeadLag()
+        self.tickets = Tickets()
 
     def model_time(self, tokens: int) -> float | None:
         """Seconds of the model (every stream busy) that `tokens` take at its recent pace; None
@@ -208,9 +215,11 @@ class Admission:
         if refusal is not None:
             raise self._overloaded(refusal)
 
-    def admit(self, tokens: int, deadline: float | None) -> float:
+    def admit(self, tokens: int, deadline: float | None, key: bytes | None = None) -> float:
         """Checks a request of `tokens` tokens due by `deadline` (absolute, monotonic) against
-        the queue; returns the time of admission, its pairs' arrival.
+        the queue; returns the time of admission, its pairs' arrival. `key` (tickets.request_key)
+        finds the ticket of an earlier refusal of the same request, and gets this one a ticket
+        if it is refused; without it no ticket is kept.
 
         Raises:
             RequestTooLarge: it needs more than `max_queue_tokens`, or alone more model time
@@ -239,26 +248,45 @@ class Admission:
                 f"current pace, more than its {remaining:.0f} s deadline allows (about {limit} "
                 "tokens); send fewer or shorter texts",
             )
-        refusal = self.retry_after(tokens, remaining)
-        if refusal is not None:
-            raise self._overloaded(refusal)
-        return now
+        tickets = self.tickets
+        tickets.sweep(now)
+        ticket = tickets.get(key)
+        if ticket is not None and now < ticket.due - EARLY_S:
+            raise self._overloaded(ticket.due - now)  # early: it keeps its place
+        # A retry with a ticket may fill the queue to the limit; a newcomer, while tickets are
+        # open, only to the share the promised retries leave.
+        share = 1.0 if ticket is not None or not len(tickets) else 1.0 - HEADROOM_SHARE
+        if self.retry_after(tokens, remaining, share=share) is None:
+            if key is not None and ticket is not None:
+                tickets.claim(key)
+            return now
+        # Refused: when the queue will have room for it behind the retries promised before it.
+        ahead = tickets.backlog_tokens(excluding=key)
+        promise = self.retry_after(tokens, remaining, ahead=ahead)
+        promise = _RETRY_AFTER_MIN_S if promise is None else promise
+        if key is not None and promise < _RETRY_AFTER_MAX_S:
+            tickets.issue(key, now, now + promise, tokens)
+        raise self._overloaded(promise)
 
-    def retry_after(self, tokens: int, remaining: float | None = None) -> float | None:
+    def retry_after(
+        self, tokens: int, remaining: float | None = None, *, share: float = 1.0, ahead: int = 0
+    ) -> float | None:
         """None when a request of `tokens` tokens (with `remaining` seconds to its deadline) may
-        be queued now; else the seconds until the queue will have drained enough for it, by the
-        model's recent pace (at least `_RETRY_AFTER_UNKNOWN_S` while the pace is unknown)."""
-        queued = self._queue.tokens
+        be queued now, with `ahead` more tokens counted as queued and the expected wait held to
+        `share` of the limit; else the seconds until the queue will have drained enough for it,
+        by the model's recent pace (at least `_RETRY_AFTER_UNKNOWN_S` while the pace is
+        unknown)."""
+        queued = self._queue.tokens + ahead
         # Any request brings at least one token: a full queue refuses before tokenizing.
         over_cap = queued + max(tokens, 1) - self.max_queue_tokens
-        wait = self.expected_wait()
+        wait = self.expected_wait(queued)
         # Each is the queue time that has to pass before the request would be admitted.
         excess = [0.0]
         if over_cap > 0:
             excess.append(max(_RETRY_AFTER_MIN_S, self.expected_wait(over_cap) or 0.0))
         if self.max_queue_wait_s is not None:
             if wait is not None:
-                excess.append(wait - self.max_queue_wait_s)
+                excess.append(wait - share * self.max_queue_wait_s)
             # The estimate's check, and the only wait rule before the pace is known: the oldest
             # queued pair has waited longer than the limit (the pace fell, e.g. a busy host, or
             # was never measured), so the queue drains slower than it says. A measured age.

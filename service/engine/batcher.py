@@ -58,6 +58,7 @@ from service.engine.batching_config import (
 )
 from service.engine.errors import DeadlineExceeded, EngineError, EngineStopped, InferenceFailed
 from service.engine.queue import Item, PairQueue, QueuedRequest
+from service.engine.tickets import request_key
 from service.engine.types import EncodedPair, Scorer, pad_batch
 
 logger = logging.getLogger(__name__)
@@ -340,7 +341,8 @@ class DynamicBatcher:
         encoded = list(encoded)
         deadline = self._admission.deadline(deadline)
         tokens = sum(pair.length for pair in encoded)
-        now = self._admission.admit(tokens, deadline)
+        key = request_key(pair.input_ids for pair in encoded)
+        now = self._admission.admit(tokens, deadline, key)
         if not self.accepting:
             raise EngineStopped()
 
@@ -462,19 +464,29 @@ class DynamicBatcher:
             if submitted is not None:
                 in_flight.append(submitted)
 
+    def _parts(self, idle: int, pairs: int, tokens: int) -> int:
+        """Into how many parts `pairs` pairs of `tokens` real tokens are cut across `idle` idle
+        streams (the rule: the module's docstring); 1 for work run as ever."""
+        if not self._split or idle < 2:
+            return 1
+        if pairs >= idle * self.max_batch_size or tokens >= idle * self.max_batch_tokens:
+            return 1  # a full batch for every idle stream: nothing to share out
+        return max(1, min(idle, pairs, tokens // SPLIT_MIN_TOKENS))
+
     def _part_rows(self, batches_in_flight: int) -> int | None:
         """Rows of the batch about to be formed when the queued work is split across the idle
-        streams (the rule: the module's docstring); None for a batch formed as ever."""
-        idle = self._workers - batches_in_flight
-        if not self._split or idle < 2:
-            return None
-        pairs, tokens = self._queue.pairs, self._queue.tokens
-        if pairs >= idle * self.max_batch_size or tokens >= idle * self.max_batch_tokens:
-            return None  # a full batch for every idle stream: nothing to share out
-        parts = min(idle, pairs, tokens // SPLIT_MIN_TOKENS)
-        if parts < 2:
-            return None
-        return -(-pairs // parts)
+        streams; None for a batch formed as ever."""
+        pairs = self._queue.pairs
+        parts = self._parts(self._workers - batches_in_flight, pairs, self._queue.tokens)
+        return -(-pairs // parts) if parts >= 2 else None
+
+    def idle_parts(self, pairs: int, tokens: int) -> int:
+        """Into how many parts other model work (`run_on_workers`: the exact re-scoring of a
+        set's near-ties) of `pairs` pairs and `tokens` real tokens is cut to run at once on the
+        idle streams, by the split rule; 1 while pairs are queued (the idle streams are theirs)."""
+        if self._queue.pairs:
+            return 1
+        return self._parts(self._workers - self._in_flight, pairs, tokens)
 
     async def _wait(self, in_flight: list[_Batch], timeout: float | None) -> None:
         """Sleeps until new work is queued, a running batch completes, stop() is called, or

@@ -31,6 +31,7 @@ re-scores exactly as the service does.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -179,20 +180,49 @@ class Cascade:
     async def _score_exact(
         self, exact: Scorer, encoded: Sequence[EncodedPair], deadline: float | None
     ) -> list[float]:
-        """The exact engine on near-tied leaders, in batches within the last batcher's budget,
-        each in its turn on that batcher's workers (beside the streams it oversubscribed the
-        cores and cost twice the CPU), the deadline checked before each."""
+        """The exact engine on near-tied leaders, on the last batcher's workers in turn with its
+        batches (beside the streams it oversubscribed the cores and cost twice the CPU): cut
+        across the idle streams as the batcher cuts a lone request (`idle_parts`), the parts run
+        at once, each in batches within the budget, the deadline checked before each batch."""
         batcher = self.batchers[-1]
-        multiple = batcher.config.pad_to_multiple
-        scores: list[float] = []
-        for chunk in budgeted_chunks(
-            encoded, batcher.max_batch_tokens, batcher.max_batch_size, multiple, self.max_length
-        ):
-            if deadline is not None and time.monotonic() >= deadline:
-                metrics.PAIRS_DROPPED.labels(reason="deadline").inc(len(encoded) - len(scores))
-                raise DeadlineExceeded()
-            width = padded_width(max(e.length for e in chunk), multiple, self.max_length)
-            feeds = pad_batch(chunk, exact.pad_token_id, exact.input_names, width)
-            values = await batcher.run_on_workers(exact.infer, feeds)
-            scores.extend(float(v) for v in np.asarray(values).reshape(-1))
+        parts = batcher.idle_parts(len(encoded), sum(e.length for e in encoded))
+        # Neighbours in length share a part, so that each pads little.
+        order = sorted(range(len(encoded)), key=lambda i: encoded[i].length)
+        size = -(-len(order) // parts)
+        groups = [order[start : start + size] for start in range(0, len(order), size)]
+        scores = [0.0] * len(encoded)
+        done = [0]
+
+        async def run(rows: list[int]) -> None:
+            multiple = batcher.config.pad_to_multiple
+            chunks = budgeted_chunks(
+                [encoded[i] for i in rows],
+                batcher.max_batch_tokens,
+                batcher.max_batch_size,
+                multiple,
+                self.max_length,
+            )
+            offset = 0
+            for chunk in chunks:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise DeadlineExceeded()
+                width = padded_width(max(e.length for e in chunk), multiple, self.max_length)
+                feeds = pad_batch(chunk, exact.pad_token_id, exact.input_names, width)
+                values = await batcher.run_on_workers(exact.infer, feeds)
+                for row, value in zip(
+                    rows[offset : offset + len(chunk)], np.asarray(values).reshape(-1), strict=True
+                ):
+                    scores[row] = float(value)
+                offset += len(chunk)
+                done[0] += len(chunk)
+
+        tasks = [asyncio.ensure_future(run(rows)) for rows in groups]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException as exc:
+            for task in tasks:  # a failed part stops the others
+                task.cancel()
+            if isinstance(exc, DeadlineExceeded):
+                metrics.PAIRS_DROPPED.labels(reason="deadline").inc(len(encoded) - done[0])
+            raise
         return scores

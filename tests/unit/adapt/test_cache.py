@@ -3,6 +3,7 @@ one writer at a time."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from pathlib import Path
@@ -143,3 +144,22 @@ def test_an_older_header_is_completed_before_the_comparison(tmp_path: Path) -> N
     with pytest.raises(AdaptError, match="send_extras: cache has false, asked true"):
         SampleCache(path, {**CONFIG, "send_extras": True}, complete=complete)
     assert read_header(path) == CONFIG  # the file keeps the header it was written with
+
+
+def test_a_compressed_cache_reads_the_same_and_is_read_only(tmp_path: Path) -> None:
+    path = tmp_path / "cache.jsonl"
+    with SampleCache(path, CONFIG) as cache:
+        cache.append(_record(0, logprobs=(-0.5,)))
+        cache.append(_record(1))
+    packed = tmp_path / "cache.jsonl.gz"
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    assert read_header(packed) == CONFIG
+    assert read_cache(packed) == read_cache(path)
+    with pytest.raises(AdaptError, match="read-only; decompress it"):
+        SampleCache(packed, CONFIG)
+    not_gzip = tmp_path / "plain.jsonl.gz"
+    not_gzip.write_bytes(path.read_bytes())
+    with pytest.raises(AdaptError, match="not a readable gzip file"):
+        read_cache(not_gzip)
+    with pytest.raises(AdaptError, match="not a readable gzip file"):
+        read_header(not_gzip)

@@ -5,6 +5,7 @@ re-evaluating from the cache alone, or from a cache made by hand."""
 from __future__ import annotations
 
 import copy
+import gzip
 import json
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,20 @@ def test_a_new_scorer_on_the_cache_alone(first_run, scorer: Path, tmp_path: Path
     )
     assert again.report["methods"] == first.report["methods"]
     assert again.report["samples"]["fetched"] == 0
+    # The cache as committed (gzip): the same report.
+    packed = tmp_path / "samples.jsonl.gz"
+    packed.write_bytes(gzip.compress((options.out / "samples.jsonl").read_bytes()))
+    from_packed = run(
+        EvalOptions(
+            data=options.data,
+            out=tmp_path / "packed",
+            samples=packed,
+            scorer=scorer,
+            split="test",
+            progress=False,
+        )
+    )
+    assert from_packed.report["methods"] == first.report["methods"]
     # Without a scorer: the LLM-only methods, Cappy left out.
     bare = run(_from_cache(options, tmp_path / "bare"))
     assert bare.report["methods"]["cappy"][OVERALL] is None

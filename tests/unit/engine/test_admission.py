@@ -479,3 +479,92 @@ def test_past_the_age_limit_retry_after_is_when_the_old_pairs_have_drained() -> 
     _admit(admission2, queue2, pairs=1, length=100)
     clock.advance(1.5)
     assert admission2.retry_after(0) == pytest.approx(1.0)
+
+
+def _admit_keyed(admission: Admission, queue: PairQueue, key: bytes, length: int) -> float:
+    """`_admit` of one pair for a request whose content key is `key`; its Retry-After when it
+    is refused (raises nothing then), 0 when it is admitted."""
+    deadline = admission.deadline(None)
+    try:
+        now = admission.admit(length, deadline, key)
+    except Overloaded as refused:
+        return refused.retry_after
+    request = QueuedRequest(encode([pair(length)]), length, deadline)
+    request.pace = admission.pace.tokens_per_second()
+    queue.add(request, now)
+    return 0.0
+
+
+def _drain(queue: PairQueue, clock: FakeClock, tokens: int) -> None:
+    """The model takes `tokens` tokens' worth of the oldest pairs off the queue."""
+    target = queue.tokens - tokens
+    while queue.tokens > target:
+        assert queue.take_batch(clock(), max_rows=1)
+
+
+def test_a_refusals_retry_after_is_a_promise_the_queue_keeps() -> None:
+    """100 tokens/s, a 10 s limit, a queue of 11 s: a refused request gets a ticket for 1 s
+    later; while it is open, newcomers stop at 8 s of queue (the headroom), so the retry finds
+    its room however many newcomers came in between."""
+    clock = FakeClock()
+    admission, queue = _admission(clock, min_pace_tokens=100)
+    _known_pace(admission, clock, 100.0)
+    for _ in range(11):
+        _admit(admission, queue, pairs=1, length=100)  # 11 s queued
+    assert _admit_keyed(admission, queue, b"a", 100) == pytest.approx(1.0)
+    assert len(admission.tickets) == 1
+
+    # Early: refused with the time left, its ticket kept.
+    clock.advance(0.2)
+    assert _admit_keyed(admission, queue, b"a", 100) == pytest.approx(0.8)
+    # Its time has come but the model stalled (nothing drained): refused again, promised when
+    # the queue will have room, its own work not counted twice.
+    clock.advance(0.6)
+    assert _admit_keyed(admission, queue, b"a", 100) == pytest.approx(1.0)
+    assert len(admission.tickets) == 1
+    # The queue drains to 10 s; a newcomer would fit the limit but not the headroom: refused,
+    # and promised a time behind the first ticket's work.
+    clock.advance(1.2)
+    _drain(queue, clock, 100)
+    assert admission.expected_wait() == pytest.approx(10.0)
+    promised = _admit_keyed(admission, queue, b"b", 100)
+    assert promised == pytest.approx(10.0 + 1.0 - 10.0)  # the queue and a's 1 s
+    assert admission.retry_after(100) is None  # by the limit alone it would have fitted
+    # The first request's retry is admitted at its time, within the whole limit.
+    assert _admit_keyed(admission, queue, b"a", 100) == 0.0
+    assert len(admission.tickets) == 1 and admission.tickets.claim_rate == 1.0
+    # The second's, at its time: the queue has drained by then.
+    clock.advance(promised)
+    _drain(queue, clock, 100)
+    assert _admit_keyed(admission, queue, b"b", 100) == 0.0
+    assert len(admission.tickets) == 0
+    # No ticket open: newcomers fill the queue to the whole limit again.
+    while queue.tokens / 100.0 <= 9.9:
+        assert _admit_keyed(admission, queue, b"new", 50) == 0.0
+
+
+def test_tickets_nobody_claims_expire_and_stop_holding_room() -> None:
+    clock = FakeClock()
+    admission, queue = _admission(clock, min_pace_tokens=100)
+    _known_pace(admission, clock, 100.0)
+    for _ in range(11):
+        _admit(admission, queue, pairs=1, length=100)  # 11 s queued
+    for client in range(20):  # a flood of clients that never come back
+        assert _admit_keyed(admission, queue, b"gone %d" % client, 100) > 0
+    tickets = admission.tickets
+    assert len(tickets) == 20 and tickets.backlog_tokens() == 2_000
+    expired = metric("cappy_retry_tickets_total", outcome="expired")
+    # Promised in turn: behind the queue and the work promised before it (1 s each).
+    assert _admit_keyed(admission, queue, b"probe", 100) == pytest.approx(11.0 + 20 - 10)
+    _drain(queue, clock, queue.tokens)
+    clock.advance(60.0)
+    tickets.sweep(clock())
+    assert len(tickets) == 0 and tickets.claim_rate < 0.4
+    assert metric("cappy_retry_tickets_total", outcome="expired") == expired + 21
+    # The rate now discounts new tickets' work: the next promises come sooner.
+    for _ in range(11):
+        _admit(admission, queue, pairs=1, length=100)
+    for client in range(20):
+        _admit_keyed(admission, queue, b"gone again %d" % client, 100)
+    assert tickets.backlog_tokens() < 0.4 * 2_000
+    assert _admit_keyed(admission, queue, b"probe", 100) < 11.0 + 20 - 10

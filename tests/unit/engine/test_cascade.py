@@ -5,6 +5,7 @@ the chain's batchers, budgets and deadlines) is in test_runtime.py."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 
 import numpy as np
@@ -169,3 +170,49 @@ async def test_twins_are_scored_once_tie_exactly_and_the_lowest_index_wins() -> 
     assert scores[2:] == [scores[2]] * 50
     assert scores == approx(EXACT, [3, 2, *[0] * 50])
     assert winner(scores) == 2
+
+
+class TwoStreamTable(TableScorer):
+    """A table scorer with two streams whose exact calls meet at a barrier: they pass it only
+    when two run at once."""
+
+    parallelism = 2
+
+    def __init__(self, name: str, table: Mapping[int, float], barrier: bool) -> None:
+        super().__init__(name, table)
+        self.barrier = threading.Barrier(2, timeout=10) if barrier else None
+        self.batches: list[list[int]] = []
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        self.batches.append([int(k) for k in feeds["input_ids"][:, 1]])
+        if self.barrier is not None:
+            self.barrier.wait()
+        return super().infer(feeds)
+
+
+def long_candidate(k: int) -> EncodedPair:
+    """`candidate(k)` padded out to 40 + k tokens: enough work to split across streams."""
+    return EncodedPair(np.array([0, k, *[5] * (38 + k)], dtype=np.int64), None, False)
+
+
+async def test_a_lone_sets_near_ties_are_re_scored_on_every_idle_stream() -> None:
+    fast = TwoStreamTable("bf16", FAST, barrier=False)
+    exact = TwoStreamTable("fp32", EXACT, barrier=True)
+    scorer = RefiningScorer(fast, exact, margin=0.05)
+    batcher = DynamicBatcher(scorer, lambda _pairs: [], BatcherConfig(max_wait_ms=0))
+    await batcher.start()
+    try:
+        cascade = Cascade(scorer, [batcher], max_rescored=20, max_length=None)
+        keys = [*NEAR, 20]
+        results = await cascade.rank([long_candidate(k) for k in keys], deadline=None)
+    finally:
+        await batcher.stop()
+    # Both parts passed the barrier together: the two streams re-scored at once, 10 rows each,
+    # neighbours in length together; every score back in its candidate's place.
+    assert sorted(sorted(batch) for batch in exact.batches) == [
+        list(range(10)),
+        list(range(10, 20)),
+    ]
+    scores = [r.score for r in results]
+    assert scores[:20] == approx(EXACT, list(NEAR))
+    assert winner(scores) == 0

@@ -90,3 +90,11 @@ def test_overload_is_refused_honestly_and_recovers(minilm_export: Path, tmp_path
     assert probe["sent"] >= 5 and probe["refused"] == len(probe["retry_after_vs_admitted_s"])
     rss = [row["rss_mb"] for row in flood["timeline"] if row["rss_mb"]]
     assert rss and min(rss) > 50  # the server's memory, sampled through the flood
+
+
+def test_the_probe_sends_every_smallest_request_in_turn() -> None:
+    from loadtests.overload import smallest
+
+    items = [{"id": str(i), "candidates": ["x"] * (1 + i % 3)} for i in range(7)]
+    # Distinct requests, as a real client's are: the server keys a refusal's promise on content.
+    assert [item["id"] for item in smallest(items)] == ["0", "3", "6"]
