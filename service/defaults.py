@@ -14,6 +14,9 @@ MAX_QUEUE_TOKENS = 400_000
 # keeps its queue 4-8 s deep without being overloaded.
 MAX_QUEUE_WAIT_S = 10.0
 REQUEST_TIMEOUT_S = 60.0
+# Share of MAX_QUEUE_WAIT_S kept for the retries that refusals promised, while any promise is
+# open (service/engine/tickets.py): newcomers are admitted up to the rest.
+RETRY_HEADROOM_SHARE = 0.2
 PAD_TO_MULTIPLE = 8
 
 # --- upstream and proxy -------------------------------------------------------------------------

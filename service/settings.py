@@ -124,8 +124,10 @@ class Settings(BaseSettings):
         description="Longest expected queue wait (queued tokens at the model's recent pace, "
         "scaled by how much longer the oldest pairs have in fact waited) at which a request is "
         "still admitted; beyond it, or when the queue would make a request "
-        "miss its deadline, 429 at once with a Retry-After of when it will have drained. "
-        "Admission looks at the queue, not at the request's size. unset: the token cap alone.",
+        "miss its deadline, 429 at once with a Retry-After of when it will have room, a promise "
+        "the queue keeps: while refused requests hold one, newcomers are admitted up to "
+        f"{1 - defaults.RETRY_HEADROOM_SHARE:.0%} of this limit. Admission looks at the queue, "
+        "not at the request's size. unset: the token cap alone.",
     )
     padding_tolerance: float | None = Field(
         None,

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service import metrics
+from service import defaults, metrics
 
 # Share of the wait limit kept for promised retries while tickets are open.
-HEADROOM_SHARE = 0.2
+HEADROOM_SHARE = defaults.RETRY_HEADROOM_SHARE
 # How early a retry may come and still claim its ticket (the header is rounded up to whole
 # seconds, so a client that obeys it is never early; this allows for clocks and rounding).
 EARLY_S = 0.5
