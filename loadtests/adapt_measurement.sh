@@ -18,7 +18,7 @@ mkdir -p "$RUNS"
 PY=$REPO/.venv/bin/python
 DATA=$(realpath ../shared/data/bigbench_dev.jsonl)
 ALIAS=smollm2-135m-instruct-q4_1
-TEST_PER_TASK=${TEST_PER_TASK:-5}  # 5: 160 examples, 2,720 samples, ~42 min on one core here
+TEST_PER_TASK=${TEST_PER_TASK:-10}  # 10: 320 examples, 5,440 samples, ~1.6 h of one core here
 STEPS=${STEPS:-150}
 PACKED=$REPO/data/samples/bigbench-test-${TEST_PER_TASK}-per-task.$ALIAS.jsonl.gz
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
