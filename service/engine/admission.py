@@ -251,15 +251,20 @@ class Admission:
         tickets = self.tickets
         tickets.sweep(now)
         ticket = tickets.get(key)
-        if ticket is not None and now < ticket.due - EARLY_S:
-            raise self._overloaded(ticket.due - now)  # early: it keeps its place
+        early = ticket is not None and now < ticket.due - EARLY_S
         # A retry with a ticket may fill the queue to the limit; a newcomer, while tickets are
-        # open, only to the share the promised retries leave.
-        share = 1.0 if ticket is not None or not len(tickets) else 1.0 - HEADROOM_SHARE
+        # open, only to the share the promised retries leave. A request that comes before its
+        # ticket's time (an early retry, or another client's first try of the same texts) is
+        # a newcomer, and keeps the ticket's place if refused.
+        newcomer = ticket is None or early
+        share = 1.0 - HEADROOM_SHARE if newcomer and len(tickets) else 1.0
         if self.retry_after(tokens, remaining, share=share) is None:
             if key is not None and ticket is not None:
                 tickets.claim(key)
             return now
+        if early:
+            assert ticket is not None
+            raise self._overloaded(ticket.due - now)
         # Refused: when the queue will have room for it behind the retries promised before it.
         ahead = tickets.backlog_tokens(excluding=key)
         promise = self.retry_after(tokens, remaining, ahead=ahead)

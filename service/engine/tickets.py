@@ -13,7 +13,8 @@ with the time it was told to come back, and admission (admission.py) keeps room 
 - A ticket's time is when the queue will have drained enough for it behind the work promised to
   the tickets issued before it, weighted by the share of tickets that are in fact claimed
   (`claim_rate`: clients that never retry must not hold room that nobody uses).
-- A retry before its time is refused again with the time left: it keeps its place.
+- A request before its ticket's time (an early retry, or another client's first try of the
+  same texts) is a newcomer; refused, it is told the time left: the ticket keeps its place.
 - A ticket not claimed within its grace (`GRACE_MIN_S`, or `GRACE_SHARE` of its wait if longer)
   after its time expires and counts as unclaimed.
 

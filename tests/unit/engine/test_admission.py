@@ -514,7 +514,7 @@ def test_a_refusals_retry_after_is_a_promise_the_queue_keeps() -> None:
     assert _admit_keyed(admission, queue, b"a", 100) == pytest.approx(1.0)
     assert len(admission.tickets) == 1
 
-    # Early: refused with the time left, its ticket kept.
+    # Early: a newcomer, refused (11 s queued) with the time left, its ticket kept.
     clock.advance(0.2)
     assert _admit_keyed(admission, queue, b"a", 100) == pytest.approx(0.8)
     # Its time has come but the model stalled (nothing drained): refused again, promised when
@@ -568,3 +568,19 @@ def test_tickets_nobody_claims_expire_and_stop_holding_room() -> None:
         _admit_keyed(admission, queue, b"gone again %d" % client, 100)
     assert tickets.backlog_tokens() < 0.4 * 2_000
     assert _admit_keyed(admission, queue, b"probe", 100) < 11.0 + 20 - 10
+
+
+def test_the_same_texts_before_the_tickets_time_are_a_newcomer() -> None:
+    """Another client's first try of texts that hold a ticket (or an early retry) is not
+    refused for the ticket alone: admitted as a newcomer when the queue has a newcomer's room,
+    which claims the ticket."""
+    clock = FakeClock()
+    admission, queue = _admission(clock, min_pace_tokens=100)
+    _known_pace(admission, clock, 100.0)
+    for _ in range(11):
+        _admit(admission, queue, pairs=1, length=100)  # 11 s queued
+    assert _admit_keyed(admission, queue, b"same", 100) == pytest.approx(1.0)
+    clock.advance(0.2)  # before the ticket's time
+    _drain(queue, clock, 400)  # 7 s queued: under a newcomer's 8 s
+    assert _admit_keyed(admission, queue, b"same", 100) == 0.0
+    assert len(admission.tickets) == 0
