@@ -495,6 +495,15 @@ def _admit_keyed(admission: Admission, queue: PairQueue, key: bytes, length: int
     return 0.0
 
 
+def _eleven_seconds_queued(clock: FakeClock) -> tuple[Admission, PairQueue]:
+    """Admission at 100 tokens/s with a 10 s limit and 11 s of work queued (11 x 100 tokens)."""
+    admission, queue = _admission(clock, min_pace_tokens=100)
+    _known_pace(admission, clock, 100.0)
+    for _ in range(11):
+        _admit(admission, queue, pairs=1, length=100)
+    return admission, queue
+
+
 def _drain(queue: PairQueue, clock: FakeClock, tokens: int) -> None:
     """The model takes `tokens` tokens' worth of the oldest pairs off the queue."""
     target = queue.tokens - tokens
@@ -507,10 +516,7 @@ def test_a_refusals_retry_after_is_a_promise_the_queue_keeps() -> None:
     later; while it is open, newcomers stop at 8 s of queue (the headroom), so the retry finds
     its room however many newcomers came in between."""
     clock = FakeClock()
-    admission, queue = _admission(clock, min_pace_tokens=100)
-    _known_pace(admission, clock, 100.0)
-    for _ in range(11):
-        _admit(admission, queue, pairs=1, length=100)  # 11 s queued
+    admission, queue = _eleven_seconds_queued(clock)
     assert _admit_keyed(admission, queue, b"a", 100) == pytest.approx(1.0)
     assert len(admission.tickets) == 1
 
@@ -545,10 +551,7 @@ def test_a_refusals_retry_after_is_a_promise_the_queue_keeps() -> None:
 
 def test_tickets_nobody_claims_expire_and_stop_holding_room() -> None:
     clock = FakeClock()
-    admission, queue = _admission(clock, min_pace_tokens=100)
-    _known_pace(admission, clock, 100.0)
-    for _ in range(11):
-        _admit(admission, queue, pairs=1, length=100)  # 11 s queued
+    admission, queue = _eleven_seconds_queued(clock)
     for client in range(20):  # a flood of clients that never come back
         assert _admit_keyed(admission, queue, b"gone %d" % client, 100) > 0
     tickets = admission.tickets
@@ -575,10 +578,7 @@ def test_the_same_texts_before_the_tickets_time_are_a_newcomer() -> None:
     refused for the ticket alone: admitted as a newcomer when the queue has a newcomer's room,
     which claims the ticket."""
     clock = FakeClock()
-    admission, queue = _admission(clock, min_pace_tokens=100)
-    _known_pace(admission, clock, 100.0)
-    for _ in range(11):
-        _admit(admission, queue, pairs=1, length=100)  # 11 s queued
+    admission, queue = _eleven_seconds_queued(clock)
     assert _admit_keyed(admission, queue, b"same", 100) == pytest.approx(1.0)
     clock.advance(0.2)  # before the ticket's time
     _drain(queue, clock, 400)  # 7 s queued: under a newcomer's 8 s
