@@ -27,7 +27,9 @@ How a request travels:
    CUDA, 1 for ONNX Runtime on CPU). While they run, the consumer pads and queues the next batch
    as soon as a full one is waiting, so the model never waits on the event loop; a partial batch
    instead keeps filling until a stream is free. At most `parallelism` batches run and one more
-   waits behind them.
+   waits behind them. A batch formed with nothing running and nothing left queued (a lone pair,
+   or a lone request too small to split) runs alone on every core where the scorer has a way
+   to (`Scorer.alone`: OpenVINO's streams take a core each); it holds every place until done.
 """
 
 from __future__ import annotations
@@ -114,16 +116,22 @@ class _Request(QueuedRequest):
 
 
 class _Batch:
-    """A padded batch handed to a worker thread."""
+    """A padded batch handed to a worker thread; `slots`: the batcher's places it takes (1, or
+    every stream and the waiting place for a batch that runs alone on every core)."""
 
-    __slots__ = ("future", "items", "real_tokens")
+    __slots__ = ("future", "items", "real_tokens", "slots")
 
     def __init__(
-        self, items: list[Item], future: asyncio.Future[tuple[np.ndarray, float, float]], real: int
+        self,
+        items: list[Item],
+        future: asyncio.Future[tuple[np.ndarray, float, float]],
+        real: int,
+        slots: int,
     ) -> None:
         self.items = items
         self.future = future
         self.real_tokens = real
+        self.slots = slots
 
 
 def _owner(item: Item) -> _Request:
@@ -174,6 +182,9 @@ class DynamicBatcher:
         self._workers = max(1, scorer.parallelism)
         self.padding_tolerance = padding_tolerance_for(self._config, scorer.device)
         self._split = self._workers > 1 and splits_across_streams(self._config, scorer.device)
+        # A batch with nothing beside it or behind it runs on every core where the streams
+        # take one each (OpenVINO on CPU): a lone pair, or a lone request too small to split.
+        self._alone = scorer.alone() if self._workers > 1 else None
         self._queue = PairQueue(
             max_batch_tokens=self.max_batch_tokens,
             max_batch_size=self.max_batch_size,
@@ -432,7 +443,8 @@ class DynamicBatcher:
                     return
                 await self._wait(in_flight, None)
                 continue
-            if len(in_flight) > workers:
+            busy = sum(batch.slots for batch in in_flight)
+            if busy > workers:
                 await self._wait(in_flight, None)
                 continue
             now = self._clock()
@@ -441,7 +453,7 @@ class DynamicBatcher:
                 or self._queue.tokens >= self.max_batch_tokens
             )
             if not full and not self._draining:
-                if len(in_flight) >= workers:
+                if busy >= workers:
                     # The model is busy: let the partial batch keep filling until it is free.
                     await self._wait(in_flight, None)
                     continue
@@ -452,7 +464,7 @@ class DynamicBatcher:
                 if now < launch_at:
                     await self._wait(in_flight, launch_at - now)
                     continue
-            items = self._queue.take_batch(now, self._part_rows(len(in_flight)))
+            items = self._queue.take_batch(now, self._part_rows(busy))
             self._set_queue_gauges()
             if not items:
                 if self._queue.pairs:
@@ -460,7 +472,8 @@ class DynamicBatcher:
                         "queue bookkeeping is inconsistent: pairs counted, none queued"
                     )
                 continue
-            submitted = self._submit(items)
+            alone = self._alone is not None and not in_flight and not self._queue.pairs
+            submitted = self._submit(items, alone)
             if submitted is not None:
                 in_flight.append(submitted)
 
@@ -500,8 +513,9 @@ class DynamicBatcher:
         finally:
             self._waiter = None
 
-    def _submit(self, items: list[Item]) -> _Batch | None:
-        """Pads a batch and queues it on the worker threads; None if padding failed."""
+    def _submit(self, items: list[Item], alone: bool = False) -> _Batch | None:
+        """Pads a batch and queues it on the worker threads, `alone` on every core; None if
+        padding failed."""
         rows = len(items)
         width = self._queue.width(max(item.length for item in items))
         try:
@@ -520,22 +534,30 @@ class DynamicBatcher:
         metrics.BATCH_TOKENS.observe(padded)
         metrics.BATCH_PADDING.observe((padded - real) / padded if padded else 0.0)
         assert self._executor is not None
-        future = asyncio.get_running_loop().run_in_executor(self._executor, self._infer, feeds)
+        infer = self._alone if alone and self._alone is not None else self._scorer.infer
+        future = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._infer, infer, feeds
+        )
         # After a hard stop nobody reads the outcome; reading it here keeps asyncio from logging
         # "exception was never retrieved".
         future.add_done_callback(_retrieve)
-        self._in_flight += 1
-        return _Batch(items, future, real)
+        # Alone, it holds every stream and the place of the batch that would wait behind them:
+        # nothing else reaches the model until it is done.
+        slots = self._workers + 1 if alone else 1
+        self._in_flight += slots
+        return _Batch(items, future, real, slots)
 
-    def _infer(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, float, float]:
+    def _infer(
+        self, infer: Callable[[dict[str, np.ndarray]], np.ndarray], feeds: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, float, float]:
         """Runs in a worker thread."""
         started = self._clock()
-        scores = self._scorer.infer(feeds)
+        scores = infer(feeds)
         return scores, started, self._clock()
 
     def _complete(self, batch: _Batch) -> None:
         """Hands a finished batch's scores to their requests (on the event loop)."""
-        self._in_flight -= 1
+        self._in_flight -= batch.slots
         items = batch.items
         future = batch.future
         if future.cancelled():  # only by a hard stop, which fails every request anyway

@@ -4,7 +4,7 @@ refining scorer, `Refinement`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NotRequired, Protocol, TypedDict
 
@@ -121,6 +121,12 @@ class Scorer(Protocol):
     def warmup(self) -> None:
         """Runs representative batches once, before the service turns ready."""
         ...
+
+    def alone(self) -> Callable[[Mapping[str, np.ndarray]], np.ndarray] | None:
+        """How to score a batch that runs alone (no other batch on the model) on every core,
+        where `infer` does not (OpenVINO's streams take a core each); None (the default): `infer`
+        is that already. The batcher calls it only while nothing else runs on the model."""
+        return None
 
     def refinement(self) -> Refinement | None:
         """The stages of a ranking: which scorer `infer` runs, which one re-scores its near-tied

@@ -307,6 +307,57 @@ async def test_parts_are_of_similar_size_on_more_streams() -> None:
     assert sorted(scorer.shapes) == [(3, 40), (3, 40), (4, 40)]
 
 
+class AloneScorer(StreamsScorer):
+    """Two streams, and a way to score a batch alone on every core that records its batches
+    (in `alone_shapes`) and can be held at a gate of its own."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.alone_shapes: list[tuple[int, int]] = []
+        self.alone_gate = threading.Event()
+        self.alone_gate.set()
+
+    def alone(self) -> Any:
+        return self._alone
+
+    def _alone(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        self.alone_shapes.append(ids.shape)
+        assert self.alone_gate.wait(10), "the test never released the lone batch"
+        return (ids * mask).sum(axis=1).astype(np.float32)
+
+
+async def test_a_lone_batch_that_cannot_be_split_runs_alone_on_every_core() -> None:
+    """A one-pair request, and one of 4 pairs under two parts' `SPLIT_MIN_TOKENS`, are one batch
+    each with nothing beside or behind it: the scorer's lone-batch path runs them. A request
+    that splits runs on the streams as ever."""
+    scorer = AloneScorer()
+    async with running(scorer, max_wait_ms=0) as batcher:
+        one, small = [pair(300, marker=7)], [pair(20, marker=8 + i) for i in range(4)]
+        split = [pair(40, marker=100 + i) for i in range(10)]
+        for pairs in (one, small, split):
+            scored = await batcher.score(pairs)
+            assert [s.score for s in scored] == [expected_score(p) for p in pairs]
+    assert scorer.alone_shapes == [(1, 304), (4, 24)]
+    assert sorted(scorer.shapes) == [(5, 40), (5, 40)]
+
+
+async def test_nothing_reaches_the_model_beside_a_lone_batch() -> None:
+    """While a lone batch runs on every core, a request that comes meanwhile (even a full
+    batch of it) waits: it would take a core from it. It runs when the lone batch is done."""
+    scorer = AloneScorer()
+    async with running(scorer, max_wait_ms=0, max_batch_size=4) as batcher:
+        scorer.alone_gate.clear()
+        first = asyncio.create_task(batcher.score([pair(30, marker=7)]))
+        await eventually(lambda: len(scorer.alone_shapes) == 1)
+        later = await queue_request(batcher, [pair(30, marker=10 + i) for i in range(8)])
+        await asyncio.sleep(0.05)  # time for a wrong batch to reach the model, if one would
+        assert scorer.shapes == [] and queued_work(batcher)[0] == 8
+        scorer.alone_gate.set()
+        await asyncio.gather(first, later)
+    assert scorer.alone_shapes == [(1, 32)] and sorted(scorer.shapes) == [(4, 32), (4, 32)]
+
+
 @pytest.mark.parametrize(
     ("lengths", "shapes"),
     [

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -143,6 +144,7 @@ def test_refining_scorer_calibrates_its_margin(export, tokenizer) -> None:
         == {
             "streams": scorer.fast.streams,
             "pinned": scorer.fast.pinned,
+            "alone": False,
         }
     )
 
@@ -150,6 +152,26 @@ def test_refining_scorer_calibrates_its_margin(export, tokenizer) -> None:
 requires_bf16 = pytest.mark.skipif(
     not openvino_bf16_supported(), reason="no native bf16 on this CPU (or no OpenVINO)"
 )
+
+
+@requires_openvino
+def test_openvino_scores_a_lone_batch_on_every_thread(export, tokenizer, cases) -> None:
+    """With two streams and `alone`, a batch that runs alone goes to the model compiled as one
+    stream on both threads: the same scores (fp32 here: to 1e-4 of PyTorch), warmed up too.
+    With one stream `infer` already uses every thread, and there is nothing more to compile."""
+    kwargs = common(export, tokenizer)
+    model = export.model_path("fp32")
+    two = OpenVinoScorer(
+        model, precision="fp32", hint="THROUGHPUT", num_streams=2, threads=2, alone=True, **kwargs
+    )
+    alone = two.alone()
+    assert alone is not None and two.describe()["alone"] is True
+    two.warmup()
+
+    assert_close(SimpleNamespace(infer=alone), cases, atol=1e-4)  # it scores through `infer`
+    one = OpenVinoScorer(model, precision="fp32", num_streams=1, alone=True, **kwargs)
+    assert one.alone() is None and one.describe()["alone"] is False
+    assert RefiningScorer(two, one).alone() == alone  # the fast engine's
 
 
 @requires_bf16
@@ -163,6 +185,8 @@ def test_load_scorer_picks_refined_bf16_where_the_cpu_has_it(export) -> None:
     # lands on the free core rather than on the core OpenVINO pinned a busy stream to.
     assert isinstance(refined.exact, OpenVinoScorer) and refined.exact.streams == 2
     assert refined.exact.pinned is False
+    # A lone batch runs on both cores (the fast engine's own twin); the exact one needs none.
+    assert refined.alone() is not None and refined.exact.alone() is None
 
 
 @pytest.mark.skipif(openvino_bf16_supported(), reason="this CPU has native bf16")
