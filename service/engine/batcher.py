@@ -184,7 +184,7 @@ class DynamicBatcher:
         self._split = self._workers > 1 and splits_across_streams(self._config, scorer.device)
         # A batch with nothing beside it or behind it runs on every core where the streams
         # take one each (OpenVINO on CPU): a lone pair, or a lone request too small to split.
-        self._alone = scorer.alone() if self._workers > 1 else None
+        self._alone = scorer.alone()
         self._queue = PairQueue(
             max_batch_tokens=self.max_batch_tokens,
             max_batch_size=self.max_batch_size,
@@ -472,7 +472,7 @@ class DynamicBatcher:
                         "queue bookkeeping is inconsistent: pairs counted, none queued"
                     )
                 continue
-            alone = self._alone is not None and not in_flight and not self._queue.pairs
+            alone = self._alone if not in_flight and not self._queue.pairs else None
             submitted = self._submit(items, alone)
             if submitted is not None:
                 in_flight.append(submitted)
@@ -513,9 +513,11 @@ class DynamicBatcher:
         finally:
             self._waiter = None
 
-    def _submit(self, items: list[Item], alone: bool = False) -> _Batch | None:
-        """Pads a batch and queues it on the worker threads, `alone` on every core; None if
-        padding failed."""
+    def _submit(
+        self, items: list[Item], alone: Callable[[dict[str, np.ndarray]], np.ndarray] | None
+    ) -> _Batch | None:
+        """Pads a batch and queues it on the worker threads (run by `alone` on every core, if
+        given); None if padding failed."""
         rows = len(items)
         width = self._queue.width(max(item.length for item in items))
         try:
@@ -534,16 +536,15 @@ class DynamicBatcher:
         metrics.BATCH_TOKENS.observe(padded)
         metrics.BATCH_PADDING.observe((padded - real) / padded if padded else 0.0)
         assert self._executor is not None
-        infer = self._alone if alone and self._alone is not None else self._scorer.infer
         future = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._infer, infer, feeds
+            self._executor, self._infer, alone or self._scorer.infer, feeds
         )
         # After a hard stop nobody reads the outcome; reading it here keeps asyncio from logging
         # "exception was never retrieved".
         future.add_done_callback(_retrieve)
         # Alone, it holds every stream and the place of the batch that would wait behind them:
         # nothing else reaches the model until it is done.
-        slots = self._workers + 1 if alone else 1
+        slots = self._workers + 1 if alone is not None else 1
         self._in_flight += slots
         return _Batch(items, future, real, slots)
 

@@ -149,8 +149,7 @@ class OpenVinoScorer(Scorer):
             compiled = core.compile_model(
                 model, "CPU", {**config, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
             )
-            self._alone = compiled.create_infer_request()
-            self._alone_output = compiled.output(self.output_name)
+            self._alone = (compiled.create_infer_request(), compiled.output(self.output_name))
         logger.info(
             "OpenVINO scorer %s from %s: hint %s, %d stream(s), %s threads",
             self.name,
@@ -162,23 +161,25 @@ class OpenVinoScorer(Scorer):
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         """Scores one padded batch; returns logits[:, 0] as float32."""
-        inputs = {name: feeds[name] for name in self.input_names}
         request = self._requests.get()
         try:
-            request.infer(inputs)
-            logits = request.get_tensor(self._output).data
-            return np.asarray(logits[:, 0], dtype=np.float32).copy()
+            return self._run(request, self._output, feeds)
         finally:
             self._requests.put(request)
+
+    def _run(self, request: Any, output: Any, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        """One infer request on `feeds`; logits[:, 0] of `output` as float32."""
+        request.infer({name: feeds[name] for name in self.input_names})
+        logits = request.get_tensor(output).data
+        return np.asarray(logits[:, 0], dtype=np.float32).copy()
 
     def alone(self) -> Callable[[Mapping[str, np.ndarray]], np.ndarray] | None:
         """Scores a batch with every thread, when compiled with `alone` and several streams."""
         return None if self._alone is None else self._infer_alone
 
     def _infer_alone(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-        self._alone.infer({name: feeds[name] for name in self.input_names})
-        logits = self._alone.get_tensor(self._alone_output).data
-        return np.asarray(logits[:, 0], dtype=np.float32).copy()
+        request, output = self._alone
+        return self._run(request, output, feeds)
 
     def describe(self) -> dict[str, Any]:
         """What /info reports of this backend."""
