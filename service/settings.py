@@ -105,11 +105,13 @@ class Settings(BaseSettings):
         le=4096,
         description=f"Pairs per batch. unset: {_CPU_LIMITS[1]} on CPU, {_CUDA_LIMITS[1]} on CUDA.",
     )
-    max_wait_ms: float = Field(
-        defaults.MAX_WAIT_MS,
+    max_wait_ms: float | None = Field(
+        None,
         ge=0,
         le=1000,
-        description="How long a batch may wait to fill while the model idles.",
+        description="How long a batch may wait to fill while the model idles. unset: "
+        f"{defaults.DEVICE_MAX_WAIT_MS['cpu']:g} on CPU (a lone request is cut across the idle "
+        f"streams at once), {defaults.DEVICE_MAX_WAIT_MS['cuda']:g} on GPU.",
     )
     max_queue_tokens: int = Field(
         defaults.MAX_QUEUE_TOKENS,

@@ -54,6 +54,7 @@ from service.engine.batching_config import (
     SPLIT_MIN_TOKENS,
     BatcherConfig,
     for_device,
+    max_wait_for,
     overtake_window,
     padding_tolerance_for,
     splits_across_streams,
@@ -181,6 +182,7 @@ class DynamicBatcher:
         # Batches the scorer can run at once (OpenVINO streams); one worker thread each.
         self._workers = max(1, scorer.parallelism)
         self.padding_tolerance = padding_tolerance_for(self._config, scorer.device)
+        self.max_wait_ms = max_wait_for(self._config, scorer.device)
         self._split = self._workers > 1 and splits_across_streams(self._config, scorer.device)
         # A batch with nothing beside it or behind it runs on every core where the streams
         # take one each (OpenVINO on CPU): a lone pair, or a lone request too small to split.
@@ -422,8 +424,7 @@ class DynamicBatcher:
             self._fail_all()
 
     async def _run(self) -> None:
-        config = self._config
-        max_wait = config.max_wait_ms / 1000.0
+        max_wait = self.max_wait_ms / 1000.0
         workers = self._workers
         in_flight: list[_Batch] = []
         while True:

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, replace
 
 from service import defaults
-from service.defaults import DEVICE_BATCH_LIMITS
+from service.defaults import DEVICE_BATCH_LIMITS, DEVICE_MAX_WAIT_MS
 
 # Padding tolerance on CPU when none is configured: measured best on the MiniLM benchmark
 # (0.1 against 0.25 and 0.5, at concurrency 32 and at concurrency 1).
@@ -33,7 +33,8 @@ class BatcherConfig:
             this still runs, alone. None picks by the scorer's device (`DEVICE_BATCH_LIMITS`).
         max_batch_size: rows per batch; None picks by the scorer's device.
         max_wait_ms: how long the oldest queued pair may wait for its batch to fill while the
-            model is idle. No wait when a full batch is queued or the model is busy.
+            model is idle. No wait when a full batch is queued or the model is busy. None picks
+            by the scorer's device (`DEVICE_MAX_WAIT_MS`: none on CPU, 2 ms on CUDA).
         max_queue_tokens: real tokens the queue may hold; a request that would exceed it is
             refused with `Overloaded`, one that alone exceeds it with `RequestTooLarge`. A cap
             on memory; `max_queue_wait_s` is the one that keeps waits short.
@@ -75,7 +76,7 @@ class BatcherConfig:
     # without a config behaves as the served one.
     max_batch_tokens: int | None = None
     max_batch_size: int | None = None
-    max_wait_ms: float = defaults.MAX_WAIT_MS
+    max_wait_ms: float | None = None
     max_queue_tokens: int = defaults.MAX_QUEUE_TOKENS
     max_queue_wait_s: float | None = defaults.MAX_QUEUE_WAIT_S
     default_timeout_s: float | None = defaults.REQUEST_TIMEOUT_S
@@ -89,7 +90,7 @@ class BatcherConfig:
             raise ValueError("max_batch_tokens must be at least 1")
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
-        if self.max_wait_ms < 0:
+        if self.max_wait_ms is not None and self.max_wait_ms < 0:
             raise ValueError("max_wait_ms must not be negative")
         if self.max_queue_tokens < 1:
             raise ValueError("max_queue_tokens must be at least 1")
@@ -124,6 +125,16 @@ def padding_tolerance_for(config: BatcherConfig, device: str) -> float:
     if config.padding_tolerance is not None:
         return config.padding_tolerance
     return math.inf if device == "cuda" else CPU_PADDING_TOLERANCE
+
+
+def max_wait_for(config: BatcherConfig, device: str) -> float:
+    """The configured batch fill wait (ms), or the device's when none is (`DEVICE_MAX_WAIT_MS`).
+    On a 2-core CPU the 2 ms wait was pure delay at concurrency 1 (the queue held one request's
+    pairs, which the split cuts across the idle streams anyway) and formed no larger batches
+    under load, where the model is never idle (loadtests/README.md)."""
+    if config.max_wait_ms is not None:
+        return config.max_wait_ms
+    return DEVICE_MAX_WAIT_MS["cuda" if device == "cuda" else "cpu"]
 
 
 def splits_across_streams(config: BatcherConfig, device: str) -> bool:

@@ -274,6 +274,7 @@ class ScoringRuntime:
             # The batch limits in force (unset settings resolved for the device).
             "max_batch_tokens": batcher.max_batch_tokens if batcher is not None else None,
             "max_batch_size": batcher.max_batch_size if batcher is not None else None,
+            "max_wait_ms": batcher.max_wait_ms if batcher is not None else None,
             # ONNX Runtime: execution providers (TensorRT, CUDA, CPU), sessions, IO binding.
             "backend": scorer.describe() if scorer is not None else None,
             "load_seconds": None if self.load_seconds is None else round(self.load_seconds, 2),

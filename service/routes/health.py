@@ -103,7 +103,9 @@ async def info(
             "max_batch_tokens": described["max_batch_tokens"] or settings.max_batch_tokens,
             "max_batch_size": described["max_batch_size"] or settings.max_batch_size,
             "max_queue_wait_s": settings.max_queue_wait_s,
-            "max_wait_ms": settings.max_wait_ms,
+            "max_wait_ms": described["max_wait_ms"]
+            if described["max_wait_ms"] is not None
+            else settings.max_wait_ms,
             "max_queue_tokens": settings.max_queue_tokens,
             "request_timeout_s": settings.request_timeout_s,
         },

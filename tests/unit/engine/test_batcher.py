@@ -28,6 +28,7 @@ from service.engine.batcher import DynamicBatcher, ScoredPair
 from service.engine.batching_config import (
     CPU_PADDING_TOLERANCE,
     DEVICE_BATCH_LIMITS,
+    DEVICE_MAX_WAIT_MS,
     SPLIT_MIN_TOKENS,
     BatcherConfig,
 )
@@ -126,6 +127,28 @@ async def test_concurrent_requests_share_batches() -> None:
         [expected_score(p) for p in pairs] for pairs in requests
     ]
     assert len(scorer.batches) < len(requests)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+async def test_the_fill_wait_left_unset_is_the_devices(device: ScorerDevice) -> None:
+    """Unset, the fill wait is the device's: none on CPU, where a lone request starts on the
+    idle streams at once; on CUDA the oldest pair waits for company until the (fake) clock has
+    moved past the device's wait."""
+    clock = FakeClock()
+    scorer = FakeScorer(device=device)
+    wait_s = DEVICE_MAX_WAIT_MS[device] / 1000
+    async with running(scorer, clock=clock) as batcher:
+        assert batcher.max_wait_ms == DEVICE_MAX_WAIT_MS[device]
+        task = asyncio.create_task(batcher.score([pair(10, marker=1)]))
+        if wait_s:
+            await eventually(lambda: pending_requests(batcher) == 1)
+            for _ in range(20):  # the consumer gets its turns; the clock has not moved
+                await asyncio.sleep(0)
+            assert scorer.batches == []
+            clock.advance(wait_s)
+        # Bounded only so that a wait that never ends (a defect) fails instead of hanging.
+        scored = await asyncio.wait_for(task, timeout=60)
+        assert [s.score for s in scored] == [expected_score(pair(10, marker=1))]
 
 
 async def test_requests_queued_while_model_busy_are_batched_together() -> None:
