@@ -79,11 +79,30 @@ def build(docker: Docker, name: str, bases: BaseImages, python: str = sys.execut
         # wheel comes from the host's local packages, its dependencies from the host's index.
         args += ["--build-arg", f"TORCH_INDEX_URL={_host_index_url(python)}"]
     context = ROOT if dockerfile == ROOT / "Dockerfile" else dockerfile.parent
+    before = image_id(docker, TAGS[name])
     started = time.monotonic()
     docker.run(*args, str(context), timeout=1800)
     seconds = time.monotonic() - started
     size = int(docker.run("image", "inspect", "--format", "{{.Size}}", TAGS[name]).stdout)
+    remove_replaced(docker, before, image_id(docker, TAGS[name]))
     return Built(TAGS[name], seconds, size)
+
+
+def image_id(docker: Docker, tag: str) -> str | None:
+    """The id of the image `tag` names, None when there is none."""
+    done = docker.run("image", "inspect", "--format", "{{.Id}}", tag, check=False)
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
+
+
+def remove_replaced(docker: Docker, before: str | None, after: str | None) -> None:
+    """Removes the image a build moved this suite's tag away from: an image of an older tree
+    that nothing names any more, whose layers (the GPU image's venv alone is GBs) would otherwise
+    pile up run after run until the disk is full. Images of anyone else are never touched; one
+    that a container still uses stays."""
+    if before is not None and before != after:
+        docker.run("image", "rm", before, check=False)
 
 
 if __name__ == "__main__":
