@@ -78,6 +78,8 @@ def image(docker: Docker, bases: BaseImages) -> Iterator[Callable[[str], str]]:
                 )
             return built[name].tag
 
+        # At the end, the previous session's step images that these builds did not reuse go.
+        stack.callback(lambda: image_builds.remove_stale_steps(docker, built))
         yield get
 
 

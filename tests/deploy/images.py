@@ -7,6 +7,9 @@ standins.py chose, while package_index.py offers the host's local packages to pi
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -37,11 +40,26 @@ RECIPES = {
 LLAMA_WHEEL = "llama_cpp_python-0.3.36-*.whl"
 
 
+# The classic builder prints the id of the image each step made (or found in its cache).
+_STEP_IMAGE = re.compile(r"^ ---> ([0-9a-f]{12,64})$", re.MULTILINE)
+# Where a session records the step images of its builds, for the next session to remove those
+# it does not reuse.
+STEPS_RECORD = (
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    / "cappy-serve-test"
+    / "image-steps.json"
+)
+
+
 @dataclass(frozen=True)
 class Built:
+    """An image built: its tag, build time and size, and the ids of the images its steps made
+    or reused (every stage's, the ones no tag names among them)."""
+
     tag: str
     seconds: float
     size_bytes: int
+    steps: tuple[str, ...] = ()
 
 
 def _host_index_url(python: str) -> str:
@@ -81,11 +99,11 @@ def build(docker: Docker, name: str, bases: BaseImages, python: str = sys.execut
     context = ROOT if dockerfile == ROOT / "Dockerfile" else dockerfile.parent
     before = image_id(docker, TAGS[name])
     started = time.monotonic()
-    docker.run(*args, str(context), timeout=1800)
+    output = docker.run(*args, str(context), timeout=1800).stdout
     seconds = time.monotonic() - started
     size = int(docker.run("image", "inspect", "--format", "{{.Size}}", TAGS[name]).stdout)
     remove_replaced(docker, before, image_id(docker, TAGS[name]))
-    return Built(TAGS[name], seconds, size)
+    return Built(TAGS[name], seconds, size, tuple(_STEP_IMAGE.findall(output)))
 
 
 def image_id(docker: Docker, tag: str) -> str | None:
@@ -94,6 +112,39 @@ def image_id(docker: Docker, tag: str) -> str | None:
     if done.returncode != 0:
         return None
     return done.stdout.strip() or None
+
+
+def remove_stale_steps(
+    docker: Docker, built: dict[str, Built], record: Path = STEPS_RECORD
+) -> None:
+    """Removes the step images that the previous builds of the images built now (by name) made
+    and these builds did not reuse, and records these builds' steps for the next session.
+
+    The classic builder keeps every step's image as its cache, and a stage that copies the
+    source (the builder stages, and the `serve` stage of an image built to `export`, whose
+    venv layer alone is GBs) makes new ones each time the tree changes; their old ones then
+    serve nothing and piled up until the disk was full. Only the images the record names are
+    touched, never one a tag names, never one another image is built on (docker refuses that
+    without --force), and one at a time without its parents (`--no-prune`): the images built
+    now, the cache they came from, and the steps of images not built now stay.
+    """
+    try:
+        previous: dict[str, list[str]] = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = {}
+    current = {step for image in built.values() for step in image.steps}
+    for name in built:
+        for step in reversed(previous.get(name, [])):  # the last steps first: children first
+            if step in current:
+                continue
+            done = docker.run(
+                "image", "inspect", "--format", "{{len .RepoTags}}", step, check=False
+            )
+            if done.returncode == 0 and done.stdout.strip() == "0":
+                docker.run("image", "rm", "--no-prune", step, check=False)
+    previous.update({name: list(image.steps) for name, image in built.items()})
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(previous), encoding="utf-8")
 
 
 def remove_replaced(docker: Docker, before: str | None, after: str | None) -> None:
