@@ -10,8 +10,9 @@ DEVICE_BATCH_LIMITS: dict[str, tuple[int, int]] = {"cpu": (8192, 64), "cuda": (3
 MAX_RESCORED = 16
 # Per device: how long the oldest queued pair waits for company while the model idles (ms). A CPU
 # gains little from the wait (a row of 160 tokens costs 7% more alone than in a batch of 9, and a
-# lone request is cut across the idle streams at once); a GPU runs a fuller batch for nearly the
-# cost of a small one.
+# lone request is cut across the idle streams at once): on 2 cores, 2 ms delayed every request
+# at concurrency 1 and formed no larger batches under load, where the model is never idle
+# (loadtests/README.md). A GPU runs a fuller batch for nearly the cost of a small one.
 DEVICE_MAX_WAIT_MS: dict[str, float] = {"cpu": 0.0, "cuda": 2.0}
 MAX_QUEUE_TOKENS = 400_000
 # 10 s: a 2-core CPU at concurrency 32 on the benchmark's mix (up to 64 candidates a request)

@@ -54,7 +54,6 @@ from service.engine.batching_config import (
     SPLIT_MIN_TOKENS,
     BatcherConfig,
     for_device,
-    max_wait_for,
     overtake_window,
     padding_tolerance_for,
     splits_across_streams,
@@ -177,12 +176,13 @@ class DynamicBatcher:
         self._encode = encode
         self._config = for_device(config or BatcherConfig(), scorer.device)
         assert self._config.max_batch_tokens is not None and self._config.max_batch_size is not None
+        assert self._config.max_wait_ms is not None
         self.max_batch_tokens: int = self._config.max_batch_tokens
         self.max_batch_size: int = self._config.max_batch_size
         # Batches the scorer can run at once (OpenVINO streams); one worker thread each.
         self._workers = max(1, scorer.parallelism)
         self.padding_tolerance = padding_tolerance_for(self._config, scorer.device)
-        self.max_wait_ms = max_wait_for(self._config, scorer.device)
+        self.max_wait_ms: float = self._config.max_wait_ms
         self._split = self._workers > 1 and splits_across_streams(self._config, scorer.device)
         # A batch with nothing beside it or behind it runs on every core where the streams
         # take one each (OpenVINO on CPU): a lone pair, or a lone request too small to split.

@@ -110,12 +110,16 @@ class BatcherConfig:
 # TFLOP: ~8 ms on an H200, where launch and copy overheads are ~1 ms), so it gets four times the
 # budget and rows; the GPU bench (loadtests/gpu_bench.py) reports the figures these give.
 def for_device(config: BatcherConfig, device: str) -> BatcherConfig:
-    """`config` with the batch limits it leaves unset filled in for `device` ("cuda" or "cpu")."""
-    tokens, rows = DEVICE_BATCH_LIMITS["cuda" if device == "cuda" else "cpu"]
+    """`config` with the batch limits and the fill wait it leaves unset filled in for `device`
+    ("cuda" or "cpu"): `DEVICE_BATCH_LIMITS`, `DEVICE_MAX_WAIT_MS`."""
+    kind = "cuda" if device == "cuda" else "cpu"
+    tokens, rows = DEVICE_BATCH_LIMITS[kind]
+    wait = config.max_wait_ms
     return replace(
         config,
         max_batch_tokens=config.max_batch_tokens or tokens,
         max_batch_size=config.max_batch_size or rows,
+        max_wait_ms=DEVICE_MAX_WAIT_MS[kind] if wait is None else wait,
     )
 
 
@@ -125,16 +129,6 @@ def padding_tolerance_for(config: BatcherConfig, device: str) -> float:
     if config.padding_tolerance is not None:
         return config.padding_tolerance
     return math.inf if device == "cuda" else CPU_PADDING_TOLERANCE
-
-
-def max_wait_for(config: BatcherConfig, device: str) -> float:
-    """The configured batch fill wait (ms), or the device's when none is (`DEVICE_MAX_WAIT_MS`).
-    On a 2-core CPU the 2 ms wait was pure delay at concurrency 1 (the queue held one request's
-    pairs, which the split cuts across the idle streams anyway) and formed no larger batches
-    under load, where the model is never idle (loadtests/README.md)."""
-    if config.max_wait_ms is not None:
-        return config.max_wait_ms
-    return DEVICE_MAX_WAIT_MS["cuda" if device == "cuda" else "cpu"]
 
 
 def splits_across_streams(config: BatcherConfig, device: str) -> bool:
