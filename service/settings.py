@@ -139,9 +139,10 @@ class Settings(BaseSettings):
     )
     split_across_streams: bool | None = Field(
         None,
-        description="When streams are idle and the queue holds less than a batch for each, "
-        "cut the queued pairs into one part per idle stream, so that a lone request runs on "
-        "every core. unset: on for CPU, off for CUDA.",
+        description="While the work at hand (queued, plus what running batches have left) is "
+        "less than a batch for each stream, share it out: a batch holds at most its share, so "
+        "that a lone request runs on every core and the streams finish together. unset: on for "
+        "CPU, off for CUDA.",
     )
     pad_to_multiple: int = Field(
         defaults.PAD_TO_MULTIPLE,

@@ -11,17 +11,17 @@ How a request travels:
 2. One consumer task takes batches from the queue (`PairQueue.take_batch`: the oldest pair plus
    the neighbours in length that add the least padding, within the budget). Items whose request
    was cancelled or whose deadline passed are dropped there, before they reach the model.
-   Split across the streams (`split_across_streams`, on by default on CPU): when k >= 2
-   streams are idle and the queue holds less than one full batch for each (fewer than k x
-   `max_batch_size` pairs and fewer than k x `max_batch_tokens` tokens), the work is cut into
-   p = min(k, pairs, tokens // `SPLIT_MIN_TOKENS`) parts, if p >= 2: the batch formed now
-   holds at most ceil(pairs / p) rows, and the next one, for the next idle stream, is cut by
-   the same rule over what is left (the last idle stream takes a batch as ever). So a lone
-   request of 17 pairs of similar lengths runs on two streams at once as 9 + 8 rows, and a
-   1-pair request, or one of fewer than 2 x `SPLIT_MIN_TOKENS` tokens, as one batch. Each part
-   is formed by `take_batch`, within the budget and the padding tolerance, and answers land by
-   pair index, in the caller's order. Under load (a full batch queued for every idle stream,
-   or no stream idle) batches are formed as without the split.
+   Shared across the streams (`split_across_streams`, on by default on CPU): while the work at
+   hand (the queued real tokens plus what the running batches have left, at the recent pace
+   per stream) is less than a full batch for each stream, it is shared out: the batch formed
+   now holds at most its share, the work at hand over p = min(streams, work //
+   `SPLIT_MIN_TOKENS`) parts, if p >= 2 (`share_of_work`). So a lone request of 17 similar
+   pairs runs on two streams at once as 9 + 8 rows; a stream that comes free while the other
+   still has half its batch to run takes half of what is left, not all of it, so that both
+   finish together; and a 1-pair request, or one of fewer than 2 x `SPLIT_MIN_TOKENS` tokens,
+   runs as one batch. Each batch is formed by `take_batch`, within the budget and the padding
+   tolerance, and answers land by pair index, in the caller's order. Under load (a full batch
+   at hand for every stream) batches are formed as without it.
 3. The padded batch runs in a worker thread (the engines release the GIL): one thread per batch
    the scorer can run at once (`parallelism`: OpenVINO streams on CPU, ONNX Runtime sessions on
    CUDA, 1 for ONNX Runtime on CPU). While they run, the consumer pads and queues the next batch
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -70,6 +71,22 @@ _T = TypeVar("_T")
 
 # Batchers between start() and stop(), for the process-wide queue gauges.
 _RUNNING: weakref.WeakSet[DynamicBatcher] = weakref.WeakSet()
+
+
+def share_of_work(queued: int, running: float, streams: int, batch_tokens: int) -> int | None:
+    """The real tokens a batch formed now may hold when `streams` streams share the work at
+    hand: `queued` real tokens plus `running` tokens the running batches have left. None (a
+    batch formed as ever) when that work is a full batch (`batch_tokens`) or more for every
+    stream, too little for two parts of `SPLIT_MIN_TOKENS`, or when the share would hold every
+    queued token anyway; else the work over its parts, rounded up."""
+    work = queued + running
+    if streams < 2 or work >= streams * batch_tokens:
+        return None
+    parts = min(streams, int(work // SPLIT_MIN_TOKENS))
+    if parts < 2:
+        return None
+    share = math.ceil(work / parts)
+    return share if share < queued else None
 
 
 def _queue_expected_wait() -> float:
@@ -116,10 +133,11 @@ class _Request(QueuedRequest):
 
 
 class _Batch:
-    """A padded batch handed to a worker thread; `slots`: the batcher's places it takes (1, or
-    every stream and the waiting place for a batch that runs alone on every core)."""
+    """A padded batch handed to a worker thread at `submitted`; `slots`: the batcher's places it
+    takes (1, or every stream and the waiting place for a batch that runs alone on every
+    core)."""
 
-    __slots__ = ("future", "items", "real_tokens", "slots")
+    __slots__ = ("future", "items", "real_tokens", "slots", "submitted")
 
     def __init__(
         self,
@@ -127,10 +145,12 @@ class _Batch:
         future: asyncio.Future[tuple[np.ndarray, float, float]],
         real: int,
         slots: int,
+        submitted: float,
     ) -> None:
         self.items = items
         self.future = future
         self.real_tokens = real
+        self.submitted = submitted
         self.slots = slots
 
 
@@ -465,7 +485,7 @@ class DynamicBatcher:
                 if now < launch_at:
                     await self._wait(in_flight, launch_at - now)
                     continue
-            items = self._queue.take_batch(now, self._part_rows(busy))
+            items = self._queue.take_batch(now, self._share(in_flight, now))
             self._set_queue_gauges()
             if not items:
                 if self._queue.pairs:
@@ -487,12 +507,20 @@ class DynamicBatcher:
             return 1  # a full batch for every idle stream: nothing to share out
         return max(1, min(idle, pairs, tokens // SPLIT_MIN_TOKENS))
 
-    def _part_rows(self, batches_in_flight: int) -> int | None:
-        """Rows of the batch about to be formed when the queued work is split across the idle
-        streams; None for a batch formed as ever."""
-        pairs = self._queue.pairs
-        parts = self._parts(self._workers - batches_in_flight, pairs, self._queue.tokens)
-        return -(-pairs // parts) if parts >= 2 else None
+    def _share(self, in_flight: list[_Batch], now: float) -> int | None:
+        """The real tokens the batch formed now may hold when the work at hand is shared across
+        the streams (`share_of_work`); None for a batch formed as ever. A running batch has
+        left its tokens less what the recent pace per stream has run of them since it started
+        (all of them while the pace is unknown)."""
+        if not self._split:
+            return None
+        rate = self._admission.pace.tokens_per_second()
+        per_stream = rate / self._workers if rate else 0.0
+        running = sum(
+            max(0.0, batch.real_tokens - (now - batch.submitted) * per_stream)
+            for batch in in_flight
+        )
+        return share_of_work(self._queue.tokens, running, self._workers, self.max_batch_tokens)
 
     def idle_parts(self, pairs: int, tokens: int) -> int:
         """Into how many parts other model work (`run_on_workers`: the exact re-scoring of a
@@ -537,6 +565,7 @@ class DynamicBatcher:
         metrics.BATCH_TOKENS.observe(padded)
         metrics.BATCH_PADDING.observe((padded - real) / padded if padded else 0.0)
         assert self._executor is not None
+        submitted = self._clock()
         future = asyncio.get_running_loop().run_in_executor(
             self._executor, self._infer, alone or self._scorer.infer, feeds
         )
@@ -547,7 +576,7 @@ class DynamicBatcher:
         # nothing else reaches the model until it is done.
         slots = self._workers + 1 if alone is not None else 1
         self._in_flight += slots
-        return _Batch(items, future, real, slots)
+        return _Batch(items, future, real, slots, submitted)
 
     def _infer(
         self, infer: Callable[[dict[str, np.ndarray]], np.ndarray], feeds: dict[str, np.ndarray]

@@ -13,7 +13,7 @@ from service.defaults import DEVICE_BATCH_LIMITS, DEVICE_MAX_WAIT_MS
 # (0.1 against 0.25 and 0.5, at concurrency 32 and at concurrency 1).
 CPU_PADDING_TOLERANCE = 0.1
 
-# Real tokens that each part of work split across idle streams holds on average, at the least:
+# Real tokens that each part of work shared across the streams holds on average, at the least:
 # less work runs as one batch, since each part pays a batch's fixed cost (padding, a worker's
 # turn, the engine's call). 64 tokens are ~4 ms of one core for MiniLM bf16 (~90 pairs of ~160
 # tokens per CPU-second, loadtests/README.md). A starting value, not yet measured against others.
@@ -63,13 +63,14 @@ class BatcherConfig:
             CPU ran the served batches of the benchmark ~3% faster padded to multiples of 8,
             though they held 1.3% more tokens; GPUs favour multiples of 8
             too. 1 pads to the longest row only.
-        split_across_streams: when k >= 2 streams are idle and the queue holds less than a
-            full batch for each, cut the queued work into up to k batches of similar row counts
-            (each holding `SPLIT_MIN_TOKENS` real tokens on average), so that a lone request
-            runs on every stream at once (the rule: batcher.py). Under load batches are formed
-            as without it. None picks by the scorer's device: on for CPU, where each OpenVINO
-            stream is one core and a lone batch leaves the others idle; off for CUDA, whose
-            streams share one device (not measured there). False gives the batches of before.
+        split_across_streams: while the work at hand (queued, plus what running batches have
+            left) is less than a full batch for each of the k >= 2 streams, a batch holds at
+            most its share of it (up to k parts, each of `SPLIT_MIN_TOKENS` real tokens or
+            more), so that a lone request runs on every stream at once and the streams finish
+            together (the rule: batcher.py). Under load batches are formed as without it. None
+            picks by the scorer's device: on for CPU, where each OpenVINO stream is one core
+            and a lone batch leaves the others idle; off for CUDA, whose streams share one
+            device (not measured there). False gives the batches of before.
     """
 
     # The service's defaults (service/defaults.py, which Settings reads), so that a batcher built

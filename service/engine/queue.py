@@ -230,7 +230,7 @@ class PairQueue:
             bucket += step
         return None
 
-    def take_batch(self, now: float, max_rows: int | None = None) -> list[Item] | None:
+    def take_batch(self, now: float, max_tokens: int | None = None) -> list[Item] | None:
         """Removes the next batch from the queue: the oldest item plus the neighbours in length
         that add the least padding, within the budget and the padding tolerance.
 
@@ -241,21 +241,22 @@ class PairQueue:
 
         Args:
             now: the time deadlines are checked against.
-            max_rows: rows of this batch, when fewer than `max_batch_size` (one part of work
-                split across idle streams).
+            max_tokens: real tokens this batch may hold (its share of the work shared across
+                the streams; the seed joins whatever its length); None: only the budget.
         """
         self._sweep_if_stale()
         seed = self.oldest(now)
         if seed is None:
             return None
         budget = self.max_batch_tokens
-        max_rows = self.max_batch_size if max_rows is None else min(max_rows, self.max_batch_size)
+        max_rows = self.max_batch_size
         tolerance = self.padding_tolerance
         self._fifo.popleft()
         if not self.cross_request:
-            return self._take_from_request(seed, max_rows)
+            return self._take_from_request(seed, max_tokens)
         self._take(seed)
         items = [seed]
+        real = seed.length
         width = self.width(seed.length)
         home = bucket_of(seed.length)
         cursors = [home, home - 1, home + 1]
@@ -291,6 +292,9 @@ class PairQueue:
             if (rows + 1) * new_width > budget or best_cost > tolerance * length:
                 heads[best_source] = None
                 continue
+            if max_tokens is not None and real + length > max_tokens:
+                break  # its share is full
+            real += length
             self._buckets[cursors[best_source]].popleft()
             self._bucket_entries -= 1
             self._take(best)
@@ -299,20 +303,27 @@ class PairQueue:
             heads[best_source] = self._scan(cursors, best_source, now)
         return items
 
-    def _take_from_request(self, seed: Item, max_rows: int) -> list[Item]:
+    def _take_from_request(self, seed: Item, max_tokens: int | None) -> list[Item]:
         """Per-request batching: the seed (the oldest pair, already off the FIFO) plus its
-        request's other queued pairs, shortest first, within the budget and `max_rows`. Taken
-        items stay in the FIFO and the buckets, where they are skipped as stale later."""
+        request's other queued pairs, shortest first, within the budget, `max_batch_size` and
+        `max_tokens` real tokens. Taken items stay in the FIFO and the buckets, where they are
+        skipped as stale later."""
         self._take(seed)
         items = [seed]
         width = self.width(seed.length)
+        real = seed.length
         for item in seed.request.items:
             if item.taken:
                 continue
             new_width = max(width, self.width(item.length))
-            if len(items) >= max_rows or (len(items) + 1) * new_width > self.max_batch_tokens:
+            if (
+                len(items) >= self.max_batch_size
+                or (len(items) + 1) * new_width > self.max_batch_tokens
+                or (max_tokens is not None and real + item.length > max_tokens)
+            ):
                 break
             self._take(item)
             items.append(item)
             width = new_width
+            real += item.length
         return items

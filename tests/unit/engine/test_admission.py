@@ -437,11 +437,11 @@ def test_the_limit_holds_for_the_oldest_pairs_when_they_wait_longer_than_the_pac
     _admit(admission, queue, pairs=11, length=80)  # 880 tokens: 8.8 s at the pace
     assert admission.expected_wait() == pytest.approx(8.8) and admission.retry_after(0) is None
 
-    seed = queue.take_batch(clock(), max_rows=1)[0]
+    seed = queue.take_batch(clock(), max_tokens=1)[0]
     assert seed.ahead == 0 and seed.request.pace == pytest.approx(100.0)
     admission.observe_seed(seed, started=clock() + 5.0)  # predicted 0 s: says nothing
     assert admission.lag.factor == 1.0
-    later = queue.take_batch(clock(), max_rows=1)[0]  # 80 tokens ahead of it: 0.8 s, too short
+    later = queue.take_batch(clock(), max_tokens=1)[0]  # 80 tokens ahead of it: 0.8 s, too short
     assert later.ahead == 80
     request = QueuedRequest(encode([pair(10)]), 10, None)
     request.pace = 100.0
@@ -508,7 +508,7 @@ def _drain(queue: PairQueue, clock: FakeClock, tokens: int) -> None:
     """The model takes `tokens` tokens' worth of the oldest pairs off the queue."""
     target = queue.tokens - tokens
     while queue.tokens > target:
-        assert queue.take_batch(clock(), max_rows=1)
+        assert queue.take_batch(clock(), max_tokens=1)
 
 
 def test_a_refusals_retry_after_is_a_promise_the_queue_keeps() -> None:

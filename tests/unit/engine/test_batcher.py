@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from service.engine import queue as queue_module
-from service.engine.batcher import DynamicBatcher, ScoredPair
+from service.engine.batcher import DynamicBatcher, ScoredPair, share_of_work
 from service.engine.batching_config import (
     CPU_PADDING_TOLERANCE,
     DEVICE_BATCH_LIMITS,
@@ -324,10 +324,69 @@ async def test_a_lone_request_runs_on_both_idle_streams_at_once() -> None:
 
 
 async def test_parts_are_of_similar_size_on_more_streams() -> None:
-    """Three idle streams: ceil(10 / 3) = 4 rows, then ceil(6 / 2) = 3, then the rest."""
-    scorer, pairs = StreamsScorer(3), [pair(40, marker=100 + i) for i in range(10)]
+    """Three idle streams, 12 pairs of 40 tokens: a share of 160 tokens each, 4 rows."""
+    scorer, pairs = StreamsScorer(3), [pair(40, marker=100 + i) for i in range(12)]
     await score_held(scorer, pairs, in_flight=3)
-    assert sorted(scorer.shapes) == [(3, 40), (3, 40), (4, 40)]
+    assert scorer.shapes == [(4, 40)] * 3
+
+
+@pytest.mark.parametrize(
+    ("queued", "running", "streams", "share"),
+    [
+        (400, 0, 2, 200),  # a lone request on two idle streams: half each
+        (400, 200, 2, 300),  # one stream busy with 200 left: the free one takes 300
+        (100, 300, 2, None),  # the share (200) holds everything queued: formed as ever
+        (400, 0, 3, 134),  # three streams, rounded up
+        (120, 0, 2, None),  # under two parts of SPLIT_MIN_TOKENS: one batch
+        (128, 0, 2, 64),  # two parts of SPLIT_MIN_TOKENS
+        (16_000, 0, 2, 8000),  # under a full batch (8,192) for each stream
+        (16_000, 384, 2, None),  # a full batch at hand for each stream: formed as ever
+        (400, 0, 1, None),  # one stream: nothing to share with
+    ],
+)
+def test_the_share_of_work(queued: int, running: float, streams: int, share: int | None) -> None:
+    assert SPLIT_MIN_TOKENS == 64  # the cases are cut around it
+    assert share_of_work(queued, running, streams, 8192) == share
+
+
+async def test_a_stream_that_comes_free_takes_its_share_of_what_is_left() -> None:
+    """One stream runs a pair of 200 tokens (the pace unknown: all of it counts as left) when 20
+    pairs of 20 tokens come: the free stream takes its share of the 600 tokens at hand, 300 (15
+    rows), not all 20 rows; the 5 left wait for the first stream to come free."""
+    scorer = StreamsScorer(2)
+    async with running(scorer, max_wait_ms=0) as batcher:
+        scorer.hold()
+        first = asyncio.create_task(batcher.score([pair(200, marker=7)]))
+        await eventually(lambda: len(scorer.batches) == 1)
+        later = await queue_request(batcher, [pair(20, marker=100 + i) for i in range(20)])
+        await eventually(lambda: len(scorer.batches) == 2)
+        assert scorer.shapes == [(1, 200), (15, 24)] and queued_work(batcher) == (5, 100)
+        scorer.release()
+        await asyncio.gather(first, later)
+    assert scorer.shapes[2:] == [(5, 24)]
+
+
+async def test_a_running_batch_counts_what_it_has_left_at_the_pace() -> None:
+    """With the pace known, a running batch counts its tokens less what one stream (half the
+    pace) has run of them since it started: on a fake clock, 200 tokens that have run for 200
+    tokens' time at the whole model's pace have half left, so the free stream's share of 20
+    pairs of 20 tokens is (400 + 100) / 2 = 250 tokens (12 rows), not 300 (15 rows)."""
+    clock = FakeClock()
+    scorer = PacedScorer(clock, seconds_per_token=0.001)
+    scorer.parallelism = 2
+    async with running(scorer, clock=clock, max_wait_ms=0) as batcher:
+        rate = await measure_pace(batcher)
+        scorer.hold()
+        seen = len(scorer.shapes)
+        first = asyncio.create_task(batcher.score([pair(200, marker=7)]))
+        await eventually(lambda: len(scorer.shapes) == seen + 1)  # its 200 tokens' time passed
+        later = await queue_request(batcher, [pair(20, marker=100 + i) for i in range(20)])
+        await eventually(lambda: len(scorer.shapes) == seen + 2)
+        left = 200 - 200 * 0.001 * rate / 2
+        assert scorer.shapes[seen:] == [(1, 200), (math.ceil((400 + left) / 2) // 20, 24)]
+        scorer.release()
+        await asyncio.gather(first, later)
+    assert rate == pytest.approx(1000, rel=0.05)
 
 
 class AloneScorer(StreamsScorer):

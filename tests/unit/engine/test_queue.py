@@ -134,13 +134,15 @@ def test_per_request_batching_takes_one_requests_pairs_shortest_first() -> None:
     assert lengths(queue.take_batch(now=2.0) or []) == [11]
 
 
-def test_max_rows_caps_one_batch_below_the_batch_size() -> None:
-    """A part of work split across streams: `max_rows` caps that batch alone, in both modes;
-    a cap above `max_batch_size` changes nothing."""
+def test_max_tokens_caps_one_batch_and_the_seed_always_joins() -> None:
+    """A share of work shared across streams: `max_tokens` real tokens cap that batch alone, in
+    both modes; the seed joins even when it alone is over the cap, and a cap above the budget
+    or `max_batch_size` changes nothing."""
     for cross_request in (True, False):
         queue, _ = make_queue(cross_request=cross_request)
         queue.add(request(*([16] * 12)), now=0.0)
-        assert len(queue.take_batch(now=0.0, max_rows=3) or []) == 3
-        assert len(queue.take_batch(now=0.0, max_rows=100) or []) == 8
-        assert len(queue.take_batch(now=0.0) or []) == 1
+        assert len(queue.take_batch(now=0.0, max_tokens=48) or []) == 3
+        assert len(queue.take_batch(now=0.0, max_tokens=47) or []) == 2
+        assert len(queue.take_batch(now=0.0, max_tokens=10) or []) == 1
+        assert len(queue.take_batch(now=0.0, max_tokens=10_000) or []) == 6
         assert queue.pairs == 0
