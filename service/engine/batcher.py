@@ -80,13 +80,19 @@ def share_of_work(queued: int, running: float, streams: int, batch_tokens: int) 
     stream, too little for two parts of `SPLIT_MIN_TOKENS`, or when the share would hold every
     queued token anyway; else the work over its parts, rounded up."""
     work = queued + running
-    if streams < 2 or work >= streams * batch_tokens:
+    if work >= streams * batch_tokens:
         return None
-    parts = min(streams, int(work // SPLIT_MIN_TOKENS))
+    parts = _parts_of(work, streams)
     if parts < 2:
         return None
     share = math.ceil(work / parts)
     return share if share < queued else None
+
+
+def _parts_of(tokens: float, streams: int) -> int:
+    """Into how many parts, one a stream, `tokens` real tokens are cut: each of
+    `SPLIT_MIN_TOKENS` or more (1: not cut)."""
+    return max(1, min(streams, int(tokens // SPLIT_MIN_TOKENS)))
 
 
 def _queue_expected_wait() -> float:
@@ -498,15 +504,6 @@ class DynamicBatcher:
             if submitted is not None:
                 in_flight.append(submitted)
 
-    def _parts(self, idle: int, pairs: int, tokens: int) -> int:
-        """Into how many parts `pairs` pairs of `tokens` real tokens are cut across `idle` idle
-        streams (the rule: the module's docstring); 1 for work run as ever."""
-        if not self._split or idle < 2:
-            return 1
-        if pairs >= idle * self.max_batch_size or tokens >= idle * self.max_batch_tokens:
-            return 1  # a full batch for every idle stream: nothing to share out
-        return max(1, min(idle, pairs, tokens // SPLIT_MIN_TOKENS))
-
     def _share(self, in_flight: list[_Batch], now: float) -> int | None:
         """The real tokens the batch formed now may hold when the work at hand is shared across
         the streams (`share_of_work`); None for a batch formed as ever. A running batch has
@@ -525,10 +522,15 @@ class DynamicBatcher:
     def idle_parts(self, pairs: int, tokens: int) -> int:
         """Into how many parts other model work (`run_on_workers`: the exact re-scoring of a
         set's near-ties) of `pairs` pairs and `tokens` real tokens is cut to run at once on the
-        idle streams, by the split rule; 1 while pairs are queued (the idle streams are theirs)."""
-        if self._queue.pairs:
+        idle streams: at most a pair each and a part per idle stream, each part of
+        `SPLIT_MIN_TOKENS` or more; 1 while pairs are queued (the idle streams are theirs), with
+        the split off, or when it is a full batch or more for every idle stream."""
+        idle = self._workers - self._in_flight
+        if self._queue.pairs or not self._split or idle < 2:
             return 1
-        return self._parts(self._workers - self._in_flight, pairs, tokens)
+        if pairs >= idle * self.max_batch_size or tokens >= idle * self.max_batch_tokens:
+            return 1  # a full batch for every idle stream: nothing to share out
+        return max(1, min(pairs, _parts_of(tokens, idle)))
 
     async def _wait(self, in_flight: list[_Batch], timeout: float | None) -> None:
         """Sleeps until new work is queued, a running batch completes, stop() is called, or
