@@ -70,7 +70,7 @@ class BatcherConfig:
             together (the rule: batcher.py). Under load batches are formed as without it. None
             picks by the scorer's device: on for CPU, where each OpenVINO stream is one core
             and a lone batch leaves the others idle; off for CUDA, whose streams share one
-            device (not measured there). False gives the batches of before.
+            device (not measured there). False: batches formed by the budget and padding rule alone.
     """
 
     # The service's defaults (service/defaults.py, which Settings reads), so that a batcher built
