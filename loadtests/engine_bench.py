@@ -36,6 +36,7 @@ from service.engine.openvino_backend import OpenVinoScorer
 from service.engine.scorer import RefiningScorer, load_scorer
 from service.engine.tokenize import PairTokenizer
 from service.engine.types import EncodedPair, Scorer, pad_batch, padded_width
+from service.engine.warmup import warm_up
 
 
 def build_scorer(args: argparse.Namespace, export: ExportDir, pad_token_id: int) -> Scorer:
@@ -237,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         "--engine auto, as the service does; off for an explicit engine)",
     )
     parser.add_argument(
-        "--margin", type=float, default=None, help="refine margin (default: calibrated at warm-up)"
+        "--margin",
+        type=float,
+        default=None,
+        help="refine margin (default: measured at warm-up, as the service does)",
     )
     parser.add_argument(
         "--refine-via-bf16",
@@ -290,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     scorer = build_scorer(args, export, tokenizer.pad_token_id)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    scorer.warmup()
+    warm_up(scorer, tokenizer.encode)
     warmup_s = time.perf_counter() - t0
 
     best: tuple[np.ndarray, float, float] | None = None

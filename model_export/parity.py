@@ -1,8 +1,9 @@
 """Parity of an exported graph with the PyTorch model it came from: the probe sets, the
 measurement, and the gates that decide whether a graph may be shipped.
 
-A fixed, varied probe set (short, long, truncated at max_length, non-ASCII, empty responses),
-grouped into candidate sets the way the service scores them: each set is one padded batch.
+The probe sets (cappy/probe_sets.py: short, long, truncated at max_length, non-ASCII, empty
+responses), grouped into candidate sets the way the service scores them: each set is one padded
+batch.
 
 What is measured, per candidate set i (reference r = PyTorch fp32 scores, g = the graph's):
   err_i    = max_j |g_j - r_j|                     the set's error (inf if g is not finite)
@@ -32,12 +33,13 @@ Gates (`compare`'s keyword thresholds; the pipeline's per-variant choice is in `
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict, Unpack
 
 import numpy as np
+
+from cappy.probe_sets import CandidateSet
 
 # fp32: max |diff| <= 1e-4 × max(1, max |reference score|). fp32 rounding through 24 layers is
 # ~2e-5 relative (a BERT-large stand-in scoring 3.8..10.4 differed by 1.7e-4 absolute).
@@ -74,64 +76,6 @@ GATES: dict[str, Gates] = {
         "tie_tolerance": TIE_TOLERANCE["int8"],
     },
 }
-
-_WORDS = (
-    "the model answers a question about rivers mountains history code music physics recipes "
-    "travel languages because therefore however carefully quickly seven hundred numbers list "
-    "summary explain translate compare write poem story function python return value error"
-).split()
-
-_INSTRUCTIONS = (
-    "What is the capital of France?",
-    "Translate to German: The weather is nice today.",
-    "Write a haiku about autumn leaves.",
-    "Is the following review positive or negative? 'I loved every minute of it.'",
-    "Summarize: The committee met on Tuesday and agreed to postpone the vote until spring.",
-    "Solve: 17 + 25 = ?",
-    "请用一句话解释什么是机器学习。",
-    "Réponds en français : quelle est la couleur du ciel ?",
-    "Which planet is known as the Red Planet? Options: Mars, Venus, Jupiter, Saturn.",
-    "Write a Python function that returns the square of a number.",
-    "",
-    "Explain why the sky is blue to a five-year-old 🌤️.",
-)
-
-
-@dataclass(frozen=True)
-class CandidateSet:
-    instruction: str
-    candidates: tuple[str, ...]
-
-
-def probe_sets(seed: int = 1234) -> list[CandidateSet]:
-    """16 candidate sets, 76 pairs; deterministic for a given seed."""
-    rng = random.Random(seed)
-
-    def words(n: int) -> str:
-        return " ".join(rng.choice(_WORDS) for _ in range(n))
-
-    sets: list[CandidateSet] = []
-    for instruction in _INSTRUCTIONS:
-        candidates = [
-            words(rng.randint(1, 4)),  # short
-            words(rng.randint(15, 40)),  # medium
-            "",  # empty response
-            "Ünïcödé ñ 中文回答 ✓ — " + words(5),  # non-ASCII
-            words(rng.randint(60, 120)),  # long
-        ]
-        rng.shuffle(candidates)
-        sets.append(CandidateSet(instruction, tuple(candidates)))
-    # Longer than any max_length: truncation (longest_first) on both sides or one side.
-    sets.append(CandidateSet(words(700), ("yes", "no", words(30), words(800))))
-    sets.append(CandidateSet("Answer briefly.", (words(900), "ok", words(3), words(600))))
-    sets.append(CandidateSet(words(300) + " ?", (words(400), words(10), "")))
-    sets.append(
-        CandidateSet(
-            "Pick the label: sports, politics, science.",
-            ("sports", "politics", "science", "Sports", "science."),
-        )
-    )
-    return sets
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cappy.probe_sets import probe_sets
 from model_export import onnx_export, openvino_int8, parity
 
 
@@ -14,7 +15,7 @@ class Prober:
     """Encoded probe sets and PyTorch reference scores, computed once and shared by all variants."""
 
     def __init__(self, model: Any, tokenizer: Any, max_length: int) -> None:
-        self.sets = parity.probe_sets()
+        self.sets = probe_sets()
         self.encoded = [parity.encode_set(tokenizer, s, max_length) for s in self.sets]
         self.reference = parity.reference_scores(model, tokenizer, self.sets, max_length)
         self.pairs = sum(len(s.candidates) for s in self.sets)

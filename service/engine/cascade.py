@@ -18,8 +18,8 @@ one set must compare like with like:
   previous stage's scores) only when it can re-score all of them: at most `max_rescored`. Every
   near-tie then carries the precise score and is compared with the others in it. Candidates
   beyond the margin keep the previous stage's score: the margin (the largest fast/exact
-  difference measured at warm-up, or the export's recorded int8 error) keeps them below the
-  precise stage's best.
+  difference measured at warm-up on synthetic batches and the probe sets' text, or the export's
+  recorded int8 error) keeps them below the precise stage's best.
 - With more near-ties than `max_rescored`, the set keeps the previous stage's scores and the
   cascade stops there: its near-ties are ranked in that one precision. Re-scoring only some of
   them would rank precise scores against fast ones, and a systematic offset between the two

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from service import defaults
-from service.engine import cascade
+from service.engine import cascade, warmup
 from service.engine.batcher import DynamicBatcher, ScoredPair
 from service.engine.batching_config import BatcherConfig
 from service.engine.errors import EngineError, EngineStopped
@@ -128,7 +128,7 @@ class ScoringRuntime:
             tensorrt=config.tensorrt,
             trt_cache=None if config.trt_cache is None else str(config.trt_cache),
         )
-        scorer.warmup()
+        warmup.warm_up(scorer, tokenizer.encode)
         batchers = [
             DynamicBatcher(stage, tokenizer.encode, config.batcher, export.max_length)
             for stage in cascade.batched_stages(scorer)

@@ -21,7 +21,7 @@ All backends return the raw regression output `logits[:, 0]` as float32, one val
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +50,16 @@ class RefiningScorer(Scorer):
     (service/engine/cascade.py) then re-scores with the exact engine only the candidates within
     `margin` of the best one (`Refinement.near_top`; about 2% of pairs on the benchmark), so the
     winner and the order of the leaders are those of fp32 wherever the fast engine's error stays
-    within the margin. The margin comes from the warm-up's synthetic batches, which can understate
-    real text's error: on the benchmark's sets a mean-pooled MiniLM measured 3.9e-3 against its
-    1.1e-3 margin, and 1 set of 260 kept a winner other than fp32's (loadtests/README.md).
+    within the margin. The margin is the largest fast/exact difference on the warm-up's batches and
+    on the probe sets' real text (`calibrate`): with the synthetic batches alone a mean-pooled
+    MiniLM's margin was 1.1e-3 against 3.9e-3 measured on the benchmark's sets, and 1 set of 260
+    kept a winner other than fp32's; with the text, 3.0e-3 and none (loadtests/README.md).
 
     Attributes:
         fast: the scorer `infer` uses (OpenVINO bf16).
         exact: the fp32 scorer used for the near-ties (OpenVINO f32).
-        margin: the score distance under which candidates are re-scored; calibrated at warm-up
-            as `margin_factor` x the largest fast/exact difference seen, unless given.
+        margin: the score distance under which candidates are re-scored; `margin_factor` x the
+            largest fast/exact difference seen at warm-up and calibration, unless given.
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class RefiningScorer(Scorer):
         self.parallelism = fast.parallelism
         self._fixed_margin = margin
         self._margin_factor = margin_factor
+        self._measured = 0.0  # the largest fast/exact difference seen so far
         self.margin = margin if margin is not None else 0.0
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -102,19 +104,35 @@ class RefiningScorer(Scorer):
         margin was given, calibrates this one on the warm-up shapes."""
         if self.exact.refinement() is not None:
             self.exact.warmup()
+        self._measure(
+            [
+                synthetic_feeds(rows, tokens, self.input_names, self.pad_token_id)
+                for rows, tokens in WARMUP_SHAPES
+            ],
+            "warm-up",
+        )
+
+    def calibrate(self, text: Sequence[Mapping[str, np.ndarray]]) -> None:
+        """Widens the margin (unless it was given) to the largest fast/exact difference on these
+        batches of real text too; a chained exact scorer calibrates first."""
+        self.exact.calibrate(text)
+        self._measure(text, "probe-set text")
+
+    def _measure(self, batches: Sequence[Mapping[str, np.ndarray]], what: str) -> None:
         worst = 0.0
-        # The fast engine's lone-batch path (every core) warms here too, and counts in the margin.
+        # The fast engine's lone-batch path (every core) runs here too, and counts in the margin.
         fast = [self.fast.infer] + [infer for infer in [self.fast.alone()] if infer is not None]
-        for rows, tokens in WARMUP_SHAPES:
-            feeds = synthetic_feeds(rows, tokens, self.input_names, self.pad_token_id)
+        for feeds in batches:
             exact = self.exact.infer(feeds)
             for infer in fast:
                 worst = max(worst, float(np.abs(infer(feeds) - exact).max()))
+        self._measured = max(self._measured, worst)
         if self._fixed_margin is None:
-            self.margin = self._margin_factor * worst
+            self.margin = self._margin_factor * self._measured
         logger.info(
-            "refining scorer: fast/exact max |diff| %.3g on warm-up, margin %.3g",
+            "refining scorer: fast/exact max |diff| %.3g on %s, margin %.3g",
             worst,
+            what,
             self.margin,
         )
 

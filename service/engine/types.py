@@ -122,6 +122,12 @@ class Scorer(Protocol):
         """Runs representative batches once, before the service turns ready."""
         ...
 
+    def calibrate(self, text: Sequence[Mapping[str, np.ndarray]]) -> None:
+        """Measures the ranking's re-scoring margin on padded batches of real text as well (the
+        probe sets: `service.engine.warmup.text_batches`), after `warmup`. A single-stage scorer
+        has no margin: the default does nothing."""
+        del text
+
     def alone(self) -> Callable[[Mapping[str, np.ndarray]], np.ndarray] | None:
         """How to score a batch that runs alone (no other batch on the model) on every core,
         where `infer` does not (OpenVINO's streams take a core each); None (the default): `infer`
@@ -142,7 +148,7 @@ class Scorer(Protocol):
 @dataclass(frozen=True, slots=True)
 class Refinement:
     """The two stages of a refining scorer, at the moment they are asked for (the margin is
-    calibrated at warm-up).
+    measured at warm-up: `service.engine.warmup.warm_up`).
 
     Attributes:
         fast: what `infer` runs: every candidate of a set is scored by it.

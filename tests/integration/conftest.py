@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,9 @@ class GatedScorer(Scorer):
     def warmup(self) -> None:
         self.warm_gate.wait(30)
         self.inner.warmup()
+
+    def calibrate(self, text: Sequence[Mapping[str, np.ndarray]]) -> None:
+        self.inner.calibrate(text)
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         self.entered.set()

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
+from cappy.probe_sets import probe_sets
 from service.engine import runtime as runtime_module
 from service.engine.batching_config import BatcherConfig
 from service.engine.errors import DeadlineExceeded
@@ -88,6 +89,30 @@ async def chain_runtime(tiny_engine_export: TinyExport, monkeypatch: pytest.Monk
         engine.threads.clear()
     yield runtime, (int8, bf16, fp32)
     await runtime.stop()
+
+
+async def test_the_runtime_calibrates_its_margin_on_the_probe_sets(
+    tiny_engine_export: TinyExport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After warm-up, the loaded scorer measures its margin on the probe sets' text too: one
+    padded batch a set, tokenized by the export's tokenizer, and the margin follows the
+    fast/exact difference on them (`FakeEngine`'s error is a fixed function of the ids)."""
+    fast, exact = FakeEngine("bf16", 0.01), FakeEngine("fp32", 0.0)
+    scorer = RefiningScorer(fast, exact)
+    seen: list[Mapping[str, np.ndarray]] = []
+    calibrate = scorer.calibrate
+    monkeypatch.setattr(scorer, "calibrate", lambda text: (seen.extend(text), calibrate(text)))
+    monkeypatch.setattr(runtime_module, "load_scorer", lambda *_a, **_k: scorer)
+    runtime = ScoringRuntime(RuntimeConfig(export_dir=tiny_engine_export.path))
+    await runtime.start()
+    try:
+        assert runtime.ready, runtime.load_error
+        sets = probe_sets()
+        assert [len(feeds["input_ids"]) for feeds in seen] == [len(s.candidates) for s in sets]
+        on_text = max(float(np.abs(fast.infer(f) - exact.infer(f)).max()) for f in seen)
+        assert scorer.margin >= on_text > 0
+    finally:
+        await runtime.stop()
 
 
 def candidates(n: int) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +22,7 @@ from service.engine.openvino_backend import (
     openvino_bf16_supported,
 )
 from service.engine.scorer import RefiningScorer, load_scorer
-from service.engine.types import pad_batch, padded_width
+from service.engine.types import Scorer, pad_batch, padded_width
 from tests.unit.engine.conftest import (
     assert_close,
     batches_of_pairs,
@@ -147,6 +148,55 @@ def test_refining_scorer_calibrates_its_margin(export, tokenizer) -> None:
             "alone": False,
         }
     )
+
+
+class _ByFirstId(Scorer):
+    """Scores a row as its first real token id x `scale`: two of them differ by (scale - 1) x
+    that id, more on real text's ids than on the synthetic warm-up's (all under 100)."""
+
+    input_names = ("input_ids", "attention_mask")
+    pad_token_id = 1
+    device = "cpu"
+    precision = "fp32"
+    parallelism = 1
+    name = "by-first-id"
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        return feeds["input_ids"][:, 1].astype(np.float32) * self.scale
+
+    def warmup(self) -> None:
+        pass
+
+
+def _text(first_id: int) -> dict[str, np.ndarray]:
+    ids = np.array([[0, first_id, 2], [0, 7, 2]], dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def test_refining_scorer_widens_its_margin_to_the_error_on_real_text() -> None:
+    scorer = RefiningScorer(_ByFirstId(1.001), _ByFirstId(1.0))
+    scorer.warmup()
+    warm = scorer.margin
+    assert 0 < warm < 0.1  # synthetic ids stay under 100: (1.001 - 1) x id < 0.1
+    scorer.calibrate([_text(2000)])
+    assert scorer.margin == pytest.approx(2.0, rel=1e-3)  # 0.001 x 2000
+    assert scorer.refinement().margin == scorer.margin
+    scorer.calibrate([_text(500)])  # a smaller difference never narrows it
+    assert scorer.margin == pytest.approx(2.0, rel=1e-3)
+    scorer.warmup()  # nor does warming up again
+    assert scorer.margin == pytest.approx(2.0, rel=1e-3)
+
+
+def test_a_given_margin_stays_and_a_chained_stage_calibrates_too() -> None:
+    inner = RefiningScorer(_ByFirstId(1.001), _ByFirstId(1.0))
+    screen = RefiningScorer(_ByFirstId(1.01), inner, margin=0.5)
+    screen.warmup()
+    screen.calibrate([_text(3000)])
+    assert screen.margin == 0.5  # the int8 screen's recorded error
+    assert inner.margin == pytest.approx(3.0, rel=1e-3)
 
 
 requires_bf16 = pytest.mark.skipif(
