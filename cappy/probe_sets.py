@@ -36,6 +36,8 @@ _INSTRUCTIONS = (
 class CandidateSet:
     instruction: str
     candidates: tuple[str, ...]
+    # Longer than any max_length: a set built to be cut by truncation.
+    cut: bool = False
 
 
 def probe_sets(seed: int = 1234) -> list[CandidateSet]:
@@ -57,9 +59,9 @@ def probe_sets(seed: int = 1234) -> list[CandidateSet]:
         rng.shuffle(candidates)
         sets.append(CandidateSet(instruction, tuple(candidates)))
     # Longer than any max_length: truncation (longest_first) on both sides or one side.
-    sets.append(CandidateSet(words(700), ("yes", "no", words(30), words(800))))
-    sets.append(CandidateSet("Answer briefly.", (words(900), "ok", words(3), words(600))))
-    sets.append(CandidateSet(words(300) + " ?", (words(400), words(10), "")))
+    sets.append(CandidateSet(words(700), ("yes", "no", words(30), words(800)), cut=True))
+    sets.append(CandidateSet("Answer briefly.", (words(900), "ok", words(3), words(600)), cut=True))
+    sets.append(CandidateSet(words(300) + " ?", (words(400), words(10), ""), cut=True))
     sets.append(
         CandidateSet(
             "Pick the label: sports, politics, science.",

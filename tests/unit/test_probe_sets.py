@@ -12,3 +12,8 @@ def test_probe_sets_are_fixed_and_varied() -> None:
     texts = [text for s in sets for text in s.candidates]
     assert "" in texts and any(not text.isascii() for text in texts)
     assert max(len(text.split()) for text in texts) > 512  # truncated at any max_length
+    assert sum(s.cut for s in sets) == 3 and all(
+        max(len(f"{s.instruction} {text}".split()) for text in s.candidates) > 512
+        for s in sets
+        if s.cut
+    )

@@ -95,8 +95,9 @@ async def test_the_runtime_calibrates_its_margin_on_the_probe_sets(
     tiny_engine_export: TinyExport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After warm-up, the loaded scorer measures its margin on the probe sets' text too: one
-    padded batch a set, tokenized by the export's tokenizer, and the margin follows the
-    fast/exact difference on them (`FakeEngine`'s error is a fixed function of the ids)."""
+    padded batch a set (but the 3 built to be cut), tokenized by the export's tokenizer, and the
+    margin follows the fast/exact difference on them (`FakeEngine`'s error is a fixed function
+    of the ids)."""
     fast, exact = FakeEngine("bf16", 0.01), FakeEngine("fp32", 0.0)
     scorer = RefiningScorer(fast, exact)
     seen: list[Mapping[str, np.ndarray]] = []
@@ -107,8 +108,8 @@ async def test_the_runtime_calibrates_its_margin_on_the_probe_sets(
     await runtime.start()
     try:
         assert runtime.ready, runtime.load_error
-        sets = probe_sets()
-        assert [len(feeds["input_ids"]) for feeds in seen] == [len(s.candidates) for s in sets]
+        sizes = {len(s.candidates) for s in probe_sets()}
+        assert len(seen) == 13 and all(len(feeds["input_ids"]) in sizes for feeds in seen)
         on_text = max(float(np.abs(fast.infer(f) - exact.infer(f)).max()) for f in seen)
         assert scorer.margin >= on_text > 0
     finally:
