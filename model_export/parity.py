@@ -1,4 +1,4 @@
-"""Parity of an exported graph with the PyTorch model it came from: the probe sets, the
+"""Parity of an exported graph with the PyTorch model it came from, on the probe sets: the
 measurement, and the gates that decide whether a graph may be shipped.
 
 The probe sets (cappy/probe_sets.py: short, long, truncated at max_length, non-ASCII, empty

@@ -62,11 +62,10 @@ from service.engine.batching_config import (
 from service.engine.errors import DeadlineExceeded, EngineError, EngineStopped, InferenceFailed
 from service.engine.queue import Item, PairQueue, QueuedRequest
 from service.engine.tickets import request_key
-from service.engine.types import EncodedPair, Scorer, pad_batch
+from service.engine.types import EncodedPair, Encoder, Scorer, pad_batch
 
 logger = logging.getLogger(__name__)
 
-Encoder = Callable[[Sequence[tuple[str, str]]], list[EncodedPair]]
 _T = TypeVar("_T")
 
 # Batchers between start() and stop(), for the process-wide queue gauges.

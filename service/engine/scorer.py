@@ -51,9 +51,9 @@ class RefiningScorer(Scorer):
     `margin` of the best one (`Refinement.near_top`; about 2% of pairs on the benchmark), so the
     winner and the order of the leaders are those of fp32 wherever the fast engine's error stays
     within the margin. The margin is the largest fast/exact difference on the warm-up's batches and
-    on the probe sets' real text (`calibrate`): with the synthetic batches alone a mean-pooled
-    MiniLM's margin was 1.1e-3 against 3.9e-3 measured on the benchmark's sets, and 1 set of 260
-    kept a winner other than fp32's; with the text, 3.0e-3 and none (loadtests/README.md).
+    on the probe sets' real text (`calibrate`): the synthetic batches alone give a mean-pooled
+    MiniLM 1.1e-3 against 3.9e-3 measured on the benchmark's sets, and leave 1 set of 260 with a
+    winner other than fp32's; with the text, 3.0e-3 and none (loadtests/README.md).
 
     Attributes:
         fast: the scorer `infer` uses (OpenVINO bf16).

@@ -88,6 +88,10 @@ def pad_batch(
     return {name: feeds[name] for name in input_names}
 
 
+# Tokenizes (instruction, response) pairs as requests are (`PairTokenizer.encode`).
+Encoder = Callable[[Sequence[tuple[str, str]]], list[EncodedPair]]
+
+
 class Scorer(Protocol):
     """An execution backend holding one exported Cappy model, or a chain of them ranked in stages
     (a refining scorer: a fast pass, then a more precise one on the near-tied leaders).

@@ -3,18 +3,15 @@ the first requests do not pay for kernel selection or primitive creation."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from cappy.probe_sets import probe_sets
-from service.engine.types import EncodedPair, Scorer, pad_batch
+from service.engine.types import Encoder, Scorer, pad_batch
 
 # (rows, tokens): short and long rows, small and full batches.
 WARMUP_SHAPES = ((1, 16), (4, 64), (16, 128), (32, 256), (8, 512))
-
-# Tokenizes (instruction, response) pairs as requests are (`PairTokenizer.encode`).
-Encoder = Callable[[Sequence[tuple[str, str]]], list[EncodedPair]]
 
 
 def synthetic_feeds(

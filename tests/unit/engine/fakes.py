@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from service.engine.admission import MIN_PACE_BATCHES
-from service.engine.batcher import DynamicBatcher, Encoder, ScoredPair
+from service.engine.batcher import DynamicBatcher, ScoredPair
 from service.engine.batching_config import BatcherConfig
-from service.engine.types import EncodedPair, Scorer, ScorerDevice
+from service.engine.types import EncodedPair, Encoder, Scorer, ScorerDevice
 from service.metrics import REGISTRY
 
 MAX_LENGTH = 512
