@@ -8,6 +8,8 @@ length bucketing, no admission).
 `POST /select {"instruction", "candidates"}` tokenizes the request's pairs (padded to its
 longest), runs them as one batch with every core (one request at a time: concurrent batches would
 only fight over the cores), and answers `{"index", "scores"}` as the service's /select does.
+A checkpoint that scores from mean pooling (`"cappy_pooling": "mean"` in its config, as `cappy
+adapt train` writes for embedding-model bases) is scored that way, as its export is.
 `GET /ready` says when the model is loaded. A benchmark baseline, never part of the product.
 """
 
@@ -31,12 +33,16 @@ def build_app(checkpoint: str, *, max_length: int, threads: int | None = None) -
     from fastapi import FastAPI
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from model_export import pooling
+
     if threads:
         torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForSequenceClassification.from_pretrained(
-        checkpoint, torch_dtype=torch.bfloat16
+        checkpoint, dtype=torch.bfloat16
     ).eval()
+    if pooling.pooling_of(model.config) == "mean":  # the checkpoint's own score, as exported
+        pooling.use_mean_pooling(model)
     lock = threading.Lock()
 
     app = FastAPI(title="naive bf16 baseline")
