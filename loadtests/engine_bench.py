@@ -32,7 +32,7 @@ from service.engine import cascade
 from service.engine.batching_config import BatcherConfig, for_device
 from service.engine.export_dir import ExportDir
 from service.engine.onnx_runtime import OnnxScorer, cuda_available
-from service.engine.openvino_backend import OpenVinoScorer
+from service.engine.openvino_backend import OpenVinoScorer, openvino_bf16_supported
 from service.engine.scorer import RefiningScorer, load_scorer
 from service.engine.tokenize import PairTokenizer
 from service.engine.types import EncodedPair, Scorer, pad_batch, padded_width
@@ -47,9 +47,12 @@ def build_scorer(args: argparse.Namespace, export: ExportDir, pad_token_id: int)
     }
     model_file = Path(args.model_file) if args.model_file else None
     if args.engine == "openvino":
+        precision = args.precision
+        if precision == "auto":  # as the service picks
+            precision = "bf16" if openvino_bf16_supported() else "fp32"
         fast = OpenVinoScorer(
             model_file or export.model_path("fp32"),
-            precision=args.precision,
+            precision=precision,
             hint=args.hint,
             num_streams=args.streams,
             threads=args.threads,
@@ -241,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         "--margin",
         type=float,
         default=None,
-        help="refine margin (default: measured at warm-up, as the service does)",
+        help="with --engine openvino --refine: the re-scoring margin (default: measured at "
+        "warm-up, as the service does); with --check-argmax, what a margin keeps of fp32's winners",
     )
     parser.add_argument(
         "--refine-via-bf16",
@@ -260,6 +264,19 @@ def main(argv: list[str] | None = None) -> int:
         help="load graphs that did not pass a parity gate (an export made with --parity record)",
     )
     args = parser.parse_args(argv)
+    if args.engine != "openvino":  # the service's own scorer (auto) or ONNX Runtime: no such knob
+        given = [
+            flag
+            for flag, value in (
+                ("--margin", args.margin),
+                ("--refine-via-bf16", args.refine_via_bf16 or None),
+                ("--bf16-margin", args.bf16_margin),
+                ("--ov-config", args.ov_config or None),
+            )
+            if value is not None
+        ]
+        if given:
+            parser.error(f"{', '.join(given)}: only with --engine openvino (and --refine)")
     # The service's batch limits for the device, where not given: a CPU budget with a CPU row
     # limit, a GPU's with a GPU's.
     device = args.device if args.device != "auto" else ("cuda" if cuda_available() else "cpu")
