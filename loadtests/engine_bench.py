@@ -329,12 +329,14 @@ def main(argv: list[str] | None = None) -> int:
         cpu0 = time.process_time()
         t0 = time.perf_counter()
         parts = request_spans(requests)
+
+        def rescore_part(part: slice) -> np.ndarray:
+            return rescore(scorer, encoded[part], scores[part], args)
+
         # Each request's near-ties, on as many threads as the scorer runs batches at once (the
         # service runs them on its batch workers).
         with ThreadPoolExecutor(max_workers=max(1, scorer.parallelism)) as pool:
-            refined_parts = list(
-                pool.map(lambda p: rescore(scorer, encoded[p], scores[p], args), parts)
-            )
+            refined_parts = list(pool.map(rescore_part, parts))
         for part, refined in zip(parts, refined_parts, strict=True):
             refined_pairs += int(np.count_nonzero(refined != scores[part]))
             scores[part] = refined
