@@ -82,11 +82,15 @@ LABEL org.opencontainers.image.title="cappy-serve" \
       org.opencontainers.image.licenses="Apache-2.0" \
       cappy.extras="${EXTRAS}"
 
+# The cache volume's mount point stays empty (the service and the hub client create their
+# folders in it): replicas that first mount a fresh named volume at once each copy the image's
+# content there, and Docker's copy races on every subfolder ("failed to mkdir ...: file exists",
+# moby/moby#43068). An empty folder copies only its owner.
 RUN groupadd --system --gid 10001 cappy \
     && useradd --system --uid 10001 --gid cappy --home-dir /home/cappy --create-home \
         --shell /usr/sbin/nologin cappy \
-    && mkdir -p /var/cache/cappy/exports /var/cache/cappy/huggingface \
-    && chown -R cappy:cappy /var/cache/cappy
+    && mkdir -p /var/cache/cappy \
+    && chown cappy:cappy /var/cache/cappy
 
 # A server sends no usage telemetry, and on a read-only root ONNX Runtime cannot keep its
 # telemetry id (a warning at start): its switch here. (The service declines OpenVINO's itself.)

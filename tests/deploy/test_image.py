@@ -9,9 +9,11 @@ import asyncio
 import contextlib
 import json
 import re
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,56 @@ def test_runs_as_uid_10001_on_a_read_only_root(served: tuple[Container, float]) 
     assert code != 0 and "Read-only file system" in out
     code, _ = container.exec("touch", "/tmp/x")
     assert code == 0
+
+
+def _mount_at_once(docker: Docker, tag: str, volume: str, containers: int) -> list[str]:
+    """Starts `containers` containers of `tag` at once, each mounting `volume` at the cache
+    folder and creating the service's folders there; returns the stderr of those that failed."""
+
+    def one(_: int) -> subprocess.CompletedProcess[str]:
+        return docker.run(
+            "run",
+            "--rm",
+            "--read-only",
+            "-v",
+            f"{volume}:/var/cache/cappy",
+            "--entrypoint",
+            "sh",
+            tag,
+            "-c",
+            "mkdir -p /var/cache/cappy/exports /var/cache/cappy/huggingface",
+            check=False,
+        )
+
+    with ThreadPoolExecutor(max_workers=containers) as pool:
+        return [run.stderr for run in pool.map(one, range(containers)) if run.returncode != 0]
+
+
+def test_replicas_first_mounting_a_fresh_cache_volume_at_once_all_start(
+    docker: Docker, image: Any
+) -> None:
+    """Each container that first mounts an empty named volume copies the image's content at the
+    mount point into it, and Docker's copy fails on a subfolder another copy made first
+    (moby/moby#43068: `compose up` with two replicas failed so). The image's cache folder holds
+    nothing to copy but its owner, the service's user, who can then write there."""
+    tag = image("cpu")
+    listing = docker.run(
+        "run",
+        "--rm",
+        "--entrypoint",
+        "sh",
+        tag,
+        "-c",
+        "ls -A /var/cache/cappy; stat -c %u /var/cache/cappy",
+    )
+    assert listing.stdout.split() == ["10001"]  # nothing in it; its owner
+    for attempt in range(3):
+        volume = f"cappy-deploy-test-fresh-{attempt}"
+        docker.run("volume", "rm", "--force", volume, check=False)
+        try:
+            assert _mount_at_once(docker, tag, volume, containers=4) == []
+        finally:
+            docker.run("volume", "rm", "--force", volume, check=False)
 
 
 def test_ready_within_a_minute_with_no_warnings(served: tuple[Container, float]) -> None:
