@@ -32,7 +32,7 @@ from service.engine import cascade
 from service.engine.batching_config import BatcherConfig, for_device
 from service.engine.export_dir import ExportDir
 from service.engine.onnx_runtime import OnnxScorer, cuda_available
-from service.engine.openvino_backend import OpenVinoScorer, openvino_bf16_supported
+from service.engine.openvino_backend import OpenVinoScorer, openvino_precision
 from service.engine.scorer import RefiningScorer, load_scorer
 from service.engine.tokenize import PairTokenizer
 from service.engine.types import EncodedPair, Scorer, pad_batch, padded_width
@@ -47,12 +47,9 @@ def build_scorer(args: argparse.Namespace, export: ExportDir, pad_token_id: int)
     }
     model_file = Path(args.model_file) if args.model_file else None
     if args.engine == "openvino":
-        precision = args.precision
-        if precision == "auto":  # as the service picks
-            precision = "bf16" if openvino_bf16_supported() else "fp32"
         fast = OpenVinoScorer(
             model_file or export.model_path("fp32"),
-            precision=precision,
+            precision=openvino_precision(args.precision),
             hint=args.hint,
             num_streams=args.streams,
             threads=args.threads,

@@ -18,7 +18,7 @@ import numpy as np
 
 from service.engine.errors import ScorerError
 from service.engine.onnx_runtime import usable_cores
-from service.engine.types import GraphInputs, Scorer, ScorerDevice
+from service.engine.types import GraphInputs, Precision, Scorer, ScorerDevice
 from service.engine.warmup import WARMUP_SHAPES, synthetic_feeds
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,14 @@ def openvino_bf16_supported() -> bool:
         return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     except Exception:  # no openvino, or no CPU plugin
         return False
+
+
+def openvino_precision(precision: Precision) -> Precision:
+    """`precision`, with "auto" resolved as the service serves OpenVINO: bf16 where the CPU has
+    it natively, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if openvino_bf16_supported() else "fp32"
 
 
 class OpenVinoScorer(Scorer):

@@ -34,6 +34,7 @@ from service.engine.openvino_backend import (
     OpenVinoScorer,
     openvino_bf16_supported,
     openvino_importable,
+    openvino_precision,
 )
 from service.engine.types import Device, Engine, GraphInputs, Precision, Refinement, Scorer
 from service.engine.warmup import WARMUP_SHAPES, synthetic_feeds
@@ -217,8 +218,7 @@ def load_scorer(
             logger.warning("OpenVINO cannot serve this export (%s); using ONNX Runtime fp32", exc)
             engine, precision = "onnxruntime", "fp32"
     if engine == "openvino":
-        if precision == "auto":
-            precision = "bf16" if openvino_bf16_supported() else "fp32"
+        precision = openvino_precision(precision)
         if precision not in ("bf16", "fp32"):
             raise ScorerError(
                 f"the OpenVINO scorer runs bf16 or fp32, or int8 from an export made with "
