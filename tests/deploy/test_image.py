@@ -157,7 +157,7 @@ def test_replicas_first_mounting_a_fresh_cache_volume_at_once_all_start(
 ) -> None:
     """Each container that first mounts an empty named volume copies the image's content at the
     mount point into it, and Docker's copy fails on a subfolder another copy made first
-    (moby/moby#43068: `compose up` with two replicas failed so). The image's cache folder holds
+    (moby/moby#43068: a `compose up` of two replicas fails so). The image's cache folder holds
     nothing to copy but its owner, the service's user, who can then write there."""
     tag = image("cpu")
     listing = docker.run(
