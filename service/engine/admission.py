@@ -9,9 +9,11 @@ async batcher (batcher.py) asks it before queueing and tells it each batch's tim
   or by the tokenization of the requests beside it, would otherwise refuse a fresh server's
   first burst. Until then only the token cap and the oldest pair's age refuse.
 - A request is refused at once with `Overloaded` and a Retry-After of when the queue will have
-  drained enough for it, when the queue is full (`max_queue_tokens`), when its expected wait is
-  over `max_queue_wait_s` (or its oldest pair has already waited that long: the check on a pace
-  that lags a slowing host), or when the request would miss its deadline behind the queue.
+  drained enough for it (at the pace: the expected wait, the queue's model time times the
+  head's lag below, falls `lag` seconds a second while it drains), when the queue is full
+  (`max_queue_tokens`), when its expected wait is over `max_queue_wait_s` (or its oldest pair
+  has already waited that long: the check on a pace that lags a slowing host), or when the
+  request would miss its deadline behind the queue.
 - A request that can never be answered, however empty the queue, is `RequestTooLarge` (413): more
   tokens than the queue may hold, or alone more model time than its deadline leaves.
 
@@ -30,8 +32,9 @@ async batcher (batcher.py) asks it before queueing and tells it each batch's tim
   head's excess age, which says nothing of how long a burst admitted at once takes to drain.
 
 - A refusal's Retry-After is a promise the queue keeps (tickets.py): the refused request gets a
-  ticket for that time, keyed by its content, and while tickets are open newcomers are held a
-  little under the limit so that the retries find the room they were promised.
+  ticket, keyed by its content, for when the queue will have room for it behind the retries
+  promised before it, and while tickets are open newcomers are held a little under the limit
+  so that the retries find the room they were promised.
 
 Admission looks at the queue ahead of a request, not at its size: large requests are admitted as
 readily as small ones.
@@ -46,7 +49,7 @@ from collections.abc import Callable
 from service import metrics
 from service.engine.errors import DeadlineExceeded, Overloaded, RequestTooLarge
 from service.engine.queue import Item, PairQueue
-from service.engine.tickets import EARLY_S, HEADROOM_SHARE, Tickets
+from service.engine.tickets import EARLY_S, HEADROOM_SHARE, Room, Tickets
 
 # Weight of the newest batch in the pace averages behind admission and Retry-After.
 _THROUGHPUT_ALPHA = 0.2
@@ -262,52 +265,67 @@ class Admission:
             if key is not None and ticket is not None:
                 tickets.claim(key)
             return now
-        if early:
-            assert ticket is not None
-            raise self._overloaded(ticket.due - now)
+        if ticket is not None and now < ticket.due:
+            # Before its time (an early retry, or within `EARLY_S` of it and the queue not yet
+            # drained): the time left; the ticket keeps its place.
+            raise self._overloaded(max(_RETRY_AFTER_MIN_S, ticket.due - now))
         # Refused: when the queue will have room for it behind the retries promised before it.
-        ahead = tickets.backlog_tokens(excluding=key)
-        promise = self.retry_after(tokens, remaining, ahead=ahead)
-        promise = _RETRY_AFTER_MIN_S if promise is None else promise
+        promise = self.retry_after(tokens, remaining) or _RETRY_AFTER_MIN_S
+        room = self._room()
+        if room is not None:
+            promise = max(promise, tickets.schedule(now, room) - now)
+        promise = min(_RETRY_AFTER_MAX_S, max(_RETRY_AFTER_MIN_S, promise))
         if key is not None and promise < _RETRY_AFTER_MAX_S:
-            tickets.issue(key, now, now + promise, tokens)
+            tickets.issue(key, now, now + promise, tokens, room)
         raise self._overloaded(promise)
 
+    def _room(self) -> Room | None:
+        """The queue now for the tickets' schedule (tickets.Room); None without a wait limit or
+        a measured pace."""
+        rate = self.pace.tokens_per_second()
+        if rate is None or self.max_queue_wait_s is None:
+            return None
+        # The queued tokens at which the expected wait is the limit.
+        limit = self.max_queue_wait_s * rate / self.lag.factor
+        return Room(self._queue.tokens - limit, HEADROOM_SHARE * limit, rate)
+
     def retry_after(
-        self, tokens: int, remaining: float | None = None, *, share: float = 1.0, ahead: int = 0
+        self, tokens: int, remaining: float | None = None, *, share: float = 1.0
     ) -> float | None:
         """None when a request of `tokens` tokens (with `remaining` seconds to its deadline) may
-        be queued now, with `ahead` more tokens counted as queued and the expected wait held to
-        `share` of the limit; else the seconds until the queue will have drained enough for it,
-        by the model's recent pace (at least `_RETRY_AFTER_UNKNOWN_S` while the pace is
-        unknown)."""
-        queued = self._queue.tokens + ahead
+        be queued now, with the expected wait held to `share` of the limit; else the seconds
+        until the queue will have drained enough for it, by the model's recent pace (at least
+        `_RETRY_AFTER_UNKNOWN_S` while the pace is unknown)."""
+        queued = self._queue.tokens
         # Any request brings at least one token: a full queue refuses before tokenizing.
         over_cap = queued + max(tokens, 1) - self.max_queue_tokens
         wait = self.expected_wait(queued)
-        # Each is the queue time that has to pass before the request would be admitted.
-        excess = [0.0]
+        # Each is how long the queue has to drain before the request would be admitted. The
+        # queue drains at the pace, so an expected wait (its model time times the head's lag)
+        # falls `lag` seconds a second: an excess wait is drained in excess / lag.
+        lag = self.lag.factor
+        needed = [0.0]
         if over_cap > 0:
-            excess.append(max(_RETRY_AFTER_MIN_S, self.expected_wait(over_cap) or 0.0))
+            needed.append(max(_RETRY_AFTER_MIN_S, self.model_time(over_cap) or 0.0))
         if self.max_queue_wait_s is not None:
             if wait is not None:
-                excess.append(wait - share * self.max_queue_wait_s)
+                needed.append((wait - share * self.max_queue_wait_s) / lag)
             # The estimate's check, and the only wait rule before the pace is known: the oldest
             # queued pair has waited longer than the limit (the pace fell, e.g. a busy host, or
             # was never measured), so the queue drains slower than it says. A measured age.
             now = self._clock()
             oldest = self._queue.oldest(now)
             if oldest is not None and (age := now - oldest.arrival - self.max_queue_wait_s) > 0:
-                excess.append(max(age, self._young_head_in(now)))
+                needed.append(max(age, self._young_head_in(now)))
         if remaining is not None and wait is not None:
             # Behind this queue it would miss its deadline: refused now, not a 504 later.
-            excess.append(wait + (self.expected_wait(tokens) or 0.0) - remaining)
-        needed = max(excess)
-        if needed <= 0:
+            needed.append((wait + (self.expected_wait(tokens) or 0.0) - remaining) / lag)
+        seconds = max(needed)
+        if seconds <= 0:
             return None
         if wait is None:  # no pace to say when the queue drains
-            needed = max(needed, _RETRY_AFTER_UNKNOWN_S)
-        return min(_RETRY_AFTER_MAX_S, max(_RETRY_AFTER_MIN_S, needed))
+            seconds = max(seconds, _RETRY_AFTER_UNKNOWN_S)
+        return min(_RETRY_AFTER_MAX_S, max(_RETRY_AFTER_MIN_S, seconds))
 
     def _young_head_in(self, now: float) -> float:
         """Seconds until the queue, drained oldest first at the expected pace, has a head that

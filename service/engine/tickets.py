@@ -10,9 +10,13 @@ with the time it was told to come back, and admission (admission.py) keeps room 
   `1 - HEADROOM_SHARE` of the limit; a ticket's retry, from `EARLY_S` before its time on, within
   the whole limit. Every admitted pair still keeps the limit; the queue under a flood simply
   holds newcomers a little shorter. With no ticket open nothing changes.
-- A ticket's time is when the queue will have drained enough for it behind the work promised to
-  the tickets issued before it, weighted by the share of tickets that are in fact claimed
-  (`claim_rate`: clients that never retry must not hold room that nobody uses).
+- A ticket's time is the schedule's (`schedule`): the earliest time at which the queue, draining
+  at the model's pace, will have a retry's room behind the retries promised before it, each
+  arriving at its own time with its tokens weighted by the share of tickets that are in fact
+  claimed (`claim_rate`: clients that never retry must not hold room that nobody uses). Between
+  two promised retries the queue drains, and newcomers refill it only to their share: so the
+  retries promised over the next seconds delay a new one only by the part of their work the
+  drain has not absorbed by then, not by all of it.
 - A request before its ticket's time (an early retry, or another client's first try of the
   same texts) is a newcomer; refused, it is told the time left: the ticket keeps its place.
 - A ticket not claimed within its grace (`GRACE_MIN_S`, or `GRACE_SHARE` of its wait if longer)
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -58,11 +63,21 @@ def request_key(input_ids: Iterable[np.ndarray]) -> bytes:
     return digest.digest()
 
 
+@dataclass(frozen=True, slots=True)
+class Room:
+    """What the schedule needs of the queue now, in tokens: `over`, how many it holds past the
+    most a retry may find (negative: that much room); `headroom`, how far under that newcomers
+    stop while tickets are open; `rate`, how many the model drains a second."""
+
+    over: float
+    headroom: float
+    rate: float
+
+
 @dataclass(slots=True)
 class Ticket:
     due: float
     expires: float
-    tokens: int
 
 
 class Tickets:
@@ -71,8 +86,11 @@ class Tickets:
     def __init__(self) -> None:
         self._open: dict[bytes, Ticket] = {}
         self._expiry: list[tuple[float, bytes]] = []  # a heap; stale entries are skipped
-        self._tokens = 0
         self.claim_rate = 1.0
+        # The schedule's tail: the time of the latest promised retry, and the tokens the queue
+        # was expected to hold past a retry's room just after that retry joins it.
+        self._last_due = -math.inf
+        self._last_over = 0.0
 
     def __len__(self) -> int:
         return len(self._open)
@@ -88,21 +106,40 @@ class Tickets:
     def get(self, key: bytes | None) -> Ticket | None:
         return None if key is None else self._open.get(key)
 
-    def backlog_tokens(self, excluding: bytes | None = None) -> int:
-        """Tokens promised to the open tickets (but `excluding`'s own), weighted by the share
-        that is claimed."""
-        own = self._open.get(excluding) if excluding is not None else None
-        return int((self._tokens - (own.tokens if own else 0)) * self.claim_rate)
+    def schedule(self, now: float, room: Room) -> float:
+        """The earliest time at which a retry promised now finds its room: the queue drains at
+        `room.rate`, behind the retries promised before it (module docstring)."""
+        start, over = self._from(now, room)
+        return start + max(over, 0.0) / room.rate
 
-    def issue(self, key: bytes, now: float, due: float, tokens: int) -> bool:
-        """Opens (or moves) the ticket of `key` for `due`; False when the table is full."""
+    def _from(self, now: float, room: Room) -> tuple[float, float]:
+        """Where a new promise starts: the later of now and the latest promised retry's time,
+        and how far past a retry's room the queue will be then (the larger of what the
+        schedule expected and what the queue now, drained until then, says)."""
+        if self._last_due > now:
+            drained = room.over - room.rate * (self._last_due - now)
+            return self._last_due, max(self._last_over, drained)
+        return now, max(room.over, self._last_over - room.rate * (now - self._last_due))
+
+    def issue(
+        self, key: bytes, now: float, due: float, tokens: int, room: Room | None = None
+    ) -> bool:
+        """Opens (or moves) the ticket of `key` for `due` (no earlier than `schedule` said),
+        and with `room` (the queue's now) adds its retry to the schedule; False when the table
+        is full."""
         if key in self._open:
-            self._tokens -= self._open.pop(key).tokens
+            del self._open[key]
         elif len(self._open) >= MAX_TICKETS:
             return False
         expires = due + max(GRACE_MIN_S, GRACE_SHARE * (due - now))
-        self._open[key] = Ticket(due, expires, tokens)
-        self._tokens += tokens
+        self._open[key] = Ticket(due, expires)
+        if room is not None:
+            # At `due` the queue has drained to its room or further, but newcomers refill it to
+            # their share; then the retry is expected to add its tokens, by the claim rate.
+            start, over = self._from(now, room)
+            over = max(over - room.rate * (due - start), -room.headroom)
+            self._last_due = due
+            self._last_over = over + self.claim_rate * tokens
         heapq.heappush(self._expiry, (expires, key))
         metrics.RETRY_TICKETS.labels(outcome="issued").inc()
         return True
@@ -112,8 +149,9 @@ class Tickets:
         self._close(key, claimed=True)
 
     def _close(self, key: bytes, *, claimed: bool) -> None:
-        self._tokens -= self._open.pop(key).tokens
+        del self._open[key]
         self.claim_rate += CLAIM_ALPHA * ((1.0 if claimed else 0.0) - self.claim_rate)
         metrics.RETRY_TICKETS.labels(outcome="claimed" if claimed else "expired").inc()
-        if not self._open:
+        if not self._open:  # every promise kept or lapsed: what came back is in the queue
             self._expiry.clear()
+            self._last_due, self._last_over = -math.inf, 0.0
