@@ -600,7 +600,7 @@ def test_clients_that_come_back_when_told_find_their_room() -> None:
     """1.5x the model's capacity for a minute, every refused client back exactly when its
     Retry-After said, and back again if refused: the retries promised over the coming seconds
     arrive one by one while the queue drains, and the queue keeps nine in ten promises or more
-    (a backlog of every open ticket counted as queued at once kept 79% here)."""
+    (counting every open ticket's work as queued at once keeps only 79% here)."""
     clock = FakeClock()
     admission, queue = _admission(clock, min_pace_tokens=100)
     _known_pace(admission, clock, 100.0)  # 5 requests of 20 tokens a second
