@@ -20,8 +20,9 @@ async batcher (batcher.py) asks it before queueing and tells it each batch's tim
 - The head's lag: the pace says how fast the queue drains, not in what order. Pairs that join
   an older pair's batch by length overtake the pairs of other lengths, and the oldest pairs wait
   longer than the queued tokens ahead of them take at the pace. Each batch reports its seed (the
-  oldest pair when it was formed): its queue time over the time the tokens ahead of it in
-  arrival order were expected to take, at the pace of its admission. The expected wait is
+  oldest pair when it was formed): its queue time over the time the tokens ahead of it (those
+  queued before its request, and its request's other pairs, which the queue serves in any order)
+  were expected to take, at the pace of its admission. The expected wait is
   scaled by a high quantile of that ratio over recent seeds (never below 1), so that the
   queue's oldest pairs, the tail of its queue time, keep the limit. A mean over every pair
   would not: the overtaking pairs wait less than predicted and pull it below 1 while the tail
@@ -318,8 +319,11 @@ class Admission:
             if oldest is not None and (age := now - oldest.arrival - self.max_queue_wait_s) > 0:
                 needed.append(max(age, self._young_head_in(now)))
         if remaining is not None and wait is not None:
-            # Behind this queue it would miss its deadline: refused now, not a 504 later.
-            needed.append((wait + (self.expected_wait(tokens) or 0.0) - remaining) / lag)
+            # Behind this queue it would miss its deadline: refused now, not a 504 later. The lag
+            # is the queue's (later arrivals overtaking its oldest pairs); the request's own
+            # pairs take their model time, as the too-large rule counts them, so an idle server
+            # never refuses a request that its deadline allows alone.
+            needed.append((wait + (self.model_time(tokens) or 0.0) - remaining) / lag)
         seconds = max(needed)
         if seconds <= 0:
             return None

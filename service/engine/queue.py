@@ -52,7 +52,9 @@ class QueuedRequest:
 @dataclass(slots=True, eq=False)  # eq=False: an item is itself, never equal to another
 class Item:
     """One queued pair: the `index`-th pair of `request`, `length` tokens, queued at `arrival`
-    behind `ahead` real tokens (those queued before it, in arrival order)."""
+    behind `ahead` real tokens: those queued before its request, and its request's other pairs,
+    which arrive with it and are served in no order among themselves (by length). That much
+    starts before it at the most unless later arrivals overtake it."""
 
     request: QueuedRequest
     index: int
@@ -135,11 +137,11 @@ class PairQueue:
     def add(self, request: QueuedRequest, now: float) -> None:
         buckets = self._buckets
         fifo = self._fifo
-        ahead = self.tokens
+        # Behind the queue and the request's own other pairs (Item).
+        behind = self.tokens + request.queued_tokens
         for index, pair in enumerate(request.encoded):
             length = pair.length
-            item = Item(request, index, pair, length, now, ahead)
-            ahead += length
+            item = Item(request, index, pair, length, now, behind - length)
             bucket = bucket_of(length)
             while bucket >= len(buckets):
                 buckets.append(deque())

@@ -440,11 +440,12 @@ def test_the_limit_holds_for_the_oldest_pairs_when_they_wait_longer_than_the_pac
     assert admission.expected_wait() == pytest.approx(8.8) and admission.retry_after(0) is None
 
     seed = queue.take_batch(clock(), max_tokens=1)[0]
-    assert seed.ahead == 0 and seed.request.pace == pytest.approx(100.0)
-    admission.observe_seed(seed, started=clock() + 5.0)  # predicted 0 s: says nothing
+    # Behind its request's 10 other pairs (8 s at the pace), whatever their order: served
+    # first, it waited less than predicted.
+    assert seed.ahead == 800 and seed.request.pace == pytest.approx(100.0)
+    admission.observe_seed(seed, started=clock() + 0.8)
     assert admission.lag.factor == 1.0
-    later = queue.take_batch(clock(), max_tokens=1)[0]  # 80 tokens ahead of it: 0.8 s, too short
-    assert later.ahead == 80
+    assert queue.take_batch(clock(), max_tokens=1)  # a second pair served: 720 tokens left
     request = QueuedRequest(encode([pair(10)]), 10, None)
     request.pace = 100.0
     admission.observe_seed(  # predicted 2 s (200 tokens ahead at 100/s), waited 3 s
@@ -465,6 +466,52 @@ def test_the_limit_holds_for_the_oldest_pairs_when_they_wait_longer_than_the_pac
     clock.advance(excess / 1.5)
     _drain(queue, clock, round(excess / 1.5 * 100.0))
     _admit(admission, queue, pairs=1, length=8)
+
+
+def test_an_idle_server_refuses_a_request_alone_only_as_too_large() -> None:
+    """With nothing queued, a request its deadline allows alone is admitted whatever the head's
+    lag, which scales the queue ahead (later arrivals overtaking its oldest pairs), not the
+    request's own work; one it does not allow is too large (413). A 429 there would be told
+    again at every retry (a Cappy-large-shaped model served one request at a time refused a
+    64-candidate one so, its own model time scaled by the lag past its 60 s)."""
+    clock = FakeClock()
+    admission, queue = _admission(clock, min_pace_tokens=100)
+    _known_pace(admission, clock, 100.0)
+    admission.lag.factor = 4.0
+    deadline = admission.deadline(None)  # 60 s
+    admission.admit(5_900, deadline)  # 59 s alone (x4: 236 s)
+    with pytest.raises(RequestTooLarge):
+        admission.admit(6_100, deadline)
+
+    # Behind a queue, the lag counts for the queue: 2 s of model time is expected to take 8 s.
+    _admit(admission, queue, pairs=2, length=100)
+    admission.admit(5_200, deadline)  # 8 + 52 s
+    with pytest.raises(Overloaded) as refused:
+        admission.admit(5_300, deadline)  # 8 + 53 s: 1 s late, the queue's excess drains at 4x
+    assert refused.value.retry_after == pytest.approx(1.0 / 4.0)
+
+
+def test_a_lone_requests_pairs_served_by_length_do_not_raise_the_lag() -> None:
+    """One request at a time: its pairs are served by length, not in the order they were sent,
+    so a pair listed early may start after many listed later. That is its own request's work,
+    not later arrivals overtaking it: the lag stays 1. (Counted against the pairs listed before
+    it alone, these seeds raised it to 1.23, and it climbs with every such request: a burst
+    that followed would be refused at 1/1.23 of the limit.)"""
+    clock = FakeClock()
+    admission, queue = _admission(clock, min_pace_tokens=100)
+    _known_pace(admission, clock, 100.0)
+    pairs = [pair(24)] + [pair(200)] * 20 + [pair(24)] * 30  # 4,744 tokens: 47 s alone
+    for _ in range(10):
+        encoded = encode(pairs)
+        tokens = sum(p.length for p in encoded)
+        deadline = admission.deadline(None)
+        request = QueuedRequest(encoded, tokens, deadline)
+        request.pace = admission.pace.tokens_per_second()
+        queue.add(request, admission.admit(tokens, deadline))
+        while batch := queue.take_batch(clock(), max_tokens=1_000):
+            admission.observe_seed(batch[0], started=clock())
+            clock.advance(sum(item.length for item in batch) / 100.0)
+    assert admission.lag.factor == 1.0
 
 
 def test_past_the_age_limit_retry_after_is_when_the_old_pairs_have_drained() -> None:

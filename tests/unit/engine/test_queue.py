@@ -92,12 +92,14 @@ def test_only_pairs_within_the_window_of_the_seed_join_its_batch() -> None:
 
 
 def test_each_pair_knows_the_tokens_queued_ahead_of_it() -> None:
+    """The queue before its request and its request's other pairs, which arrive with it and
+    are served in no order among themselves."""
     queue, _ = make_queue()
     queue.add(request(10, 20), now=0.0)
     queue.add(request(5), now=1.0)
     assert list(queue.arrivals()) == [(0.0, 10), (0.0, 20), (1.0, 5)]  # oldest first
-    ahead = sorted((item.arrival, item.ahead) for item in queue.take_batch(now=1.0) or [])
-    assert ahead == [(0.0, 0), (0.0, 10), (1.0, 30)]
+    ahead = sorted((item.length, item.ahead) for item in queue.take_batch(now=1.0) or [])
+    assert ahead == [(5, 30), (10, 20), (20, 10)]
     assert list(queue.arrivals()) == []
 
 
