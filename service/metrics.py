@@ -84,9 +84,17 @@ QUEUE_TOKENS = Gauge(
 # always fresh, and the signal Kubernetes scales on (deploy/k8s/hpa.yaml).
 QUEUE_EXPECTED_WAIT = Gauge(
     "cappy_queue_expected_wait_seconds",
-    "Expected queue wait of a request joining now: queued tokens at the model's recent pace, the "
-    "estimate admission refuses on (CAPPY_MAX_QUEUE_WAIT_S); the longest of the process's "
-    "batchers, 0 when nothing is queued or before the first batch ran.",
+    "Expected queue wait of a request joining now: queued tokens at the model's recent pace, "
+    "scaled by cappy_queue_head_lag, the estimate admission refuses on (CAPPY_MAX_QUEUE_WAIT_S); "
+    "the longest of the process's batchers, 0 when nothing is queued or before the first batch "
+    "ran.",
+    registry=REGISTRY,
+)
+QUEUE_HEAD_LAG = Gauge(
+    "cappy_queue_head_lag",
+    "How much longer the queue's oldest pairs have recently waited than the work ahead of them "
+    "was expected to take (later requests overtaking them): the factor on the expected wait, "
+    "at least 1; the largest of the process's batchers, 1 when none runs.",
     registry=REGISTRY,
 )
 PAIRS_SCORED = Counter("cappy_pairs_scored_total", "Pairs scored by the model.", registry=REGISTRY)

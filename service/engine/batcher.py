@@ -104,6 +104,14 @@ def _queue_expected_wait() -> float:
 metrics.QUEUE_EXPECTED_WAIT.set_function(_queue_expected_wait)
 
 
+def _queue_head_lag() -> float:
+    # As the expected wait: the largest over the running batchers, read at scrape time.
+    return max((b.head_lag for b in _RUNNING), default=1.0)
+
+
+metrics.QUEUE_HEAD_LAG.set_function(_queue_head_lag)
+
+
 @dataclass(frozen=True, slots=True)
 class ScoredPair:
     """One pair's result.
@@ -261,6 +269,12 @@ class DynamicBatcher:
         oldest pairs have in fact waited (admission.py); None while too little work has run to
         know the pace."""
         return self._admission.expected_wait(tokens)
+
+    @property
+    def head_lag(self) -> float:
+        """The factor on the expected wait: how much longer the queue's oldest pairs have
+        recently waited than the work ahead of them was expected to take (admission.py)."""
+        return self._admission.lag.factor
 
     async def start(self) -> None:
         """Starts the worker threads and the consumer task.

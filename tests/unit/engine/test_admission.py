@@ -270,22 +270,24 @@ async def test_a_fresh_batcher_admits_a_burst_of_16_whatever_its_first_batch_too
 
 async def test_batches_tell_admission_how_long_their_oldest_pairs_waited() -> None:
     """The model stalls 10 s with pairs queued that the pace said would wait 1.7-6.8 s: each
-    batch's seed reports its wait, and the expected wait grows by the head's lag."""
+    batch's seed reports its wait, and the expected wait grows by the head's lag, which
+    /metrics shows (cappy_queue_head_lag)."""
     clock = FakeClock()
     scorer = PacedScorer(clock, seconds_per_token=0.1)
     async with running(
         scorer, clock=clock, max_wait_ms=0, max_batch_size=1, max_batch_tokens=256
     ) as batcher:
         await measure_pace(batcher)
-        assert batcher._admission.lag.factor == 1.0
+        assert batcher.head_lag == 1.0 and metric("cappy_queue_head_lag") == 1.0
         first = await hold_model(batcher, scorer)
         queued = await queue_request(batcher, [pair(15)] * 5)
         clock.advance(10.0)
         scorer.release()
         await asyncio.gather(first, queued)
-        factor = batcher._admission.lag.factor
-        assert factor > 1.0
+        factor = batcher.head_lag
+        assert factor > 1.0 and metric("cappy_queue_head_lag") == factor  # read at scrape time
         assert batcher.expected_wait(100) == pytest.approx(100 / pace(batcher) * factor)
+    assert metric("cappy_queue_head_lag") == 1.0  # no batcher runs
 
 
 # --- the pace and admission on their own --------------------------------------------------------
