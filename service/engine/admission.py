@@ -22,12 +22,12 @@ async batcher (batcher.py) asks it before queueing and tells it each batch's tim
   longer than the queued tokens ahead of them take at the pace. Each batch reports its seed (the
   oldest pair when it was formed): its queue time over the time the tokens ahead of it (those
   queued before its request, and its request's other pairs, which the queue serves in any order)
-  were expected to take, at the pace of its admission. The expected wait is
-  scaled by a high quantile of that ratio over recent seeds (never below 1), so that the
-  queue's oldest pairs, the tail of its queue time, keep the limit. A mean over every pair
-  would not: the overtaking pairs wait less than predicted and pull it below 1 while the tail
-  waits more; and a mean over seeds leaves half of them past the limit. (The queue's window,
-  queue.py, keeps the overtaking itself small.)
+  were expected to take, at the pace of its admission. The expected wait is scaled by a high
+  quantile of that ratio over recent seeds (never below 1), so that the queue's oldest pairs,
+  the tail of its queue time, keep the limit. A mean over every pair would not: the overtaking
+  pairs wait less than predicted and pull it below 1 while the tail waits more; and a mean over
+  seeds leaves half of them past the limit. (The queue's window, queue.py, keeps the
+  overtaking itself small.)
 - When the oldest pair has already waited past the limit, Retry-After is when the queue,
   drained oldest first at the expected pace, will have a head young enough again; not the
   head's excess age, which says nothing of how long a burst admitted at once takes to drain.
