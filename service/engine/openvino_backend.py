@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Unpack
 
@@ -194,11 +195,16 @@ class OpenVinoScorer(Scorer):
         return {"streams": self.streams, "pinned": self.pinned, "alone": self._alone is not None}
 
     def warmup(self) -> None:
-        """Runs batches of representative shapes once (on the model for lone batches too)."""
-        for rows, tokens in WARMUP_SHAPES:
-            feeds = synthetic_feeds(rows, tokens, self.input_names, self.pad_token_id)
-            self.infer(feeds)
-            if self._alone is not None:
+        """Runs batches of representative shapes once, as many at once as there are streams
+        (largest first), then on the model for lone batches."""
+        batches = [
+            synthetic_feeds(rows, tokens, self.input_names, self.pad_token_id)
+            for rows, tokens in sorted(WARMUP_SHAPES, key=lambda shape: -shape[0] * shape[1])
+        ]
+        with ThreadPoolExecutor(self.parallelism, thread_name_prefix="cappy-warmup") as pool:
+            list(pool.map(self.infer, batches))
+        if self._alone is not None:
+            for feeds in batches:
                 self._infer_alone(feeds)
 
 

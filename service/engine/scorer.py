@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -120,13 +121,14 @@ class RefiningScorer(Scorer):
         self._measure(text, "probe-set text")
 
     def _measure(self, batches: Sequence[Mapping[str, np.ndarray]], what: str) -> None:
-        worst = 0.0
-        # The fast engine's lone-batch path (every core) runs here too, and counts in the margin.
-        fast = [self.fast.infer] + [infer for infer in [self.fast.alone()] if infer is not None]
-        for feeds in batches:
-            exact = self.exact.infer(feeds)
-            for infer in fast:
-                worst = max(worst, float(np.abs(infer(feeds) - exact).max()))
+        scores = self._on_workers(batches)
+        worst = max((float(np.abs(fast - exact).max()) for exact, fast in scores), default=0.0)
+        # The fast engine's lone-batch path (every core) counts in the margin too; it runs
+        # after the rest, alone on the model, as served.
+        alone = self.fast.alone()
+        if alone is not None:
+            for feeds, (exact, _) in zip(batches, scores, strict=True):
+                worst = max(worst, float(np.abs(alone(feeds) - exact).max()))
         self._measured = max(self._measured, worst)
         if self._fixed_margin is None:
             self.margin = self._margin_factor * self._measured
@@ -136,6 +138,27 @@ class RefiningScorer(Scorer):
             what,
             self.margin,
         )
+
+    def _on_workers(
+        self, batches: Sequence[Mapping[str, np.ndarray]]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each batch's (exact, fast) scores, the passes run as many at once as both engines
+        take (a core each on CPU, as the batcher runs them), the largest batches first. One at
+        a time, a 2-core start-up left a core idle through the warm-up and the calibration."""
+        workers = max(1, min(self.fast.parallelism, self.exact.parallelism))
+        order = sorted(range(len(batches)), key=lambda i: -batches[i]["input_ids"].size)
+        with ThreadPoolExecutor(workers, thread_name_prefix="cappy-calibrate") as pool:
+            passes = {
+                i: (
+                    pool.submit(self.exact.infer, batches[i]),
+                    pool.submit(self.fast.infer, batches[i]),
+                )
+                for i in order
+            }
+            return [
+                (exact.result(), fast.result())
+                for exact, fast in (passes[i] for i in range(len(batches)))
+            ]
 
 
 def load_scorer(
