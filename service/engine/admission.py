@@ -73,11 +73,11 @@ _RETRY_AFTER_UNKNOWN_S = 1.0
 
 class Pace:
     """The pace of the whole model: real tokens and busy seconds, each averaged over recent
-    batches. A batch's busy seconds run from the last completion (or its own start, after an
-    idle spell: nothing queued, nothing running) to its own completion, so batches that overlap
-    on several streams are not counted twice, and a gap while pairs waited (a batch formed late
-    behind a busy event loop) is counted: the pace is the rate at which the queue drains, which
-    is what the expected wait and Retry-After need.
+    batches. A batch's busy seconds run from the last completion (or, after an idle spell:
+    nothing queued, nothing running, from when the model took its first batch again: `begin`)
+    to its own completion, so batches that overlap on several streams are not counted twice, and
+    a gap while pairs waited (a batch formed late behind a busy event loop) is counted: the pace
+    is the rate at which the queue drains, which is what the expected wait and Retry-After need.
 
     Until it has measured `min_batches` batches holding at least `min_tokens` real tokens the
     pace is unknown (None): the work so far is summed, and its average then seeds the moving
@@ -97,6 +97,14 @@ class Pace:
     def idle(self) -> None:
         """The model had nothing to run: the gap until the next batch is not its pace."""
         self._mark = None
+
+    def begin(self, at: float) -> None:
+        """A batch was handed to the model at `at`: after an idle spell, busy time counts from
+        here. Without it, a batch that started after another but finished first counted from its
+        own start, and the other's time before it was lost (two streams after every idle spell:
+        a pace too fast by that much)."""
+        if self._mark is None:
+            self._mark = at
 
     def track(self, tokens: int, started: float, finished: float) -> None:
         """Adds a finished batch of `tokens` real tokens that ran from `started` to `finished`."""

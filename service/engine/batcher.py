@@ -581,6 +581,7 @@ class DynamicBatcher:
         metrics.BATCH_PADDING.observe((padded - real) / padded if padded else 0.0)
         assert self._executor is not None
         submitted = self._clock()
+        self._admission.pace.begin(submitted)
         future = asyncio.get_running_loop().run_in_executor(
             self._executor, self._infer, alone or self._scorer.infer, feeds
         )

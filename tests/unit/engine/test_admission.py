@@ -334,7 +334,18 @@ def test_an_idle_gap_is_not_counted_as_busy() -> None:
     assert pace.tokens_per_second() == pytest.approx(100.0)
 
 
-def test_a_gap_while_work_waited_is_counted() -> None:
+def test_after_an_idle_spell_busy_time_counts_from_the_first_batch_handed_to_the_model() -> None:
+    """Two streams after an idle spell: the batch handed over first (at 10.0) finishes after
+    one handed over later (its worker started at 12.0, finished at 14.0): 4 s of busy time for
+    both, not the 2 s of the one tracked first."""
+    pace = Pace(min_batches=2)
+    pace.idle()
+    pace.begin(10.0)
+    pace.begin(12.0)  # the model is busy already: no new mark
+    pace.track(2_000, started=12.0, finished=14.0)
+    pace.track(2_000, started=10.0, finished=14.0)
+    assert pace.tokens_per_second() == pytest.approx(1_000.0)
+
     """No idle() between two batches (pairs were queued; the next batch was formed late, e.g.
     behind a busy event loop): the gap is part of how fast the queue drains."""
     pace = Pace(min_batches=1)
