@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +40,15 @@ def _decline_openvino_telemetry() -> None:
 
 
 _decline_openvino_telemetry()
+
+
+# OpenVINO's Python binding sets up its bridge to numpy on first use (a pybind11 call-once inside
+# the initialisation of a C++ static). Two threads making their first call at once can deadlock:
+# one holds the static's guard and waits for the GIL, the other holds the GIL and waits at the
+# guard. A served start hung so when the warm-up first ran on both streams at once (and 1 in 20
+# fresh processes whose two threads call `infer` together). Each scorer's first call therefore
+# runs under this lock, one at a time in the process; later calls run freely.
+_FIRST_CALLS = threading.Lock()
 
 
 # Compiled kernels OpenVINO keeps per input shape (an LRU; its default is 5,000). The batcher's
@@ -147,6 +157,7 @@ class OpenVinoScorer(Scorer):
         # pairs across idle streams).
         self.parallelism = max(1, self.streams)
         self._output = self._compiled.output(self.output_name)
+        self._called = False  # see _FIRST_CALLS
         # One request per stream, handed out through a queue so concurrent callers never share one.
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(max(1, self.streams)):
@@ -177,7 +188,16 @@ class OpenVinoScorer(Scorer):
             self._requests.put(request)
 
     def _run(self, request: Any, output: Any, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-        """One infer request on `feeds`; logits[:, 0] of `output` as float32."""
+        """One infer request on `feeds`; logits[:, 0] of `output` as float32 (this scorer's
+        first call under `_FIRST_CALLS`)."""
+        if not self._called:
+            with _FIRST_CALLS:
+                scores = self._call(request, output, feeds)
+                self._called = True
+                return scores
+        return self._call(request, output, feeds)
+
+    def _call(self, request: Any, output: Any, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         request.infer({name: feeds[name] for name in self.input_names})
         logits = request.get_tensor(output).data
         return np.asarray(logits[:, 0], dtype=np.float32).copy()

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from service.engine import openvino_backend
 from service.engine.errors import ScorerError
 from service.engine.export_dir import ExportDir, ExportDirError
 from service.engine.onnx_runtime import OnnxScorer
@@ -25,6 +26,7 @@ from service.engine.openvino_backend import (
 )
 from service.engine.scorer import RefiningScorer, load_scorer
 from service.engine.types import Scorer, pad_batch, padded_width
+from service.engine.warmup import WARMUP_SHAPES, synthetic_feeds
 from tests.unit.engine.conftest import (
     assert_close,
     batches_of_pairs,
@@ -259,6 +261,39 @@ def test_openvino_scores_a_lone_batch_on_every_thread(export, tokenizer, cases) 
     one = OpenVinoScorer(model, precision="fp32", num_streams=1, alone=True, **kwargs)
     assert one.alone() is None and one.describe()["alone"] is False
     assert RefiningScorer(two, one).alone() == alone  # the fast engine's
+
+
+@requires_openvino
+def test_each_openvino_scorers_first_call_runs_alone_in_the_process(export, tokenizer) -> None:
+    """OpenVINO's binding sets up its numpy bridge on first use, and two threads doing so at once
+    deadlocked a start (warm-up on both streams): a scorer's first call holds the process-wide
+    lock, later calls do not take it."""
+    scorer = OpenVinoScorer(
+        export.model_path("fp32"),
+        precision="fp32",
+        hint="THROUGHPUT",
+        num_streams=2,
+        threads=2,
+        alone=True,
+        **common(export, tokenizer),
+    )
+    locked: list[bool] = []
+    call = scorer._call
+
+    def recording(request: Any, output: Any, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        locked.append(openvino_backend._FIRST_CALLS.locked())
+        return call(request, output, feeds)
+
+    scorer._call = recording  # type: ignore[method-assign]
+    feeds = synthetic_feeds(4, 32, scorer.input_names, scorer.pad_token_id)
+    first = scorer.infer(feeds)
+    alone = scorer.alone()
+    assert alone is not None
+    np.testing.assert_allclose(alone(feeds), first, atol=1e-4)
+    np.testing.assert_allclose(scorer.infer(feeds), first, atol=1e-4)
+    assert locked == [True, False, False]
+    scorer.warmup()  # the shapes on both streams at once, then the lone-batch model
+    assert len(locked) == 3 + 2 * len(WARMUP_SHAPES) and not any(locked[3:])
 
 
 @requires_bf16
