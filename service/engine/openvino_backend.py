@@ -45,9 +45,9 @@ _decline_openvino_telemetry()
 # OpenVINO's Python binding sets up its bridge to numpy on first use (a pybind11 call-once inside
 # the initialisation of a C++ static). Two threads making their first call at once can deadlock:
 # one holds the static's guard and waits for the GIL, the other holds the GIL and waits at the
-# guard. A served start hung so when the warm-up first ran on both streams at once (and 1 in 20
-# fresh processes whose two threads call `infer` together). Each scorer's first call therefore
-# runs under this lock, one at a time in the process; later calls run freely.
+# guard. A served start hung so when the warm-up first ran on both streams at once (and 3 in 80
+# fresh processes whose two threads call `infer` together). So each scorer makes a first call
+# when it is built, under this lock: one at a time in the process, before any caller's threads.
 _FIRST_CALLS = threading.Lock()
 
 
@@ -157,7 +157,6 @@ class OpenVinoScorer(Scorer):
         # pairs across idle streams).
         self.parallelism = max(1, self.streams)
         self._output = self._compiled.output(self.output_name)
-        self._called = False  # see _FIRST_CALLS
         # One request per stream, handed out through a queue so concurrent callers never share one.
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(max(1, self.streams)):
@@ -170,6 +169,10 @@ class OpenVinoScorer(Scorer):
                 model, "CPU", {**config, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
             )
             self._alone = (compiled.create_infer_request(), compiled.output(self.output_name))
+        # The binding's first call (see _FIRST_CALLS), on a batch of 8 tokens, before any
+        # caller's threads can make theirs.
+        with _FIRST_CALLS:
+            self.infer(synthetic_feeds(1, 8, self.input_names, self.pad_token_id))
         logger.info(
             "OpenVINO scorer %s from %s: hint %s, %d stream(s), %s threads",
             self.name,
@@ -188,16 +191,7 @@ class OpenVinoScorer(Scorer):
             self._requests.put(request)
 
     def _run(self, request: Any, output: Any, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-        """One infer request on `feeds`; logits[:, 0] of `output` as float32 (this scorer's
-        first call under `_FIRST_CALLS`)."""
-        if not self._called:
-            with _FIRST_CALLS:
-                scores = self._call(request, output, feeds)
-                self._called = True
-                return scores
-        return self._call(request, output, feeds)
-
-    def _call(self, request: Any, output: Any, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        """One infer request on `feeds`; logits[:, 0] of `output` as float32."""
         request.infer({name: feeds[name] for name in self.input_names})
         logits = request.get_tensor(output).data
         return np.asarray(logits[:, 0], dtype=np.float32).copy()
