@@ -100,9 +100,8 @@ class Pace:
 
     def begin(self, at: float) -> None:
         """A batch was handed to the model at `at`: after an idle spell, busy time counts from
-        here. Without it, a batch that started after another but finished first counted from its
-        own start, and the other's time before it was lost (two streams after every idle spell:
-        a pace too fast by that much)."""
+        the first such moment, so that a batch which started later on another stream but
+        finished first does not leave out the time the earlier one ran before it."""
         if self._mark is None:
             self._mark = at
 

@@ -45,8 +45,7 @@ _decline_openvino_telemetry()
 # OpenVINO's Python binding sets up its bridge to numpy on first use (a pybind11 call-once inside
 # the initialisation of a C++ static). Two threads making their first call at once can deadlock:
 # one holds the static's guard and waits for the GIL, the other holds the GIL and waits at the
-# guard. A served start hung so when the warm-up first ran on both streams at once (and 3 in 80
-# fresh processes whose two threads call `infer` together). So each scorer makes a first call
+# guard (a warm-up running on both streams at once hung so). So each scorer makes a first call
 # when it is built, under this lock: one at a time in the process, before any caller's threads.
 _FIRST_CALLS = threading.Lock()
 

@@ -143,8 +143,7 @@ class RefiningScorer(Scorer):
         self, batches: Sequence[Mapping[str, np.ndarray]]
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each batch's (exact, fast) scores, the passes run as many at once as both engines
-        take (a core each on CPU, as the batcher runs them), the largest batches first. One at
-        a time, a 2-core start-up left a core idle through the warm-up and the calibration."""
+        take (a core each on CPU, as the batcher runs them), the largest batches first."""
         workers = max(1, min(self.fast.parallelism, self.exact.parallelism))
         order = sorted(range(len(batches)), key=lambda i: -batches[i]["input_ids"].size)
         with ThreadPoolExecutor(workers, thread_name_prefix="cappy-calibrate") as pool:
@@ -155,10 +154,7 @@ class RefiningScorer(Scorer):
                 )
                 for i in order
             }
-            return [
-                (exact.result(), fast.result())
-                for exact, fast in (passes[i] for i in range(len(batches)))
-            ]
+            return [(exact.result(), fast.result()) for _, (exact, fast) in sorted(passes.items())]
 
 
 def load_scorer(

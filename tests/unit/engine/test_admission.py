@@ -346,6 +346,8 @@ def test_after_an_idle_spell_busy_time_counts_from_the_first_batch_handed_to_the
     pace.track(2_000, started=10.0, finished=14.0)
     assert pace.tokens_per_second() == pytest.approx(1_000.0)
 
+
+def test_a_gap_while_work_waited_is_counted() -> None:
     """No idle() between two batches (pairs were queued; the next batch was formed late, e.g.
     behind a busy event loop): the gap is part of how fast the queue drains."""
     pace = Pace(min_batches=1)

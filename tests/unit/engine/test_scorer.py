@@ -227,8 +227,8 @@ class _Overlapping(_ByFirstId):
 
 
 def test_the_margin_is_measured_on_every_worker_at_once() -> None:
-    """A 2-core start-up ran the fast and exact passes one at a time, one core idle: the
-    Cappy-large-shaped export's warm-up and calibration took 224 s of its 234 s start."""
+    """The fast and exact passes of the warm-up and the calibration run on the engines' workers
+    at once (a core each on CPU), not one at a time with a core idle."""
     seen: dict[str, Any] = {"lock": threading.Lock(), "running": 0, "most": 0}
     seen["two"] = threading.Event()
     scorer = RefiningScorer(_Overlapping(1.001, seen), _Overlapping(1.0, seen))
@@ -268,7 +268,7 @@ def test_each_openvino_scorer_makes_its_first_call_alone_when_it_is_built(
     export, tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """OpenVINO's binding sets up its numpy bridge on first use, and two threads doing so at once
-    deadlocked a start (warm-up on both streams): a scorer makes a first call when it is built,
+    can deadlock (`_FIRST_CALLS`): a scorer makes a first call when it is built,
     holding the process-wide lock; the calls of its users (lone-batch, warm-up) do not take it."""
     locked: list[bool] = []
     run = OpenVinoScorer._run

@@ -243,7 +243,7 @@ def test_two_long_documents_are_each_encoded_once_on_their_own(
     """The library's pair encode builds every overflow window combination (quadratic in the two
     sides' overflow: seconds for one pair of two long documents). The tokenizer encodes each
     distinct text once, on its own, and cuts the pair itself: linear in the text. Counted, not
-    timed (a ratio of timings failed on a loaded host)."""
+    timed."""
     tokenizer = PairTokenizer.from_dir(
         tiny_engine_export.path, max_length=512, with_token_type_ids=False
     )
