@@ -18,6 +18,7 @@ from starlette.routing import BaseRoute
 
 from service.deps import ProxyState, require_api_key
 from service.engine.batching_config import BatcherConfig
+from service.engine.errors import EngineStopped
 from service.engine.runtime import RuntimeConfig, ScoringRuntime
 from service.errors import ApiError, register_exception_handlers
 from service.middleware import (
@@ -121,6 +122,8 @@ async def reload_from_settings(runtime: ScoringRuntime) -> None:
         answer = await admin.reload_model(runtime, model)
     except ApiError as exc:
         logger.error("SIGHUP: reload of %s refused: %s", model, exc)
+    except EngineStopped:
+        logger.info("SIGHUP: reload of %s stopped by the shutdown", model)
     else:
         logger.info("SIGHUP: serving %s", answer["model"])
 
@@ -157,8 +160,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGHUP)
-            await loading
+            # A start still loading stops before its next warm-up batch.
             await runtime.stop(timeout=settings.graceful_shutdown_s)
+            await loading
             if upstream is not None:
                 await upstream.client.aclose()
 

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import logging
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -18,12 +19,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cappy.export_format import MANIFEST
+from service.engine.types import stop_if_asked
 
 if TYPE_CHECKING:
     from service.engine.export_dir import ExportDir
     from service.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+# An export told to stop gets SIGINT (it then removes its scratch directory) and this long to
+# exit before it is killed.
+_INTERRUPT_GRACE_S = 5.0
+# How often a start waiting for another replica's export, or an export, looks at its stop request.
+_STOP_POLL_S = 0.2
 
 
 class ModelSourceError(Exception):
@@ -110,15 +118,23 @@ def _missing_export_modules() -> list[str]:
     return [name for name in EXPORT_MODULES if importlib.util.find_spec(name) is None]
 
 
-def resolve_export_dir(model: str, cache_dir: Path, *, timeout_s: float = 3600) -> Path:
+def resolve_export_dir(
+    model: str,
+    cache_dir: Path,
+    stop: threading.Event | None = None,
+    *,
+    timeout_s: float = 3600,
+) -> Path:
     """The export directory to serve for `model`, exporting it first if needed.
 
     The export's own output goes to this log at debug level (its progress, the hub client's
-    retries); a failure is raised as one message that carries the export's reason.
+    retries); a failure is raised as one message that carries the export's reason. Once `stop`
+    is set, an export under way is interrupted and a wait for another replica's export ends.
 
     Raises:
         ModelSourceError: it cannot be exported here (no torch: the serve-only install), the
             export failed (the message says why) or took longer than `timeout_s`.
+        EngineStopped: `stop` was set before the export directory was ready.
     """
     if is_export_dir(model):
         return Path(model).expanduser()
@@ -137,19 +153,46 @@ def resolve_export_dir(model: str, cache_dir: Path, *, timeout_s: float = 3600) 
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Replicas sharing a cache volume export once: the others wait here, then find it cached.
     with (cache_dir / f".{target.name}.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        _lock(lock.fileno(), stop)
         if (target / MANIFEST).is_file():
             logger.info("using the export %s of %s made meanwhile", target, model)
             return target
-        return _export(model, target, timeout_s)
+        return _export(model, target, timeout_s, stop)
 
 
-def _export(model: str, target: Path, timeout_s: float) -> Path:
+def _lock(fd: int, stop: threading.Event | None) -> None:
+    """Takes the exclusive lock on `fd`, waiting for it unless `stop` is set first."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            stop_if_asked(stop)
+            time.sleep(_STOP_POLL_S)
+
+
+def _interrupt_on(stop: threading.Event, process: subprocess.Popen[str]) -> None:
+    """Interrupts `process` once `stop` is set (SIGINT, then SIGKILL after
+    `_INTERRUPT_GRACE_S`); returns when it has exited."""
+    while process.poll() is None:
+        if stop.wait(_STOP_POLL_S):
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(_INTERRUPT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            return
+
+
+def _export_command(model: str, target: Path) -> list[str]:
+    return [sys.executable, "-m", "cappy", "export", "--model", model, "--out", str(target)]
+
+
+def _export(model: str, target: Path, timeout_s: float, stop: threading.Event | None) -> Path:
     logger.info("exporting %s to %s (once; later starts reuse it)", model, target)
-    command = [sys.executable, "-m", "cappy", "export", "--model", model, "--out", str(target)]
     started = time.monotonic()
     process = subprocess.Popen(
-        command,
+        _export_command(model, target),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -157,6 +200,8 @@ def _export(model: str, target: Path, timeout_s: float) -> Path:
     )
     timer = threading.Timer(timeout_s, process.kill)
     timer.start()
+    if stop is not None:
+        threading.Thread(target=_interrupt_on, args=(stop, process), daemon=True).start()
     reason = ""
     try:
         assert process.stderr is not None
@@ -169,6 +214,7 @@ def _export(model: str, target: Path, timeout_s: float) -> Path:
         process.wait()
     finally:
         timer.cancel()
+    stop_if_asked(stop)
     if time.monotonic() - started >= timeout_s:
         raise ModelSourceError(f"exporting {model} took longer than {timeout_s:.0f} s")
     if process.returncode != 0 or not (target / MANIFEST).is_file():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 
 from service.engine.errors import ScorerError
 from service.engine.host_buffers import HostBuffers, host_buffers_for
-from service.engine.types import GraphInputs, Scorer
+from service.engine.types import GraphInputs, Scorer, stop_if_asked
 from service.engine.warmup import WARMUP_SHAPES, synthetic_feeds
 
 logger = logging.getLogger(__name__)
@@ -272,13 +273,14 @@ class OnnxScorer(Scorer):
             "pinned_inputs": self.pinned,
         }
 
-    def warmup(self) -> None:
+    def warmup(self, stop: threading.Event | None = None) -> None:
         """Runs batches of representative shapes once on every session (each selects its
-        kernels on its own first shapes)."""
+        kernels on its own first shapes); none after `stop` is set."""
         slots = [self._slots.get() for _ in range(self.parallelism)]
         try:
             for slot in slots:
                 for rows, tokens in WARMUP_SHAPES:
+                    stop_if_asked(stop)
                     feeds = synthetic_feeds(rows, tokens, self.input_names, self.pad_token_id)
                     self._infer_on(slot, feeds)
         finally:

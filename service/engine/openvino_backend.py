@@ -8,19 +8,21 @@ service/engine/scorer.py's `load_scorer`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, Unpack
 
 import numpy as np
 
-from service.engine.errors import ScorerError
+from service.engine.errors import EngineStopped, ScorerError
 from service.engine.onnx_runtime import usable_cores
-from service.engine.types import GraphInputs, Precision, Scorer, ScorerDevice
+from service.engine.types import GraphInputs, Precision, Scorer, ScorerDevice, stop_if_asked
 from service.engine.warmup import WARMUP_SHAPES, synthetic_feeds
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,9 @@ _decline_openvino_telemetry()
 # guard (a warm-up running on both streams at once hung so). So each scorer makes a first call
 # when it is built, under this lock: one at a time in the process, before any caller's threads.
 _FIRST_CALLS = threading.Lock()
+
+# How often a warm-up batch looks at its stop request while it runs (`OpenVinoScorer._run`).
+_STOP_POLL_MS = 50
 
 
 # Compiled kernels OpenVINO keeps per input shape (an LRU; its default is 5,000). The batcher's
@@ -183,15 +188,41 @@ class OpenVinoScorer(Scorer):
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         """Scores one padded batch; returns logits[:, 0] as float32."""
+        return self.warm(feeds)
+
+    def warm(
+        self, feeds: Mapping[str, np.ndarray], stop: threading.Event | None = None
+    ) -> np.ndarray:
+        """`infer`, cancelled (`EngineStopped`) as soon as `stop` is set."""
         request = self._requests.get()
         try:
-            return self._run(request, self._output, feeds)
+            return self._run(request, self._output, feeds, stop)
         finally:
             self._requests.put(request)
 
-    def _run(self, request: Any, output: Any, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-        """One infer request on `feeds`; logits[:, 0] of `output` as float32."""
-        request.infer({name: feeds[name] for name in self.input_names})
+    def _run(
+        self,
+        request: Any,
+        output: Any,
+        feeds: Mapping[str, np.ndarray],
+        stop: threading.Event | None = None,
+    ) -> np.ndarray:
+        """One infer request on `feeds`; logits[:, 0] of `output` as float32. With `stop`, the
+        request runs asynchronously and is cancelled within `_STOP_POLL_MS` of `stop` being set
+        (OpenVINO's CPU plugin stops a cancelled request between the graph's nodes; a
+        synchronous `infer` runs to its end)."""
+        inputs = {name: feeds[name] for name in self.input_names}
+        if stop is None:
+            request.infer(inputs)
+        else:
+            stop_if_asked(stop)
+            request.start_async(inputs)
+            while not request.wait_for(_STOP_POLL_MS):
+                if stop.is_set():
+                    request.cancel()
+                    with contextlib.suppress(RuntimeError):  # "Infer Request was canceled"
+                        request.wait()
+                    raise EngineStopped("the scorer's start-up was stopped")
         logits = request.get_tensor(output).data
         return np.asarray(logits[:, 0], dtype=np.float32).copy()
 
@@ -199,26 +230,28 @@ class OpenVinoScorer(Scorer):
         """Scores a batch with every thread, when compiled with `alone` and several streams."""
         return None if self._alone is None else self._infer_alone
 
-    def _infer_alone(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+    def _infer_alone(
+        self, feeds: Mapping[str, np.ndarray], stop: threading.Event | None = None
+    ) -> np.ndarray:
         request, output = self._alone
-        return self._run(request, output, feeds)
+        return self._run(request, output, feeds, stop)
 
     def describe(self) -> dict[str, Any]:
         """What /info reports of this backend."""
         return {"streams": self.streams, "pinned": self.pinned, "alone": self._alone is not None}
 
-    def warmup(self) -> None:
+    def warmup(self, stop: threading.Event | None = None) -> None:
         """Runs batches of representative shapes once, as many at once as there are streams
-        (largest first), then on the model for lone batches."""
+        (largest first), then on the model for lone batches; cancelled once `stop` is set."""
         batches = [
             synthetic_feeds(rows, tokens, self.input_names, self.pad_token_id)
             for rows, tokens in sorted(WARMUP_SHAPES, key=lambda shape: -shape[0] * shape[1])
         ]
         with ThreadPoolExecutor(self.parallelism, thread_name_prefix="cappy-warmup") as pool:
-            list(pool.map(self.infer, batches))
+            list(pool.map(partial(self.warm, stop=stop), batches))
         if self._alone is not None:
             for feeds in batches:
-                self._infer_alone(feeds)
+                self._infer_alone(feeds, stop)
 
 
 def openvino_importable() -> bool:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,7 +23,7 @@ from service.engine.errors import EngineError, EngineStopped
 from service.engine.export_dir import ExportDir
 from service.engine.scorer import load_scorer
 from service.engine.tokenize import PairTokenizer
-from service.engine.types import Device, Engine, Precision, Scorer
+from service.engine.types import Device, Engine, Precision, Scorer, stop_if_asked
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +74,17 @@ class ScoringRuntime:
     Args:
         config: what to load and how to serve it.
         prepare: called first, off the event loop, when `config.export_dir` must be produced
-            (exporting a checkpoint or hub id): it returns the export directory to load.
+            (exporting a checkpoint or hub id): it returns the export directory to load, or
+            raises `EngineStopped` once the event it is given (set by `stop`) is set.
 
     `phase` says where it stands: "exporting", "loading", "ready", "failed" or "stopped".
+    `stop` during the start stops it where it stands: an export is interrupted, a warm-up
+    batch cancelled.
     """
 
-    def __init__(self, config: RuntimeConfig, prepare: Callable[[], Path] | None = None) -> None:
+    def __init__(
+        self, config: RuntimeConfig, prepare: Callable[[threading.Event], Path] | None = None
+    ) -> None:
         self.config = config
         self._prepare = prepare
         self.phase = "exporting" if prepare is not None else "loading"
@@ -94,6 +100,11 @@ class ScoringRuntime:
         self.load_seconds: float | None = None
         self._loaded: _Loaded | None = None
         self._reloading = asyncio.Lock()
+        # Set by `stop`: an export, load or warm-up under way (start or reload) stops.
+        self._stopping = threading.Event()
+        # Set when `start` has ended, whichever way.
+        self._started = asyncio.Event()
+        self._starting = False
 
     @property
     def ready(self) -> bool:
@@ -109,7 +120,11 @@ class ScoringRuntime:
         return self.phase in ("exporting", "loading")
 
     def _load(self, export_dir: Path) -> _Loaded:
-        """Reads, verifies, loads and warms one export directory (blocking: run off the loop)."""
+        """Reads, verifies, loads and warms one export directory (blocking: run off the loop).
+
+        Raises:
+            EngineStopped: `stop` was called before the model was warm.
+        """
         started = time.perf_counter()
         export = ExportDir.load(export_dir, allow_ungated=self.config.allow_ungated)
         tokenizer = PairTokenizer.from_dir(
@@ -128,7 +143,7 @@ class ScoringRuntime:
             tensorrt=config.tensorrt,
             trt_cache=None if config.trt_cache is None else str(config.trt_cache),
         )
-        warmup.warm_up(scorer, tokenizer.encode)
+        warmup.warm_up(scorer, tokenizer.encode, self._stopping)
         batchers = [
             DynamicBatcher(stage, tokenizer.encode, config.batcher, export.max_length)
             for stage in cascade.batched_stages(scorer)
@@ -163,23 +178,36 @@ class ScoringRuntime:
         self.cascade, self.load_seconds = loaded.cascade, loaded.seconds
 
     async def start(self) -> None:
-        """Loads, warms up and starts the batcher; records a load failure instead of raising."""
+        """Loads, warms up and starts the batcher; records a load failure instead of raising.
+        Stopped first (`stop`), it ends without serving."""
+        self._starting = True
         try:
             export_dir = self.config.export_dir
             if self._prepare is not None:  # phase is "exporting" since __init__
-                export_dir = await asyncio.to_thread(self._prepare)
+                export_dir = await asyncio.to_thread(self._prepare, self._stopping)
+            stop_if_asked(self._stopping)
             self.phase = "loading"
-            await self._serve(await asyncio.to_thread(self._load, export_dir))
+            loaded = await asyncio.to_thread(self._load, export_dir)
+            stop_if_asked(self._stopping)
+            await self._serve(loaded)
             self.phase = "ready"
+        except EngineStopped:
+            logger.info("start-up stopped before the scorer was ready")
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             self.phase = "failed"
             logger.error("the scorer failed to load: %s", self.load_error)
+        finally:
+            self._started.set()
 
     async def stop(self, timeout: float | None = None) -> None:
-        """Finishes the work already accepted, then stops the batcher."""
+        """Stops a start still under way (its export interrupted, its warm-up batch cancelled),
+        or finishes the work already accepted and then stops the batchers."""
+        self._stopping.set()
         if self.phase != "failed":
             self.phase = "stopped"
+        if self._starting:
+            await self._started.wait()
         # First stage first: its drained requests may still queue leaders on the next stage.
         for batcher in self.batchers:
             await batcher.stop(drain=True, timeout=timeout)
@@ -191,6 +219,7 @@ class ScoringRuntime:
 
         Raises:
             ReloadError: not serving, or another reload is under way.
+            EngineStopped: `stop` was called while the new model loaded.
             ExportDirError, ScorerError and the like: the directory cannot be served (the old
                 model keeps serving).
         """
@@ -200,6 +229,7 @@ class ScoringRuntime:
             raise ReloadError("another reload is under way")
         async with self._reloading:
             loaded = await asyncio.to_thread(self._load, export_dir)
+            stop_if_asked(self._stopping)
             old = self._loaded
             await self._serve(loaded)
             self.config = replace(self.config, export_dir=loaded.export.path)

@@ -21,6 +21,7 @@ All backends return the raw regression output `logits[:, 0]` as float32, one val
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,7 +38,15 @@ from service.engine.openvino_backend import (
     openvino_importable,
     openvino_precision,
 )
-from service.engine.types import Device, Engine, GraphInputs, Precision, Refinement, Scorer
+from service.engine.types import (
+    Device,
+    Engine,
+    GraphInputs,
+    Precision,
+    Refinement,
+    Scorer,
+    stop_if_asked,
+)
 from service.engine.warmup import WARMUP_SHAPES, synthetic_feeds
 
 logger = logging.getLogger(__name__)
@@ -89,6 +98,12 @@ class RefiningScorer(Scorer):
         """Scores one padded batch with the fast engine."""
         return self.fast.infer(feeds)
 
+    def warm(
+        self, feeds: Mapping[str, np.ndarray], stop: threading.Event | None = None
+    ) -> np.ndarray:
+        """A warm-up batch on the fast engine, as `infer` (cancelled as that engine can)."""
+        return self.fast.warm(feeds, stop)
+
     def alone(self) -> Callable[[Mapping[str, np.ndarray]], np.ndarray] | None:
         """The fast engine's way to score a batch alone on every core."""
         return self.fast.alone()
@@ -101,33 +116,43 @@ class RefiningScorer(Scorer):
         """The fast backend's description (the one that runs every batch)."""
         return self.fast.describe()
 
-    def warmup(self) -> None:
+    def warmup(self, stop: threading.Event | None = None) -> None:
         """Warms both engines (a chained exact one first, calibrating its own margin); unless a
-        margin was given, calibrates this one on the warm-up shapes."""
+        margin was given, calibrates this one on the warm-up shapes. No batch runs after `stop`
+        is set."""
         if self.exact.refinement() is not None:
-            self.exact.warmup()
+            self.exact.warmup(stop)
         self._measure(
             [
                 synthetic_feeds(rows, tokens, self.input_names, self.pad_token_id)
                 for rows, tokens in WARMUP_SHAPES
             ],
             "warm-up",
+            stop,
         )
 
-    def calibrate(self, text: Sequence[Mapping[str, np.ndarray]]) -> None:
+    def calibrate(
+        self, text: Sequence[Mapping[str, np.ndarray]], stop: threading.Event | None = None
+    ) -> None:
         """Widens the margin (unless it was given) to the largest fast/exact difference on these
         batches of real text too; a chained exact scorer calibrates first."""
-        self.exact.calibrate(text)
-        self._measure(text, "probe-set text")
+        self.exact.calibrate(text, stop)
+        self._measure(text, "probe-set text", stop)
 
-    def _measure(self, batches: Sequence[Mapping[str, np.ndarray]], what: str) -> None:
-        scores = self._on_workers(batches)
+    def _measure(
+        self,
+        batches: Sequence[Mapping[str, np.ndarray]],
+        what: str,
+        stop: threading.Event | None,
+    ) -> None:
+        scores = self._on_workers(batches, stop)
         worst = max((float(np.abs(fast - exact).max()) for exact, fast in scores), default=0.0)
         # The fast engine's lone-batch path (every core) counts in the margin too; it runs
         # after the rest, alone on the model, as served.
         alone = self.fast.alone()
         if alone is not None:
             for feeds, (exact, _) in zip(batches, scores, strict=True):
+                stop_if_asked(stop)
                 worst = max(worst, float(np.abs(alone(feeds) - exact).max()))
         self._measured = max(self._measured, worst)
         if self._fixed_margin is None:
@@ -140,17 +165,18 @@ class RefiningScorer(Scorer):
         )
 
     def _on_workers(
-        self, batches: Sequence[Mapping[str, np.ndarray]]
+        self, batches: Sequence[Mapping[str, np.ndarray]], stop: threading.Event | None
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each batch's (exact, fast) scores, the passes run as many at once as both engines
-        take (a core each on CPU, as the batcher runs them), the largest batches first."""
+        take (a core each on CPU, as the batcher runs them), the largest batches first;
+        cancelled once `stop` is set (`Scorer.warm`)."""
         workers = max(1, min(self.fast.parallelism, self.exact.parallelism))
         order = sorted(range(len(batches)), key=lambda i: -batches[i]["input_ids"].size)
         with ThreadPoolExecutor(workers, thread_name_prefix="cappy-calibrate") as pool:
             passes = {
                 i: (
-                    pool.submit(self.exact.infer, batches[i]),
-                    pool.submit(self.fast.infer, batches[i]),
+                    pool.submit(self.exact.warm, batches[i], stop),
+                    pool.submit(self.fast.warm, batches[i], stop),
                 )
                 for i in order
             }

@@ -4,11 +4,14 @@ refining scorer, `Refinement`)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NotRequired, Protocol, TypedDict
 
 import numpy as np
+
+from service.engine.errors import EngineStopped
 
 # Where and how a scorer runs (settings, the runtime and load_scorer share these).
 Device = Literal["auto", "cuda", "cpu"]
@@ -122,15 +125,28 @@ class Scorer(Protocol):
         float32, one value per row."""
         ...
 
-    def warmup(self) -> None:
-        """Runs representative batches once, before the service turns ready."""
+    def warmup(self, stop: threading.Event | None = None) -> None:
+        """Runs representative batches once, before the service turns ready; once `stop` is
+        set, raises `EngineStopped` instead of finishing (as `warm` does)."""
         ...
 
-    def calibrate(self, text: Sequence[Mapping[str, np.ndarray]]) -> None:
+    def warm(
+        self, feeds: Mapping[str, np.ndarray], stop: threading.Event | None = None
+    ) -> np.ndarray:
+        """Scores a warm-up or calibration batch as `infer` does, unless `stop` is set: then it
+        raises `EngineStopped`, before the batch starts and, where the backend can cancel a
+        running batch (OpenVINO), while it runs. A server told to stop while it starts thus
+        stops at once, not after a warm-up that takes minutes for a large model on a CPU."""
+        stop_if_asked(stop)
+        return self.infer(feeds)
+
+    def calibrate(
+        self, text: Sequence[Mapping[str, np.ndarray]], stop: threading.Event | None = None
+    ) -> None:
         """Measures the ranking's re-scoring margin on padded batches of real text as well (the
-        probe sets: `service.engine.warmup.text_batches`), after `warmup`. A single-stage scorer
-        has no margin: the default does nothing."""
-        del text
+        probe sets: `service.engine.warmup.text_batches`), after `warmup`, and stops as `warmup`
+        does. A single-stage scorer has no margin: the default does nothing."""
+        del text, stop
 
     def alone(self) -> Callable[[Mapping[str, np.ndarray]], np.ndarray] | None:
         """How to score a batch that runs alone (no other batch on the model) on every core,
@@ -147,6 +163,12 @@ class Scorer(Protocol):
         """What /info reports of the backend beyond its name, device and precision (None by
         default)."""
         return None
+
+
+def stop_if_asked(stop: threading.Event | None) -> None:
+    """Raises `EngineStopped` once `stop` is set (the runtime sets it to stop a start)."""
+    if stop is not None and stop.is_set():
+        raise EngineStopped("the scorer's start-up was stopped")
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,12 +3,13 @@ the first requests do not pay for kernel selection or primitive creation."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
 
 from cappy.probe_sets import probe_sets
-from service.engine.types import Encoder, Scorer, pad_batch
+from service.engine.types import Encoder, Scorer, pad_batch, stop_if_asked
 
 # (rows, tokens): short and long rows, small and full batches.
 WARMUP_SHAPES = ((1, 16), (4, 64), (16, 128), (32, 256), (8, 512))
@@ -56,8 +57,10 @@ def text_batches(
     return batches
 
 
-def warm_up(scorer: Scorer, encode: Encoder) -> None:
+def warm_up(scorer: Scorer, encode: Encoder, stop: threading.Event | None = None) -> None:
     """Readies a loaded scorer as the service does before it turns ready: its warm-up batches,
-    then its re-scoring margin measured on the probe sets' text too (`text_batches`)."""
-    scorer.warmup()
-    scorer.calibrate(text_batches(encode, scorer.input_names, scorer.pad_token_id))
+    then its re-scoring margin measured on the probe sets' text too (`text_batches`). Once
+    `stop` is set, raises `EngineStopped` instead of finishing (`Scorer.warm`)."""
+    scorer.warmup(stop)
+    stop_if_asked(stop)
+    scorer.calibrate(text_batches(encode, scorer.input_names, scorer.pad_token_id), stop)

@@ -16,7 +16,7 @@ from fastapi import APIRouter
 from pydantic import Field
 
 from service.deps import RuntimeDep, SettingsDep
-from service.engine.errors import ScorerError
+from service.engine.errors import EngineStopped, ScorerError
 from service.engine.export_dir import ExportDirError
 from service.engine.runtime import ReloadError, ScoringRuntime
 from service.errors import ApiError
@@ -47,6 +47,8 @@ async def reload_model(runtime: ScoringRuntime, directory: str) -> dict[str, Any
         await runtime.reload(Path(directory).expanduser())
     except ReloadError as exc:
         raise ApiError(409, f"{exc}.", code="reload_refused") from exc
+    except EngineStopped:
+        raise  # the server is shutting down: 503, as for any request then
     except Exception as exc:  # any reason the directory cannot be loaded: the old one serves on
         logger.warning("reload to %s refused", directory, exc_info=exc)
         raise ApiError(

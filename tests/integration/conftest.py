@@ -17,7 +17,7 @@ from asgi_lifespan import LifespanManager
 
 from service.app import create_app
 from service.engine import runtime as runtime_module
-from service.engine.types import Scorer
+from service.engine.types import Scorer, stop_if_asked
 from service.settings import Settings
 
 
@@ -69,18 +69,26 @@ class GatedScorer(Scorer):
         self.device = inner.device
         self.precision = inner.precision
         self.warm_gate = threading.Event()
+        self.warmed = False  # the real scorer's warm-up has run
         self.run_gate = threading.Event()
         self.run_gate.set()
         self.fail_with: Exception | None = None
         self.entered = threading.Event()  # set when a batch reaches the model
         self.rows: list[int] = []  # rows of every batch the model scored (warm-up excluded)
 
-    def warmup(self) -> None:
-        self.warm_gate.wait(30)
-        self.inner.warmup()
+    def warmup(self, stop: threading.Event | None = None) -> None:
+        """Waits for `warm_gate` (30 s at most), checking `stop` as a warm-up batch does."""
+        for _ in range(3000):
+            if self.warm_gate.wait(0.01):
+                break
+            stop_if_asked(stop)
+        self.inner.warmup(stop)
+        self.warmed = True
 
-    def calibrate(self, text: Sequence[Mapping[str, np.ndarray]]) -> None:
-        self.inner.calibrate(text)
+    def calibrate(
+        self, text: Sequence[Mapping[str, np.ndarray]], stop: threading.Event | None = None
+    ) -> None:
+        self.inner.calibrate(text, stop)
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         self.entered.set()

@@ -272,3 +272,22 @@ async def test_request_cut_by_the_shutdown_is_503_with_the_envelope(
     assert int(headers["retry-after"]) > 0
     assert sample("cappy_requests_rejected_total", reason="shutdown") == before + 1
     assert served.scorer.rows == [1]  # the cut request's pairs were dropped
+
+
+async def test_a_shutdown_while_the_scorer_warms_up_stops_the_start(
+    tiny_export: Path, gated: list[GatedScorer]
+) -> None:
+    """Told to stop while its scorer warms up (the gate held), the app stops the warm-up before
+    its next batch instead of finishing it: the real warm-up never runs, nothing is served or
+    left running, and the start is not a failure."""
+    app = create_app(Settings(model=str(tiny_export), **EXACT))
+    async with LifespanManager(app, startup_timeout=120, shutdown_timeout=60) as manager:
+        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://cappy") as client:
+            scorer = await loaded(gated)
+            loading = await client.get("/ready")
+            assert loading.status_code == 503 and loading.json()["status"] == "loading"
+    runtime = app.state.runtime
+    assert not scorer.warmed
+    assert runtime.phase == "stopped" and runtime.load_error is None
+    assert not runtime.batchers and not runtime.ready

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from service import model_source
+from service.engine.errors import EngineStopped
 from service.model_source import (
     ModelSourceError,
     cache_path,
@@ -92,6 +94,81 @@ def test_a_replica_waits_for_anothers_export_and_uses_it(tmp_path: Path) -> None
         (target / "cappy_export.json").write_text("{}")
     waiting.join(30)
     assert found == [target]
+
+
+def _resolving(cache: Path, stop: threading.Event) -> tuple[threading.Thread, list[BaseException]]:
+    """`resolve_export_dir` of a hub id, started in a thread; what it raises is recorded."""
+    raised: list[BaseException] = []
+
+    def resolve() -> None:
+        try:
+            model_source.resolve_export_dir("btan2/cappy-large", cache, stop)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            raised.append(exc)
+
+    thread = threading.Thread(target=resolve)
+    thread.start()
+    return thread, raised
+
+
+def test_a_replica_waiting_for_anothers_export_stops_when_told(tmp_path: Path) -> None:
+    """A start stopped (SIGTERM) while it waits for another replica's export ends its wait."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    target = model_source.cache_path("btan2/cappy-large", cache)
+    stop = threading.Event()
+    with (cache / f".{target.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiting, raised = _resolving(cache, stop)
+        waiting.join(0.5)
+        assert waiting.is_alive()  # blocked on the lock
+        stop.set()
+        waiting.join(30)
+        assert not waiting.is_alive()
+    assert len(raised) == 1 and isinstance(raised[0], EngineStopped)
+    assert not target.exists()
+
+
+# Stands in for `cappy export`: says it started, then waits; SIGINT (KeyboardInterrupt) is
+# recorded and ends it as the real export ends (exit 130, its scratch directory removed).
+_SLOW_EXPORT = """
+import pathlib, sys, time
+marks = pathlib.Path(sys.argv[1])
+(marks / "started").touch()
+try:
+    time.sleep(600)
+except KeyboardInterrupt:
+    (marks / "interrupted").touch()
+    sys.exit(130)
+"""
+
+
+def test_an_export_under_way_is_interrupted_when_told_to_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start stopped while it exports interrupts the export (SIGINT, so that `cappy export`
+    removes its scratch directory) and ends with `EngineStopped`, nothing cached."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    script = tmp_path / "slow_export.py"
+    script.write_text(_SLOW_EXPORT)
+    monkeypatch.setattr(
+        model_source, "_export_command", lambda *_: [sys.executable, str(script), str(marks)]
+    )
+    monkeypatch.setattr(model_source, "_missing_export_modules", lambda: [])
+    cache, stop = tmp_path / "cache", threading.Event()
+    exporting, raised = _resolving(cache, stop)
+    for _ in range(600):  # the child's interpreter start
+        if (marks / "started").exists():
+            break
+        exporting.join(0.05)
+    assert (marks / "started").exists()
+    stop.set()
+    exporting.join(60)
+    assert not exporting.is_alive()
+    assert (marks / "interrupted").exists()  # SIGINT, not a kill: its clean-up ran
+    assert len(raised) == 1 and isinstance(raised[0], EngineStopped)
+    assert not model_source.cache_path("btan2/cappy-large", cache).exists()
 
 
 def _served(path: Path, source: str) -> Any:

@@ -78,7 +78,7 @@ class FakeScorer(Scorer):
             raise RuntimeError("secret internal detail")
         return (ids * mask).sum(axis=1).astype(np.float32)
 
-    def warmup(self) -> None:
+    def warmup(self, stop: threading.Event | None = None) -> None:
         pass
 
     def hold(self) -> None:

@@ -38,7 +38,7 @@ class Named(Scorer):
     def infer(self, _feeds: object) -> np.ndarray:
         raise AssertionError("not run here")
 
-    def warmup(self) -> None:
+    def warmup(self, stop: threading.Event | None = None) -> None:
         pass
 
 

@@ -64,7 +64,7 @@ class FakeEngine(Scorer):
             self.threads.add(threading.current_thread().name)
         return np.asarray(out, dtype=np.float32)
 
-    def warmup(self) -> None:
+    def warmup(self, stop: threading.Event | None = None) -> None:
         pass
 
 
@@ -102,7 +102,9 @@ async def test_the_runtime_calibrates_its_margin_on_the_probe_sets(
     scorer = RefiningScorer(fast, exact)
     seen: list[Mapping[str, np.ndarray]] = []
     calibrate = scorer.calibrate
-    monkeypatch.setattr(scorer, "calibrate", lambda text: (seen.extend(text), calibrate(text)))
+    monkeypatch.setattr(
+        scorer, "calibrate", lambda text, stop: (seen.extend(text), calibrate(text, stop))
+    )
     monkeypatch.setattr(runtime_module, "load_scorer", lambda *_a, **_k: scorer)
     runtime = ScoringRuntime(RuntimeConfig(export_dir=tiny_engine_export.path))
     await runtime.start()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from service.engine import openvino_backend
-from service.engine.errors import ScorerError
+from service.engine.errors import EngineStopped, ScorerError
 from service.engine.export_dir import ExportDir, ExportDirError
 from service.engine.onnx_runtime import OnnxScorer
 from service.engine.openvino_backend import (
@@ -171,7 +171,7 @@ class _ByFirstId(Scorer):
     def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         return feeds["input_ids"][:, 1].astype(np.float32) * self.scale
 
-    def warmup(self) -> None:
+    def warmup(self, stop: threading.Event | None = None) -> None:
         pass
 
 
@@ -263,6 +263,19 @@ def test_openvino_scores_a_lone_batch_on_every_thread(export, tokenizer, cases) 
     assert RefiningScorer(two, one).alone() == alone  # the fast engine's
 
 
+def _two_streams_and_alone(export: Any, tokenizer: Any) -> OpenVinoScorer:
+    """The fp32 model on two single-core streams, with its lone-batch twin on both threads."""
+    return OpenVinoScorer(
+        export.model_path("fp32"),
+        precision="fp32",
+        hint="THROUGHPUT",
+        num_streams=2,
+        threads=2,
+        alone=True,
+        **common(export, tokenizer),
+    )
+
+
 @requires_openvino
 def test_each_openvino_scorer_makes_its_first_call_alone_when_it_is_built(
     export, tokenizer, monkeypatch: pytest.MonkeyPatch
@@ -278,15 +291,7 @@ def test_each_openvino_scorer_makes_its_first_call_alone_when_it_is_built(
         return run(self, *args)
 
     monkeypatch.setattr(OpenVinoScorer, "_run", recording)
-    scorer = OpenVinoScorer(
-        export.model_path("fp32"),
-        precision="fp32",
-        hint="THROUGHPUT",
-        num_streams=2,
-        threads=2,
-        alone=True,
-        **common(export, tokenizer),
-    )
+    scorer = _two_streams_and_alone(export, tokenizer)
     assert locked == [True]
     feeds = synthetic_feeds(4, 32, scorer.input_names, scorer.pad_token_id)
     alone = scorer.alone()
@@ -401,3 +406,113 @@ def test_load_scorer_int8_screening_is_opt_in(export_copy: Path) -> None:
     allowed = ExportDir.load(export_copy, allow_ungated=True)
     with pytest.raises(ScorerError, match="no measured parity"):
         load_scorer(allowed, device="cpu", precision="int8")
+
+
+def test_a_stopped_start_runs_no_further_warm_up_or_calibration_pass() -> None:
+    """`stop`, set while the refining scorer measures its margin, ends the measurement with
+    `EngineStopped` before any pass that had not begun: only the passes already running (one a
+    worker) finish, and the margin is not narrowed to what they saw."""
+    seen: dict[str, Any] = {"lock": threading.Lock(), "running": 0, "most": 0}
+    seen["two"] = threading.Event()
+    fast, exact = _Overlapping(1.001, seen), _Overlapping(1.0, seen)
+    stop = threading.Event()
+    calls: list[str] = []
+
+    def stopping(feeds: Mapping[str, np.ndarray], infer: Any = fast.infer) -> np.ndarray:
+        calls.append("fast")
+        stop.set()  # the server is told to stop while this pass runs
+        return infer(feeds)
+
+    fast.infer = stopping  # type: ignore[method-assign]
+    scorer = RefiningScorer(fast, exact)
+    with pytest.raises(EngineStopped):
+        scorer.warmup(stop)
+    # 2 workers: the first fast pass sets `stop`, beside at most one pass already running.
+    assert calls == ["fast"] and seen["most"] <= 2
+    with pytest.raises(EngineStopped):
+        scorer.calibrate([_text(2000)], stop)
+    assert calls == ["fast"] and scorer.margin == 0.0
+
+
+@requires_openvino
+def test_an_openvino_warm_up_stops_after_the_batches_in_hand(export, tokenizer) -> None:
+    """Once `stop` is set, no stream takes another warm-up batch and the lone-batch model's
+    passes do not start."""
+    scorer = _two_streams_and_alone(export, tokenizer)
+    stop, stopping = threading.Event(), True
+    rows: list[int] = []
+    run = scorer._run
+
+    def recording(request: Any, output: Any, feeds: Any, told: Any = None) -> np.ndarray:
+        scores = run(request, output, feeds, told)
+        rows.append(len(scores))
+        if stopping:
+            stop.set()  # the server is told to stop once this batch is done
+        return scores
+
+    scorer._run = recording  # type: ignore[method-assign]
+    with pytest.raises(EngineStopped):
+        scorer.warmup(stop)
+    assert 1 <= len(rows) <= scorer.parallelism < len(WARMUP_SHAPES)
+    stop.clear()
+    rows.clear()
+    stopping = False
+    scorer.warmup(stop)  # not stopped: every shape on the streams, then on the lone-batch model
+    assert len(rows) == 2 * len(WARMUP_SHAPES)
+
+
+class _Endless:
+    """An OpenVINO infer request whose batch runs until it is cancelled."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.cancelled = threading.Event()
+
+    def start_async(self, inputs: Mapping[str, np.ndarray]) -> None:
+        assert set(inputs) == {"input_ids", "attention_mask"}
+        self.started.set()
+
+    def wait_for(self, timeout_ms: int) -> bool:
+        return self.cancelled.wait(timeout_ms / 1000)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def wait(self) -> None:
+        raise RuntimeError("Infer Request was canceled")
+
+
+@requires_openvino
+def test_a_running_openvino_warm_up_batch_is_cancelled_once_stop_is_set(export, tokenizer) -> None:
+    """A warm-up batch runs asynchronously and is cancelled when `stop` is set while it runs
+    (OpenVINO's CPU plugin then stops between the graph's nodes): a large model's batch of
+    several seconds does not hold up a server told to stop."""
+    model = export.model_path("fp32")
+    scorer = OpenVinoScorer(model, precision="fp32", **common(export, tokenizer))
+    request, stop = _Endless(), threading.Event()
+    raised: list[BaseException] = []
+
+    def warm() -> None:
+        feeds = synthetic_feeds(2, 16, scorer.input_names, scorer.pad_token_id)
+        try:
+            scorer._run(request, None, feeds, stop)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            raised.append(exc)
+
+    worker = threading.Thread(target=warm)
+    worker.start()
+    assert request.started.wait(10)
+    stop.set()
+    worker.join(10)
+    assert not worker.is_alive() and request.cancelled.is_set()
+    assert len(raised) == 1 and isinstance(raised[0], EngineStopped)
+
+
+def test_an_onnxruntime_warm_up_told_to_stop_runs_no_batch(export, tokenizer) -> None:
+    scorer = OnnxScorer(export.model_path("fp32"), device="cpu", **common(export, tokenizer))
+    stop = threading.Event()
+    stop.set()
+    scorer._infer_on = lambda *_: pytest.fail("a batch ran after stop")  # type: ignore[method-assign]
+    with pytest.raises(EngineStopped):
+        scorer.warmup(stop)
+    assert scorer._slots.qsize() == scorer.parallelism  # every session handed back
