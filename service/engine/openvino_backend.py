@@ -12,7 +12,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -22,7 +22,14 @@ import numpy as np
 
 from service.engine.errors import EngineStopped, ScorerError
 from service.engine.onnx_runtime import usable_cores
-from service.engine.types import GraphInputs, Precision, Scorer, ScorerDevice, stop_if_asked
+from service.engine.types import (
+    GraphInputs,
+    LoneBatch,
+    Precision,
+    Scorer,
+    ScorerDevice,
+    stop_if_asked,
+)
 from service.engine.warmup import WARMUP_SHAPES, synthetic_feeds
 
 logger = logging.getLogger(__name__)
@@ -226,7 +233,7 @@ class OpenVinoScorer(Scorer):
         logits = request.get_tensor(output).data
         return np.asarray(logits[:, 0], dtype=np.float32).copy()
 
-    def alone(self) -> Callable[[Mapping[str, np.ndarray]], np.ndarray] | None:
+    def alone(self) -> LoneBatch | None:
         """Scores a batch with every thread, when compiled with `alone` and several streams."""
         return None if self._alone is None else self._infer_alone
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -42,10 +42,10 @@ from service.engine.types import (
     Device,
     Engine,
     GraphInputs,
+    LoneBatch,
     Precision,
     Refinement,
     Scorer,
-    stop_if_asked,
 )
 from service.engine.warmup import WARMUP_SHAPES, synthetic_feeds
 
@@ -104,7 +104,7 @@ class RefiningScorer(Scorer):
         """A warm-up batch on the fast engine, as `infer` (cancelled as that engine can)."""
         return self.fast.warm(feeds, stop)
 
-    def alone(self) -> Callable[[Mapping[str, np.ndarray]], np.ndarray] | None:
+    def alone(self) -> LoneBatch | None:
         """The fast engine's way to score a batch alone on every core."""
         return self.fast.alone()
 
@@ -152,8 +152,7 @@ class RefiningScorer(Scorer):
         alone = self.fast.alone()
         if alone is not None:
             for feeds, (exact, _) in zip(batches, scores, strict=True):
-                stop_if_asked(stop)
-                worst = max(worst, float(np.abs(alone(feeds) - exact).max()))
+                worst = max(worst, float(np.abs(alone(feeds, stop) - exact).max()))
         self._measured = max(self._measured, worst)
         if self._fixed_margin is None:
             self.margin = self._margin_factor * self._measured

@@ -148,7 +148,7 @@ class Scorer(Protocol):
         does. A single-stage scorer has no margin: the default does nothing."""
         del text, stop
 
-    def alone(self) -> Callable[[Mapping[str, np.ndarray]], np.ndarray] | None:
+    def alone(self) -> LoneBatch | None:
         """How to score a batch that runs alone (no other batch on the model) on every core,
         where `infer` does not (OpenVINO's streams take a core each); None (the default): `infer`
         is that already. The batcher calls it only while nothing else runs on the model."""
@@ -163,6 +163,15 @@ class Scorer(Protocol):
         """What /info reports of the backend beyond its name, device and precision (None by
         default)."""
         return None
+
+
+class LoneBatch(Protocol):
+    """Scores a batch alone on every core (`Scorer.alone`); a warm-up pass gives it `stop`, which
+    it takes as `Scorer.warm` does."""
+
+    def __call__(
+        self, feeds: Mapping[str, np.ndarray], stop: threading.Event | None = None
+    ) -> np.ndarray: ...
 
 
 def stop_if_asked(stop: threading.Event | None) -> None:

@@ -434,6 +434,33 @@ def test_a_stopped_start_runs_no_further_warm_up_or_calibration_pass() -> None:
     assert calls == ["fast"] and scorer.margin == 0.0
 
 
+class _WithLoneBatch(_ByFirstId):
+    """A fast stage with a lone-batch path that records the stop request it is given."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__(scale)
+        self.stops: list[threading.Event | None] = []
+
+    def alone(self) -> Any:
+        return self._alone
+
+    def _alone(
+        self, feeds: Mapping[str, np.ndarray], stop: threading.Event | None = None
+    ) -> np.ndarray:
+        self.stops.append(stop)
+        return self.infer(feeds)
+
+
+def test_the_margins_lone_batch_passes_can_be_stopped_too() -> None:
+    """The refining scorer's lone-batch passes (the fast model on every core) get the stop
+    request, so that one running when the server is told to stop is cancelled as well."""
+    fast, stop = _WithLoneBatch(1.001), threading.Event()
+    scorer = RefiningScorer(fast, _ByFirstId(1.0))
+    scorer.warmup(stop)
+    scorer.calibrate([_text(2000)], stop)
+    assert len(fast.stops) == len(WARMUP_SHAPES) + 1 and all(s is stop for s in fast.stops)
+
+
 @requires_openvino
 def test_an_openvino_warm_up_stops_after_the_batches_in_hand(export, tokenizer) -> None:
     """Once `stop` is set, no stream takes another warm-up batch and the lone-batch model's
