@@ -83,12 +83,23 @@ def image(docker: Docker, bases: BaseImages) -> Iterator[Callable[[str], str]]:
         yield get
 
 
-@pytest.fixture(scope="session")
-def deploy_exports(minilm_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder holding `minilm/`, the MiniLM export, readable by the containers' uid 10001
+def _readable_copy(source: Path, root: Path) -> Path:
+    """`root` holding `minilm/`, a copy of `source`, readable by the containers' uid 10001
     (pytest's own temporary folders are private to root)."""
-    root = tmp_path_factory.mktemp("deploy-exports")
-    shutil.copytree(minilm_export, root / "minilm")
+    shutil.copytree(source, root / "minilm")
     for path in [root, *root.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     return root
+
+
+@pytest.fixture(scope="session")
+def deploy_exports(minilm_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding `minilm/`, the MiniLM export, readable by the containers."""
+    return _readable_copy(minilm_export, tmp_path_factory.mktemp("deploy-exports"))
+
+
+@pytest.fixture(scope="session")
+def deploy_checkpoints(minilm_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding `minilm/`, the MiniLM checkpoint the export is made of, readable by the
+    containers."""
+    return _readable_copy(minilm_checkpoint, tmp_path_factory.mktemp("deploy-checkpoints"))

@@ -288,6 +288,60 @@ def test_docker_stop_answers_every_request_in_flight(
     )
 
 
+def test_docker_stop_while_exporting_interrupts_the_export_and_leaves_the_cache_clean(
+    docker: Docker, image: Any, deploy_checkpoints: Path
+) -> None:
+    """`docker stop` while the container exports its checkpoint at first start: the export is
+    interrupted (not finished first), nothing of it stays in the cache volume (no export, no
+    scratch folder), and the container exits 0 on the SIGTERM rather than being killed."""
+    tag, volume, name = image("cpu"), "cappy-deploy-test-exporting", "cappy-deploy-test-exporting"
+    docker.run("volume", "rm", "--force", volume, check=False)
+    try:
+        with running(
+            docker,
+            tag,
+            name,
+            env={"CAPPY_MODEL": "/models/checkpoint"},
+            mounts=[
+                f"{deploy_checkpoints / 'minilm'}:/models/checkpoint:ro",
+                f"{volume}:/var/cache/cappy",
+            ],
+            options=["--read-only", "--tmpfs", "/tmp", "--stop-timeout", str(STOP_TIMEOUT_S)],
+        ) as container:
+            assert container.url is not None
+            deadline = time.monotonic() + READY_WITHIN_S
+            status = None
+            while status != "exporting" and time.monotonic() < deadline:
+                with contextlib.suppress(httpx.TransportError, json.JSONDecodeError):
+                    status = httpx.get(f"{container.url}/ready", timeout=2).json()["status"]
+                time.sleep(0.2)
+            assert status == "exporting", container.logs()
+            began = time.monotonic()
+            docker.run("stop", name, timeout=STOP_TIMEOUT_S + 30)
+            stopped_s = time.monotonic() - began
+            state, logs = container.state(), container.logs()
+        listing = docker.run(
+            "run",
+            "--rm",
+            "--volume",
+            f"{volume}:/var/cache/cappy",
+            "--entrypoint",
+            "sh",
+            tag,
+            "-c",
+            "ls -A /var/cache/cappy/exports",
+        ).stdout.split()
+    finally:
+        docker.run("volume", "rm", "--force", volume, check=False)
+    assert state["ExitCode"] == 0 and not state["OOMKilled"], logs
+    assert "start-up stopped before the scorer was ready" in logs
+    assert [entry for entry in listing if not entry.endswith(".lock")] == [], listing
+    FIGURES.append(
+        f"docker stop while exporting at first start: exit 0 after {stopped_s:.1f} s, "
+        f"cache volume holds {listing}"
+    )
+
+
 def test_unfetchable_hub_id_logs_one_line_and_stays_up_unhealthy(
     docker: Docker, image: Any
 ) -> None:
