@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cappy.export_format import MANIFEST
-from service.engine.types import stop_if_asked
+from service.engine.types import STOP_POLL_S, stop_if_asked
 
 if TYPE_CHECKING:
     from service.engine.export_dir import ExportDir
@@ -30,8 +30,6 @@ logger = logging.getLogger(__name__)
 # An export told to stop gets SIGINT (it then removes its scratch directory) and this long to
 # exit before it is killed.
 _INTERRUPT_GRACE_S = 5.0
-# How often a start waiting for another replica's export, or an export, looks at its stop request.
-_STOP_POLL_S = 0.2
 
 
 class ModelSourceError(Exception):
@@ -168,14 +166,14 @@ def _lock(fd: int, stop: threading.Event | None) -> None:
             return
         except BlockingIOError:
             stop_if_asked(stop)
-            time.sleep(_STOP_POLL_S)
+            time.sleep(STOP_POLL_S)
 
 
 def _interrupt_on(stop: threading.Event, process: subprocess.Popen[str]) -> None:
     """Interrupts `process` once `stop` is set (SIGINT, then SIGKILL after
     `_INTERRUPT_GRACE_S`); returns when it has exited."""
     while process.poll() is None:
-        if stop.wait(_STOP_POLL_S):
+        if stop.wait(STOP_POLL_S):
             process.send_signal(signal.SIGINT)
             try:
                 process.wait(_INTERRUPT_GRACE_S)

@@ -23,6 +23,7 @@ import numpy as np
 from service.engine.errors import EngineStopped, ScorerError
 from service.engine.onnx_runtime import usable_cores
 from service.engine.types import (
+    STOP_POLL_S,
     GraphInputs,
     LoneBatch,
     Precision,
@@ -57,9 +58,6 @@ _decline_openvino_telemetry()
 # guard (a warm-up running on both streams at once hung so). So each scorer makes a first call
 # when it is built, under this lock: one at a time in the process, before any caller's threads.
 _FIRST_CALLS = threading.Lock()
-
-# How often a warm-up batch looks at its stop request while it runs (`OpenVinoScorer._run`).
-_STOP_POLL_MS = 50
 
 
 # Compiled kernels OpenVINO keeps per input shape (an LRU; its default is 5,000). The batcher's
@@ -215,7 +213,7 @@ class OpenVinoScorer(Scorer):
         stop: threading.Event | None = None,
     ) -> np.ndarray:
         """One infer request on `feeds`; logits[:, 0] of `output` as float32. With `stop`, the
-        request runs asynchronously and is cancelled within `_STOP_POLL_MS` of `stop` being set
+        request runs asynchronously and is cancelled within `STOP_POLL_S` of `stop` being set
         (OpenVINO's CPU plugin stops a cancelled request between the graph's nodes; a
         synchronous `infer` runs to its end)."""
         inputs = {name: feeds[name] for name in self.input_names}
@@ -224,7 +222,7 @@ class OpenVinoScorer(Scorer):
         else:
             stop_if_asked(stop)
             request.start_async(inputs)
-            while not request.wait_for(_STOP_POLL_MS):
+            while not request.wait_for(round(STOP_POLL_S * 1000)):
                 if stop.is_set():
                     request.cancel()
                     with contextlib.suppress(RuntimeError):  # "Infer Request was canceled"

@@ -174,6 +174,11 @@ class LoneBatch(Protocol):
     ) -> np.ndarray: ...
 
 
+# How often work that a stop request may cut short looks at it: a running warm-up batch (to
+# cancel it), an export, a wait for another replica's export.
+STOP_POLL_S = 0.05
+
+
 def stop_if_asked(stop: threading.Event | None) -> None:
     """Raises `EngineStopped` once `stop` is set (the runtime sets it to stop a start)."""
     if stop is not None and stop.is_set():

@@ -3,6 +3,7 @@ OpenVINO bf16 within a bf16-sized tolerance, across padded batches of mixed leng
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -543,3 +544,49 @@ def test_an_onnxruntime_warm_up_told_to_stop_runs_no_batch(export, tokenizer) ->
     with pytest.raises(EngineStopped):
         scorer.warmup(stop)
     assert scorer._slots.qsize() == scorer.parallelism  # every session handed back
+
+
+class _UntilTerminated:
+    """An ONNX Runtime session whose run lasts until its run options' `terminate` flag is raised,
+    then fails as ONNX Runtime does."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+
+    def run(self, names: Any, feeds: Any, options: Any = None) -> list[np.ndarray]:
+        assert len(names) == 1 and "input_ids" in feeds
+        self.started.set()
+        for _ in range(3000):  # 30 s at most: a test that never stops it fails, not hangs
+            if options is not None and options.terminate:
+                raise RuntimeError("Exiting due to terminate flag being set to true.")
+            threading.Event().wait(0.01)
+        raise AssertionError("the run was never terminated")
+
+
+def test_a_running_onnxruntime_warm_up_batch_is_terminated_once_stop_is_set(
+    export, tokenizer
+) -> None:
+    """A warm-up batch on ONNX Runtime (the CPU path without native bf16) runs with run options
+    whose `terminate` flag is raised when `stop` is set: the batch fails between two nodes,
+    and the warm-up ends with `EngineStopped`, its session handed back."""
+    scorer = OnnxScorer(export.model_path("fp32"), device="cpu", **common(export, tokenizer))
+    session = _UntilTerminated()
+    slot = scorer._slots.get()
+    scorer._slots.put(dataclasses.replace(slot, session=session))
+    stop = threading.Event()
+    raised: list[BaseException] = []
+
+    def warm() -> None:
+        try:
+            scorer.warmup(stop)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            raised.append(exc)
+
+    worker = threading.Thread(target=warm)
+    worker.start()
+    assert session.started.wait(10)
+    stop.set()
+    worker.join(30)
+    assert not worker.is_alive()
+    assert len(raised) == 1 and isinstance(raised[0], EngineStopped)
+    assert scorer._slots.qsize() == scorer.parallelism
