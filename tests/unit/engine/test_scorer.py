@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -489,6 +489,28 @@ def test_an_openvino_warm_up_stops_after_the_batches_in_hand(export, tokenizer) 
     assert len(rows) == 2 * len(WARMUP_SHAPES)
 
 
+def _stopped_while_running(
+    run: Callable[[], object], started: threading.Event, stop: threading.Event
+) -> list[BaseException]:
+    """Runs `run` in a thread, sets `stop` once `started` is set, and returns what `run` raised
+    (it must end within 30 s)."""
+    raised: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            run()
+        except BaseException as exc:  # noqa: BLE001 - recorded for the caller
+            raised.append(exc)
+
+    worker = threading.Thread(target=target)
+    worker.start()
+    assert started.wait(10)
+    stop.set()
+    worker.join(30)
+    assert not worker.is_alive()
+    return raised
+
+
 class _Endless:
     """An OpenVINO infer request whose batch runs until it is cancelled."""
 
@@ -518,21 +540,11 @@ def test_a_running_openvino_warm_up_batch_is_cancelled_once_stop_is_set(export, 
     model = export.model_path("fp32")
     scorer = OpenVinoScorer(model, precision="fp32", **common(export, tokenizer))
     request, stop = _Endless(), threading.Event()
-    raised: list[BaseException] = []
-
-    def warm() -> None:
-        feeds = synthetic_feeds(2, 16, scorer.input_names, scorer.pad_token_id)
-        try:
-            scorer._run(request, None, feeds, stop)
-        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
-            raised.append(exc)
-
-    worker = threading.Thread(target=warm)
-    worker.start()
-    assert request.started.wait(10)
-    stop.set()
-    worker.join(10)
-    assert not worker.is_alive() and request.cancelled.is_set()
+    feeds = synthetic_feeds(2, 16, scorer.input_names, scorer.pad_token_id)
+    raised = _stopped_while_running(
+        lambda: scorer._run(request, None, feeds, stop), request.started, stop
+    )
+    assert request.cancelled.is_set()
     assert len(raised) == 1 and isinstance(raised[0], EngineStopped)
 
 
@@ -574,19 +586,6 @@ def test_a_running_onnxruntime_warm_up_batch_is_terminated_once_stop_is_set(
     slot = scorer._slots.get()
     scorer._slots.put(dataclasses.replace(slot, session=session))
     stop = threading.Event()
-    raised: list[BaseException] = []
-
-    def warm() -> None:
-        try:
-            scorer.warmup(stop)
-        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
-            raised.append(exc)
-
-    worker = threading.Thread(target=warm)
-    worker.start()
-    assert session.started.wait(10)
-    stop.set()
-    worker.join(30)
-    assert not worker.is_alive()
+    raised = _stopped_while_running(lambda: scorer.warmup(stop), session.started, stop)
     assert len(raised) == 1 and isinstance(raised[0], EngineStopped)
     assert scorer._slots.qsize() == scorer.parallelism
