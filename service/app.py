@@ -160,7 +160,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGHUP)
-            # A start still loading stops before its next warm-up batch.
+            # A start still under way stops where it stands (its export or warm-up batch).
             await runtime.stop(timeout=settings.graceful_shutdown_s)
             await loading
             if upstream is not None:

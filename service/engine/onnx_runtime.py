@@ -237,16 +237,19 @@ class OnnxScorer(Scorer):
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         """Scores one padded batch on a free session; returns logits[:, 0] as float32."""
-        return self.warm(feeds)
+        return self._on_free_slot(feeds, None)
 
     def warm(
         self, feeds: Mapping[str, np.ndarray], stop: threading.Event | None = None
     ) -> np.ndarray:
         """`infer`, terminated (`EngineStopped`) as soon as `stop` is set."""
+        with self._terminated_on(stop) as options:
+            return self._on_free_slot(feeds, options)
+
+    def _on_free_slot(self, feeds: Mapping[str, np.ndarray], options: Any) -> np.ndarray:
         slot = self._slots.get()
         try:
-            with self._terminated_on(stop) as options:
-                return self._infer_on(slot, feeds, options)
+            return self._infer_on(slot, feeds, options)
         finally:
             self._slots.put(slot)
 
@@ -254,8 +257,7 @@ class OnnxScorer(Scorer):
     def _terminated_on(self, stop: threading.Event | None) -> Iterator[Any]:
         """Run options for the runs inside: None without `stop`; with it, options whose
         `terminate` flag is raised within `STOP_POLL_S` of `stop` being set (ONNX Runtime then
-        fails the run between two nodes: 11 ms after the flag on a 14 s batch), and the
-        failure raised as `EngineStopped`."""
+        fails the run between two nodes), and that failure raised as `EngineStopped`."""
         if stop is None:
             yield None
             return

@@ -102,9 +102,8 @@ class ScoringRuntime:
         self._reloading = asyncio.Lock()
         # Set by `stop`: an export, load or warm-up under way (start or reload) stops.
         self._stopping = threading.Event()
-        # Set when `start` has ended, whichever way.
-        self._started = asyncio.Event()
-        self._starting = False
+        # Made when `start` begins, set when it has ended (whichever way).
+        self._started: asyncio.Event | None = None
 
     @property
     def ready(self) -> bool:
@@ -180,7 +179,7 @@ class ScoringRuntime:
     async def start(self) -> None:
         """Loads, warms up and starts the batcher; records a load failure instead of raising.
         Stopped first (`stop`), it ends without serving."""
-        self._starting = True
+        self._started = started = asyncio.Event()
         try:
             export_dir = self.config.export_dir
             if self._prepare is not None:  # phase is "exporting" since __init__
@@ -198,7 +197,7 @@ class ScoringRuntime:
             self.phase = "failed"
             logger.error("the scorer failed to load: %s", self.load_error)
         finally:
-            self._started.set()
+            started.set()
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stops a start still under way (its export interrupted, its warm-up batch cancelled),
@@ -206,7 +205,7 @@ class ScoringRuntime:
         self._stopping.set()
         if self.phase != "failed":
             self.phase = "stopped"
-        if self._starting:
+        if self._started is not None:
             await self._started.wait()
         # First stage first: its drained requests may still queue leaders on the next stage.
         for batcher in self.batchers:

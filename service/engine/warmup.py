@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from cappy.probe_sets import probe_sets
-from service.engine.types import Encoder, Scorer, pad_batch, stop_if_asked
+from service.engine.types import Encoder, Scorer, pad_batch
 
 # (rows, tokens): short and long rows, small and full batches.
 WARMUP_SHAPES = ((1, 16), (4, 64), (16, 128), (32, 256), (8, 512))
@@ -62,5 +62,4 @@ def warm_up(scorer: Scorer, encode: Encoder, stop: threading.Event | None = None
     then its re-scoring margin measured on the probe sets' text too (`text_batches`). Once
     `stop` is set, raises `EngineStopped` instead of finishing (`Scorer.warm`)."""
     scorer.warmup(stop)
-    stop_if_asked(stop)
     scorer.calibrate(text_batches(encode, scorer.input_names, scorer.pad_token_id), stop)
